@@ -1,0 +1,56 @@
+"""Config resolution and the CLI contract."""
+import subprocess
+import sys
+
+import pytest
+
+from zero_chatgpt import config
+from zero_chatgpt.cli import main
+from zero_chatgpt.console import UserError
+
+
+def test_every_preset_loads_and_matches_schema():
+    schema = config.defaults()
+    for name in config.preset_names():
+        cfg = config.load_preset(name)
+        assert set(cfg) == set(schema)
+        for section in schema:
+            assert set(cfg[section]) == set(schema[section]), (name, section)
+
+
+def test_override_types_and_errors():
+    cfg = config.load_preset("demo")
+    cfg2 = config.apply_overrides(cfg, ["data.val_fraction=1", "run.seed=7", 'run.device="cpu"'])
+    assert cfg2["data"]["val_fraction"] == 1.0 and isinstance(cfg2["data"]["val_fraction"], float)
+    assert cfg2["run"]["seed"] == 7
+    with pytest.raises(UserError, match=r"unknown config key 'data.nope'.*valid keys in \[data\]"):
+        config.apply_overrides(cfg, ["data.nope=1"])
+    with pytest.raises(UserError, match=r"'run.seed' must be int, got string"):
+        config.apply_overrides(cfg, ["run.seed=abc"])
+    with pytest.raises(UserError, match="valid sections"):
+        config.apply_overrides(cfg, ["nosuch.key=1"])
+    with pytest.raises(UserError, match="expected section.key=value"):
+        config.apply_overrides(cfg, ["seed"])
+
+
+def test_resolved_config_is_written_and_reused(tmp_path):
+    cfg = config.resolve(tmp_path, "demo", ["run.seed=99"])
+    assert (tmp_path / "config.toml").exists()
+    again = config.resolve(tmp_path, None, [])
+    assert again == cfg and again["run"]["seed"] == 99
+
+
+def test_cli_unknown_key_is_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "zero_chatgpt", "data", "--run-dir", str(tmp_path),
+                        "--set", "data.bogus=1"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "data.bogus" in r.stderr
+
+
+def test_every_subcommand_has_help(capsys):
+    for cmd in ["run", "data", "tokenizer", "pretrain", "sft", "rm", "ppo", "dpo", "grpo", "eval", "report",
+                "chat", "serve", "export"]:
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "--run-dir" in capsys.readouterr().out

@@ -1,0 +1,4 @@
+from zero_chatgpt.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Corpus readers, cleaning, deduplication, and the data stage."""
