@@ -1,0 +1,46 @@
+"""The token shard format: round trip, header/index validity, truncation and corruption errors."""
+import numpy as np
+import pytest
+
+from zero_chatgpt.tokens import ShardError, load_split, open_shard, write_shard
+
+
+def _docs(rng, n=50, vocab=1000, eot=999):
+    return [list(rng.integers(0, vocab - 1, rng.integers(1, 40))) + [eot] for _ in range(n)]
+
+
+@pytest.mark.parametrize("vocab", [1000, 70000])
+def test_round_trip(tmp_path, vocab):
+    rng = np.random.default_rng(0)
+    docs = _docs(rng, vocab=vocab, eot=vocab - 1)
+    write_shard(tmp_path / "train-00000.bin", docs, vocab)
+    sh = open_shard(tmp_path / "train-00000.bin", verify=True)
+    assert sh.tokens.dtype.itemsize == (2 if vocab <= 65536 else 4)
+    assert sh.n_docs == len(docs) and sh.n_tokens == sum(map(len, docs))
+    for i, d in enumerate(docs):
+        assert sh.doc(i).tolist() == d
+    assert [s.path.name for s in load_split(tmp_path, "train")] == ["train-00000.bin"]
+
+
+def test_truncated_and_corrupted_name_the_file(tmp_path):
+    p = tmp_path / "val-00000.bin"
+    write_shard(p, _docs(np.random.default_rng(1)), 1000)
+    data = bytearray(p.read_bytes())
+    p.write_bytes(data[:-5])
+    with pytest.raises(ShardError, match="val-00000.bin.*truncated"):
+        open_shard(p)
+    data[100] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="val-00000.bin.*corrupted"):
+        open_shard(p, verify=True)
+    p.write_bytes(b"garbage" * 20)
+    with pytest.raises(ShardError, match="bad magic"):
+        open_shard(p)
+    p.write_bytes(b"x")
+    with pytest.raises(ShardError, match="truncated"):
+        open_shard(p)
+
+
+def test_missing_split_is_a_clear_error(tmp_path):
+    with pytest.raises(Exception, match="run `zero-chatgpt tokenizer` first"):
+        load_split(tmp_path, "train")
