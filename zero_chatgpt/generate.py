@@ -1,0 +1,170 @@
+"""THE generator: evaluation, RL rollouts, chat and the server all sample through `generate`.
+
+Batched with left padding: prompts of different lengths are right-aligned, padding is
+masked out of attention, and each row's positions count only its real tokens (so a
+padded row computes exactly what it would alone). Keys and values live in one cache
+preallocated for prompt + max_new_tokens (model.KVCache), so a decode step is one
+forward of B tokens with no reallocation.
+
+Sampling, in the order transformers applies it: repetition penalty (CTRL, Keskar et al.
+2019, arXiv:1909.05858: divide positive logits / multiply negative ones of every token
+already in the row), temperature, top-k, top-p (nucleus, Holtzman et al. 2019,
+arXiv:1904.09751). temperature = 0 is greedy.
+
+A row stops at any of `stop_ids` (the stop token is kept as the row's last token: RL needs
+its log-probability) or when its decoded text contains one of `stop_strings` (needs
+`tokenizer`); `Generation.text` is then the text before the stop string.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from zero_chatgpt.model import KVCache
+
+
+@dataclass
+class Generation:
+    tokens: list[int]                 # new tokens (with the stop token, if one ended the row)
+    logprobs: list[float] | None      # per new token, see generate(return_logprobs=...)
+    finish_reason: str                # "stop" | "length"
+    text: str | None = None           # decoded new text without stop token / stop string (needs tokenizer)
+
+
+def _process_logits(logits: torch.Tensor, seen: torch.Tensor | None, repetition_penalty: float,
+                    temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Scores to sample from (fp32, (B, V)); -inf marks filtered tokens."""
+    if repetition_penalty != 1.0 and seen is not None:
+        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum <= (1 - top_p)
+        remove[:, -1] = False   # always keep the most likely token
+        logits = logits.masked_fill(remove.scatter(1, idx, remove), float("-inf"))
+    return logits
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer=None,
+             stream: Callable[[int, int], None] | None = None, return_logprobs: bool = False,
+             generator: torch.Generator | None = None) -> list[Generation]:
+    """Continue each prompt (a list of token ids) with up to max_new_tokens tokens.
+
+    return_logprobs: the log-probability of each sampled token under the model's
+    temperature-scaled distribution, before top-k/top-p/repetition filtering (the policy
+    probability RL needs); with temperature 0, under the plain softmax.
+    stream(index, token_id) is called for every new token of every row, as it is produced.
+    generator: a torch.Generator (on the model's device) for reproducible sampling.
+    """
+    if not prompts:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode with")
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    cfg = model.config
+    B = len(prompts)
+    lens = [len(p) for p in prompts]
+    L = max(lens)
+    if L >= cfg.max_position_embeddings:
+        raise ValueError(f"prompt of {L} tokens leaves no room under max_position_embeddings "
+                         f"{cfg.max_position_embeddings}")
+    max_new = max(0, min(max_new_tokens, cfg.max_position_embeddings - L))
+    total = L + max_new
+
+    ids = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, total, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, L - len(p):] = 1
+    mask[:, L:] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    padded = min(lens) != L
+    positions = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)
+    next_pos = positions[:, -1:] + 1
+
+    stop_set = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device) if stop_ids else None
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, mask[:, :L].bool())
+
+    cache = KVCache(cfg, B, total, device=device, dtype=dtype)
+    hidden = model(ids, position_ids=positions if padded else None,
+                   attention_mask=mask[:, :L] if padded else None, kv_cache=cache, return_hidden=True)
+    logits = model.lm_head(hidden[:, -1]).float()
+
+    out_tokens: list[list[int]] = [[] for _ in range(B)]
+    out_logprobs: list[list[float]] | None = [[] for _ in range(B)] if return_logprobs else None
+    finish = ["length"] * B
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    alive_list = [True] * B
+    texts: list[str | None] = [None] * B
+    max_stop_len = max((len(s) for s in stop_strings), default=0)
+
+    for t in range(max_new):
+        scores = _process_logits(logits, seen, repetition_penalty, temperature, top_k, top_p)
+        if temperature > 0:
+            probs = scores.softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            nxt = scores.argmax(-1)
+        if return_logprobs:
+            base = logits / temperature if temperature > 0 else logits
+            lp = base.log_softmax(-1).gather(1, nxt[:, None]).squeeze(1).tolist()
+        nxt = torch.where(alive, nxt, torch.zeros_like(nxt))
+        hit_stop = torch.isin(nxt, stop_set) & alive if stop_set is not None else None
+        nxt_list = nxt.tolist()
+        hit_list = hit_stop.tolist() if hit_stop is not None else None
+        for i in range(B):
+            if not alive_list[i]:
+                continue
+            tok = nxt_list[i]
+            out_tokens[i].append(tok)
+            if out_logprobs is not None:
+                out_logprobs[i].append(lp[i])
+            if stream is not None:
+                stream(i, tok)
+            if hit_list is not None and hit_list[i]:
+                finish[i], alive_list[i] = "stop", False
+            elif stop_strings:
+                tail = tokenizer.decode(out_tokens[i][-(max_stop_len + 8):])
+                if any(s in tail for s in stop_strings):
+                    finish[i], alive_list[i] = "stop", False
+        if not any(alive_list) or t == max_new - 1:
+            break
+        alive = torch.tensor(alive_list, device=device)
+        if seen is not None:
+            seen[torch.arange(B, device=device), nxt] = True
+        hidden = model(nxt[:, None], position_ids=next_pos if padded else None,
+                       attention_mask=mask[:, :L + t + 1] if padded else None, kv_cache=cache,
+                       return_hidden=True)
+        next_pos = next_pos + 1
+        logits = model.lm_head(hidden[:, -1]).float()
+
+    if tokenizer is not None:
+        stops = set(stop_ids)
+        for i in range(B):
+            toks = out_tokens[i]
+            if toks and toks[-1] in stops and finish[i] == "stop":
+                toks = toks[:-1]
+            text = tokenizer.decode(toks)
+            for s in stop_strings:
+                if s in text:
+                    text = text[:text.index(s)]
+            texts[i] = text
+    return [Generation(out_tokens[i], out_logprobs[i] if out_logprobs is not None else None, finish[i], texts[i])
+            for i in range(B)]

@@ -1,0 +1,340 @@
+"""The language model: LLaMA, in one file you can read in one sitting.
+
+Architecture (Touvron et al. 2023, "LLaMA", arXiv:2302.13971):
+  token embedding -> N x [RMSNorm -> attention (RoPE, grouped-query) -> residual,
+                         RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head
+
+* RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467), computed in fp32 as transformers does.
+* RoPE (Su et al. 2021, arXiv:2104.09864), "rotate half" layout, theta configurable.
+* SwiGLU MLP (Shazeer 2020, arXiv:2002.05202): down(silu(gate(x)) * up(x)).
+* Grouped-query attention (Ainslie et al. 2023, arXiv:2305.13245) through
+  `scaled_dot_product_attention`; no biases anywhere; tied or untied embeddings.
+
+Parameter names and shapes are exactly those of transformers' `LlamaForCausalLM`
+(`model.embed_tokens.weight`, `model.layers.0.self_attn.q_proj.weight`, ...,
+`lm_head.weight`), so a state dict moves between the two with no renaming: our
+checkpoints are HF folders, and HF Llama folders are our checkpoints.
+
+`forward(..., kv_cache=...)` serves generation (generate.py): the cache is
+preallocated once per batch, and each call writes its keys/values at
+`kv_cache.pos` and attends to everything before.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    """Model shape; field names are those of transformers' `LlamaConfig`."""
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None   # None = num_attention_heads (plain multi-head)
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def __post_init__(self):
+        if not self.num_key_value_heads:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+
+    def to_hf_dict(self) -> dict:
+        """A `config.json` that transformers loads as a LlamaConfig, with no custom code."""
+        d = asdict(self)
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                 attention_bias=False, attention_dropout=0.0, mlp_bias=False, head_dim=self.head_dim,
+                 rope_scaling=None, torch_dtype="float32", use_cache=True, pretraining_tp=1)
+        return {k: v for k, v in d.items() if v is not None or k == "rope_scaling"}
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        """Read an HF LlamaConfig dict (extra keys ignored; unsupported features refused)."""
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"model_type {d.get('model_type')!r} is not a Llama model")
+        scaling = d.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+            raise ValueError(f"rope_scaling {scaling!r} is not supported")
+        if d.get("attention_bias") or d.get("mlp_bias"):
+            raise ValueError("Llama checkpoints with biases are not supported")
+        hd = d.get("head_dim")
+        if hd is not None and hd != d["hidden_size"] // d["num_attention_heads"]:
+            raise ValueError(f"head_dim {hd} != hidden_size / num_attention_heads is not supported")
+        theta = d.get("rope_theta")
+        if theta is None:   # transformers >= 5 keeps it under rope_parameters
+            theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["rope_theta"] = float(theta)
+        kw.setdefault("num_key_value_heads", d["num_attention_heads"])
+        return cls(**kw)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        h, i, L, v = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
+        kv = self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        emb = v * h * (1 if self.tie_word_embeddings else 2)
+        return L * per_layer + h + (emb if embeddings else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x non-embedding matmul params + lm_head + attention
+        (Kaplan et al. 2020 / PaLM appendix B)."""
+        n = self.num_params(embeddings=False) + self.vocab_size * self.hidden_size
+        attn = 12 * self.num_hidden_layers * self.hidden_size * seq_len / 2  # causal: half the scores
+        return 6 * n + attn
+
+
+def model_config_from(section: dict, vocab_size: int, **extra) -> ModelConfig:
+    """The [model] config section (+ the tokenizer's vocab size) as a ModelConfig."""
+    kv = section.get("num_key_value_heads", 0) or section["num_attention_heads"]
+    return ModelConfig(vocab_size=vocab_size, hidden_size=section["hidden_size"],
+                       intermediate_size=section["intermediate_size"],
+                       num_hidden_layers=section["num_hidden_layers"],
+                       num_attention_heads=section["num_attention_heads"], num_key_value_heads=kv,
+                       max_position_embeddings=section["max_position_embeddings"],
+                       rope_theta=float(section["rope_theta"]), rms_norm_eps=float(section["rms_norm_eps"]),
+                       tie_word_embeddings=section["tie_word_embeddings"],
+                       initializer_range=float(section.get("initializer_range", 0.02)), **extra)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics whatever the activation dtype (as transformers' LlamaRMSNorm).
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (length, head_dim) in fp32, layout [f0..f_{d/2-1}, f0..f_{d/2-1}]."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    t = torch.arange(length, device=device, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (B, 1, T, D) or (1, 1, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (layers, B, kv_heads, max_len, head_dim).
+
+    `pos` is how many positions are filled; a forward call with T new tokens writes
+    positions [pos, pos+T) and then advances `pos` (after the last layer).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        end = self.pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        h, hd = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim, self.layer = cfg.num_attention_heads, cfg.num_key_value_heads, hd, layer
+        self.q_proj = nn.Linear(h, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * hd, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, h, bias=False)
+
+    def forward(self, x, cos, sin, mask, kv_cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.n_kv != self.n_heads:   # grouped-query: each kv head serves n_heads / n_kv query heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """The `model.` prefix of LlamaForCausalLM: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(cfg, cfg.max_position_embeddings)
+        # Not saved: derived from the config (and absent from HF checkpoints).
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialization: N(0, initializer_range) for embeddings and matrices (as LLaMA /
+        transformers), with the two projections that write into the residual stream
+        (o_proj, down_proj) scaled by 1/sqrt(2 * layers) so the residual's variance does
+        not grow with depth (GPT-2, Radford et al. 2019, section 2.3); norms start at 1."""
+        std = self.config.initializer_range
+        resid_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, resid_std)
+            else:
+                p.normal_(0.0, std)
+
+    def _rope(self, position_ids: torch.Tensor | None, start: int, T: int):
+        if position_ids is None:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            return cos[None, None], sin[None, None]
+        if int(position_ids.max()) >= self.rope_cos.shape[0]:
+            raise ValueError(f"position {int(position_ids.max())} >= max_position_embeddings "
+                             f"{self.rope_cos.shape[0]}")
+        return self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                return_hidden: bool = False, labels: torch.Tensor | None = None):
+        """Logits (B, T, vocab), or the final normed hidden states (B, T, hidden) with
+        `return_hidden=True`, or with `labels` the summed next-token cross-entropy (see lm_loss).
+
+        input_ids (B, T). position_ids (B, T): default kv_cache.pos + arange(T); pass them with
+        left padding. attention_mask (B, S): 1 for real tokens, 0 for padding, covering every
+        cached position plus these T (S = kv_cache.pos + T), or just the T without a cache.
+        """
+        B, T = input_ids.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self._rope(position_ids, start, T)
+        mask = None   # None = plain causal (or, for one token against a cache, attend to all)
+        if attention_mask is not None or (start > 0 and T > 1):
+            S = start + T
+            q_pos = torch.arange(start, S, device=input_ids.device)[:, None]
+            k_pos = torch.arange(S, device=input_ids.device)[None, :]
+            mask = (k_pos <= q_pos)[None, None]                                  # (1, 1, T, S)
+            if attention_mask is not None:
+                mask = mask & attention_mask[:, None, None, :S].bool()
+                # A left-pad query row would have nothing to attend to (NaN); let it see
+                # itself. Its output is never used.
+                mask = mask | (k_pos == q_pos)[None, None]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.model.norm(x)
+        if labels is not None:
+            return chunked_cross_entropy(x, self.lm_head.weight, labels)
+        if return_hidden:
+            return x
+        return self.lm_head(x)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          ignore_index: int = -100, chunk_rows: int = 8192) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against labels, in fp32, over row chunks so
+    the fp32 logits of a large vocabulary never exist all at once (the idea of Liger's fused
+    linear cross-entropy, arXiv:2410.10989, without a custom kernel)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    total = None
+    for s in range(0, h.shape[0], chunk_rows):
+        logits = F.linear(h[s:s + chunk_rows], weight).float()
+        part = F.cross_entropy(logits, y[s:s + chunk_rows], ignore_index=ignore_index, reduction="sum")
+        total = part if total is None else total + part
+    return total
+
+
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+            ignore_index: int = -100) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over labels != ignore_index, and how many there were.
+
+    `labels` are already shifted: labels[:, t] is the token that follows input_ids[:, t].
+    Works through DDP / torch.compile wrappers (the loss is computed inside forward).
+    """
+    n = int((labels != ignore_index).sum())
+    total = model(input_ids, labels=labels)
+    return total / max(n, 1), n
