@@ -1,0 +1,26 @@
+"""Distributed data parallel: 2 processes under torchrun (gloo, CPU) give the losses of one
+process with the same global batch (2 x accumulation), within 1e-5."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from test_loop_resume import HERE, read_log, run_env
+
+
+def test_two_process_gloo_matches_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, str(HERE), str(one), "--steps", "6", "--accum", "2", "--ckpt-every", "0"],
+                   check=True, env=run_env(), timeout=120)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(HERE), str(two), "--steps", "6", "--accum", "1", "--ckpt-every", "0"],
+                       env=run_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (t1, e1), (t2, e2) = read_log(one), read_log(two)
+    assert [s for s, _ in t1] == [s for s, _ in t2] == list(range(1, 7))
+    for (_, a), (_, b) in zip(t1 + e1, t2 + e2):
+        assert abs(a - b) <= 1e-5, (a, b)
+    # only rank 0 wrote: one log, one set of checkpoints
+    assert sorted(p.name for p in (two / "pretrain").iterdir()) == ["final", "step-6"]
+    assert not any(Path(two / "logs").glob("*rank*"))
