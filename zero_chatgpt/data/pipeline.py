@@ -1,0 +1,362 @@
+"""The data stage: read → clean → exact + near dedup → train/val shards + stats.json.
+
+    zero-chatgpt data --run-dir D [--source FORMAT:PATH ...]
+
+1. The main process streams records from the sources (or the built-in corpus) and cuts them
+   into parts of `data.shard_docs` documents. A pool of processes (all cores by default)
+   cleans each part and writes, atomically, `D/data/work/part-NNNNN.{jsonl.zst,npz,json}`:
+   the kept documents, their exact hashes + LSH band keys, and the part's counts. A killed
+   run resumes: parts whose `.json` exists are not cleaned again.
+2. Exact duplicates (first occurrence kept), then near duplicates over the band keys of all
+   parts (numpy arrays, ~128 bytes per document), verified on the documents' true shingle
+   Jaccard, merged with union-find (dedup.py).
+3. The pool writes the kept documents of each part to `D/data/train-NNNNN.jsonl.zst` /
+   `val-NNNNN.jsonl.zst` (the split is a stable hash of the text), and the main process
+   writes `D/data/stats.json` and prints the funnel. The accounting is exact:
+   docs_in = docs_out + sum(dropped) + bad_records.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from zero_chatgpt.console import UserError, info, progress, table
+from zero_chatgpt.data import builtin
+from zero_chatgpt.data.clean import REASONS, Cleaner, CleanConfig
+from zero_chatgpt.data.dedup import (MinHasher, candidate_pairs, cluster_pairs, exact_hash, jaccard,
+                                     shingle_hashes)
+from zero_chatgpt.data.sources import BadRecords, iter_records, parse_source
+from zero_chatgpt.io import JsonlZstWriter, atomic_write_json, iter_jsonl
+from zero_chatgpt.rundir import Context, mark_complete, stage_key
+
+SECTIONS = ["data"]
+DEDUP_REASONS = ("exact_dup", "near_dup")
+
+
+def _workers(cfg: dict) -> int:
+    n = int(cfg.get("workers", 0))
+    return n if n > 0 else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _input_fingerprint(cfg: dict) -> dict:
+    """What the inputs are, for the stage key: paths with sizes and mtimes (not contents)."""
+    out = []
+    for spec in cfg["sources"]:
+        src = parse_source(spec)
+        files = [src.path] if src.path.is_file() else sorted(p for p in src.path.rglob("*") if p.is_file())
+        out.append([spec, [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in files]])
+    return {"sources": out}
+
+
+def iter_input(cfg: dict, bad: BadRecords) -> Iterator[dict]:
+    """Text records of every configured source, in order; the built-in corpus when there are none."""
+    if not cfg["sources"]:
+        yield from builtin.iter_builtin_documents(tuple(cfg["builtin_parts"]))
+        return
+    for spec in cfg["sources"]:
+        src = parse_source(spec)
+        if src.kind != "text":
+            raise UserError(f"--source {spec}: {src.fmt} is a {src.kind} format (for `zero-chatgpt sft`); "
+                            f"the data stage reads text, jsonl, parquet, wikipedia-cn, baidubaike, skypile")
+        yield from iter_records(src, bad, text_field=cfg["text_field"], text_unit=cfg["text_unit"],
+                                max_record_bytes=cfg["max_record_bytes"])
+
+
+# ── phase 1: clean one part (in a worker) ──────────────────────────────────────────────────────
+
+def _part_paths(work: Path, i: int) -> dict[str, Path]:
+    stem = work / f"part-{i:05d}"
+    return {"docs": stem.with_suffix(".jsonl.zst"), "index": stem.with_suffix(".npz"),
+            "stats": stem.with_suffix(".json")}
+
+
+def _hasher(cfg: dict) -> MinHasher:
+    return MinHasher(cfg["minhash_perm"], cfg["shingle_chars"], cfg["lsh_bands"], cfg["minhash_seed"],
+                     cfg["near_threshold"])
+
+
+def clean_part(cfg: dict, work: Path, i: int, records: list[dict]) -> dict:
+    """Clean one part and write its kept documents, index arrays and counts (the .json last)."""
+    cleaner = Cleaner(CleanConfig.from_cfg(cfg))
+    paths = _part_paths(work, i)
+    dropped: Counter = Counter()
+    samples: dict[str, list] = {}
+    kept: list[dict] = []
+    chars_in = 0
+    by_source: dict[str, list[int]] = {}
+    for rec in records:
+        chars_in += len(rec["text"])
+        src = by_source.setdefault(rec["source"], [0, 0])
+        src[0] += 1
+        text, reason = cleaner.clean(rec)
+        if reason is not None:
+            dropped[reason] += 1
+            if len(samples.setdefault(reason, [])) < cfg["drop_samples"]:
+                samples[reason].append({"where": rec["where"], "text": rec["text"][:300]})
+            continue
+        out = {"text": text, "source": rec["source"], "where": rec["where"]}
+        if rec.get("meta"):
+            out["meta"] = rec["meta"]
+        kept.append(out)
+    texts = [d["text"] for d in kept]
+    exact = np.fromiter((exact_hash(t) for t in texts), dtype=np.uint64, count=len(texts))
+    keys = (_hasher(cfg).keys_for(texts) if cfg["near_dedup"] and texts
+            else np.zeros((len(texts), 0), dtype=np.uint64))
+    with JsonlZstWriter(paths["docs"]) as w:
+        for d in kept:
+            w.write(d)
+    tmp = paths["index"].with_name(paths["index"].name + ".tmp.npz")
+    np.savez(tmp, exact=exact, keys=keys)
+    os.replace(tmp, paths["index"])
+    stats = {"part": i, "docs_in": len(records), "chars_in": chars_in, "kept": len(kept),
+             "dropped": dict(dropped), "samples": samples, "pii_masked": dict(cleaner.pii),
+             "sources": sorted(by_source), "source_in": {k: v[0] for k, v in by_source.items()}}
+    atomic_write_json(paths["stats"], stats)
+    return stats
+
+
+def _write_part(cfg: dict, work: Path, out_dir: Path, i: int, keep: np.ndarray) -> dict:
+    """Write the kept documents of part i to train-/val- shards; return counts by split and source."""
+    paths = _part_paths(work, i)
+    val_cut = int(cfg["val_fraction"] * 2**32)
+    splits: dict[str, list] = {"train": [], "val": []}
+    for row, doc in enumerate(iter_jsonl(paths["docs"])):
+        if keep[row]:
+            # a stable split by hash of the text: the same document always lands on the same side
+            split = "val" if (exact_hash(doc["text"]) & 0xFFFFFFFF) < val_cut else "train"
+            splits[split].append(doc)
+    counts = {"chars": 0, "train": 0, "val": 0, "source_out": Counter()}
+    for split, docs in splits.items():
+        path = out_dir / f"{split}-{i:05d}.jsonl.zst"
+        if not docs:
+            path.unlink(missing_ok=True)
+            continue
+        with JsonlZstWriter(path) as w:
+            for d in docs:
+                w.write(d)
+                counts["chars"] += len(d["text"])
+                counts["source_out"][d["source"]] += 1
+        counts[split] = len(docs)
+    return counts
+
+
+# ── phase 2: dedup across parts (in the main process) ──────────────────────────────────────────
+
+def _load_texts(work: Path, parts: list[int], offsets: np.ndarray, wanted: np.ndarray) -> dict[int, str]:
+    """Texts of the wanted global document ids, streamed from the parts that hold them."""
+    out: dict[int, str] = {}
+    wanted = np.unique(wanted)
+    for k, i in enumerate(parts):
+        lo, hi = offsets[k], offsets[k + 1]
+        need = wanted[(wanted >= lo) & (wanted < hi)]
+        if len(need) == 0:
+            continue
+        need_set = set((need - lo).tolist())
+        for row, doc in enumerate(iter_jsonl(_part_paths(work, i)["docs"])):
+            if row in need_set:
+                out[int(lo + row)] = doc["text"]
+    return out
+
+
+def deduplicate(cfg: dict, work: Path, parts: list[int]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """keep mask over all kept-after-cleaning documents (in part order), part offsets, and a summary."""
+    exact_list, key_list = [], []
+    for i in parts:
+        with np.load(_part_paths(work, i)["index"]) as z:
+            exact_list.append(z["exact"])
+            key_list.append(z["keys"])
+    sizes = np.array([len(e) for e in exact_list], dtype=np.int64)
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    n = int(offsets[-1])
+    exact = np.concatenate(exact_list) if n else np.zeros(0, np.uint64)
+    keep = np.ones(n, dtype=bool)
+    summary = {"exact_dup": 0, "near_dup": 0, "candidate_pairs": 0, "verified_pairs": 0,
+               "index_bytes_per_doc": 0.0, "largest_clusters": []}
+    root = np.arange(n)
+    if cfg["exact_dedup"] and n:
+        _, first, inverse = np.unique(exact, return_index=True, return_inverse=True)
+        root = first[inverse.reshape(-1)]
+        keep = root == np.arange(n)
+        summary["exact_dup"] = int(n - keep.sum())
+    if cfg["near_dedup"] and n > 1:
+        keys = np.concatenate(key_list)
+        summary["index_bytes_per_doc"] = (keys.nbytes + exact.nbytes) / n
+        ids = np.flatnonzero(keep)
+        pairs = candidate_pairs(keys[ids], ids)
+        summary["candidate_pairs"] = int(len(pairs))
+        if len(pairs):
+            texts = _load_texts(work, parts, offsets, pairs.reshape(-1))
+            shingles: dict[int, np.ndarray] = {}
+            ngram, thr = cfg["shingle_chars"], cfg["near_threshold"]
+
+            def sh(i: int) -> np.ndarray:
+                if i not in shingles:
+                    shingles[i] = np.unique(shingle_hashes(texts[i], ngram))
+                return shingles[i]
+
+            uf, checked = cluster_pairs(n, pairs, lambda a, b: jaccard(sh(a), sh(b)) >= thr)
+            summary["verified_pairs"] = checked
+            samples = summary["near_dup_samples"] = []
+            for d in np.unique(pairs[:, 1]).tolist():
+                r = uf.find(d)
+                if r != d and keep[d]:
+                    keep[d] = False
+                    root[d] = r
+                    summary["near_dup"] += 1
+                    if len(samples) < cfg["drop_samples"] and r in texts:
+                        samples.append({"kept": texts[r][:150], "dropped": texts[d][:150],
+                                        "jaccard": round(jaccard(sh(r), sh(d)), 3)})
+    if n:
+        sizes = np.bincount(root, minlength=n)
+        summary["largest_clusters"] = sorted((int(s) for s in sizes[sizes > 1]), reverse=True)[:10]
+        summary["clusters"] = int((sizes > 1).sum())
+    return keep, offsets, summary
+
+
+# ── the stage ───────────────────────────────────────────────────────────────────────────────────
+
+def _batches(it: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    while True:
+        chunk = list(islice(it, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def run_stage(ctx: Context) -> dict:
+    cfg = ctx.cfg["data"]
+    out_dir = ctx.run_dir.data
+    key = stage_key(ctx.cfg, SECTIONS, extra=_input_fingerprint(cfg))
+    if ctx.up_to_date(out_dir, key, "data"):
+        return json.loads((out_dir / "stats.json").read_text())
+    work = out_dir / "work"
+    # a different key (config or inputs changed) invalidates finished parts
+    marker = work / "key"
+    if work.exists() and (ctx.force or not marker.exists() or marker.read_text() != key):
+        for p in work.iterdir():
+            p.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key)
+    for old in list(out_dir.glob("train-*.jsonl.zst")) + list(out_dir.glob("val-*.jsonl.zst")):
+        old.unlink()
+
+    t0 = time.time()
+    bad = BadRecords()
+    nworkers = _workers(cfg)
+    what = "the built-in corpus" if not cfg["sources"] else ", ".join(cfg["sources"])
+    info(f"data: reading {what}; cleaning with {nworkers} processes")
+    part_stats: dict[int, dict] = {}
+    resumed = 0
+    bar = progress(desc="clean", unit="doc")
+    with ProcessPoolExecutor(max_workers=nworkers) as pool:
+        pending = {}
+
+        def collect(block: bool) -> None:
+            for i, fut in list(pending.items()):
+                if block or fut.done():
+                    st = fut.result()
+                    part_stats[i] = st
+                    bar.update(st["docs_in"])
+                    del pending[i]
+
+        for i, records in enumerate(_batches(iter_input(cfg, bad), cfg["shard_docs"])):
+            stats_path = _part_paths(work, i)["stats"]
+            if stats_path.exists():  # finished by an earlier, interrupted run
+                part_stats[i] = json.loads(stats_path.read_text())
+                bar.update(part_stats[i]["docs_in"])
+                resumed += 1
+                continue
+            pending[i] = pool.submit(clean_part, cfg, work, i, records)
+            while len(pending) >= 2 * nworkers:  # bounded memory: a few parts in flight
+                collect(block=False)
+                if len(pending) >= 2 * nworkers:
+                    time.sleep(0.01)
+        collect(block=True)
+        bar.close()
+        if resumed:
+            info(f"data: resumed {resumed} finished part(s) from {work}")
+        parts = sorted(part_stats)
+        t_clean = time.time() - t0
+        keep, offsets, dd = deduplicate(cfg, work, parts)
+        t_dedup = time.time() - t0 - t_clean
+        futs = [pool.submit(_write_part, cfg, work, out_dir, i, keep[offsets[k]:offsets[k + 1]])
+                for k, i in enumerate(parts)]
+        written = [f.result() for f in futs]
+
+    dropped = Counter()
+    for st in part_stats.values():
+        dropped.update(st["dropped"])
+    dropped["exact_dup"] = dd["exact_dup"]
+    dropped["near_dup"] = dd["near_dup"]
+    docs_in = sum(st["docs_in"] for st in part_stats.values()) + bad.count
+    docs_out = sum(w["train"] + w["val"] for w in written)
+    source_in, source_out, pii = Counter(), Counter(), Counter()
+    for st in part_stats.values():
+        source_in.update(st["source_in"])
+        pii.update(st["pii_masked"])
+    for w in written:
+        source_out.update(w["source_out"])
+    samples: dict[str, list] = {}
+    for i in parts:
+        for reason, ss in part_stats[i]["samples"].items():
+            samples.setdefault(reason, []).extend(ss[: max(0, cfg["drop_samples"] - len(samples.get(reason, [])))])
+    order = [r for r in REASONS if r in dropped] + [r for r in dropped if r not in REASONS and r not in DEDUP_REASONS]
+    stats = {
+        "docs_in": docs_in,
+        "docs_out": docs_out,
+        "chars_in": sum(st["chars_in"] for st in part_stats.values()),
+        "chars_out": sum(w["chars"] for w in written),
+        "train_docs": sum(w["train"] for w in written),
+        "val_docs": sum(w["val"] for w in written),
+        "dropped": {r: int(dropped[r]) for r in order + list(DEDUP_REASONS)},
+        "bad_records": bad.to_dict(),
+        "dropped_samples": samples,
+        "by_source": {s: {"docs_in": int(source_in[s]), "docs_out": int(source_out[s])} for s in source_in},
+        "pii_masked": dict(pii),
+        "dedup": dd,
+        "parts": len(parts),
+        "resumed_parts": resumed,
+        "seconds": {"clean": round(t_clean, 2), "dedup": round(t_dedup, 2), "total": round(time.time() - t0, 2)},
+    }
+    assert stats["docs_in"] == stats["docs_out"] + sum(stats["dropped"].values()) + bad.count, "accounting"
+    atomic_write_json(out_dir / "stats.json", stats)
+    _print_funnel(stats)
+    if bad.count:
+        info(f"data: {bad.count:,} bad input record(s), e.g. " +
+             "; ".join(f"{s['where']}: {s['reason']}" for s in bad.samples[:3]) + f" (all in {out_dir / 'stats.json'})")
+    mark_complete(out_dir, key, {"docs_out": docs_out, "chars_out": stats["chars_out"]})
+    return stats
+
+
+def _print_funnel(stats: dict) -> None:
+    rows = [["read", stats["docs_in"], "", f"{stats['chars_in']:,} chars"]]
+    left = stats["docs_in"]
+
+    def row(name: str, n: int, note: str = "") -> None:
+        nonlocal left
+        left -= n
+        rows.append([name, -n if n else 0, left, note])
+
+    row("bad records", stats["bad_records"]["count"])
+    for reason, n in stats["dropped"].items():
+        if reason not in DEDUP_REASONS:
+            row(f"filter: {reason}", n)
+    dd = stats["dedup"]
+    row("exact duplicates", stats["dropped"]["exact_dup"])
+    row("near duplicates", stats["dropped"]["near_dup"], f"{dd.get('clusters', 0):,} clusters")
+    rows.append(["kept", stats["docs_out"], "",
+                 f"train {stats['train_docs']:,} / val {stats['val_docs']:,}, {stats['chars_out']:,} chars"])
+    table(["step", "docs", "left", "note"], rows,
+          title=f"data: {stats['docs_in']:,} documents in → {stats['docs_out']:,} out "
+                f"({stats['seconds']['total']:.1f} s)")
+    if len(stats["by_source"]) > 1:
+        table(["source", "docs in", "docs out"],
+              [[s, v["docs_in"], v["docs_out"]] for s, v in stats["by_source"].items()])
