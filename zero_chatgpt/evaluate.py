@@ -117,3 +117,225 @@ def chain_valid(answer: str, first_char: str, idioms: set[str], asked: str = "")
     """An idiom-chaining answer is right when it is a dictionary idiom (not the one asked) starting with first_char."""
     a = re.sub(r"[\s。！？，、“”「」《》.!?,\"']", "", answer or "")
     return a in idioms and a.startswith(first_char) and a != asked
+
+
+# ---------------------------------------------------------------- prompts and answers
+
+CHAT_STAGES = ("sft", "ppo", "dpo", "grpo")
+STAGES = ("pretrain",) + CHAT_STAGES
+
+
+def select_prompts(records: list[dict], n: int, seed: int) -> list[dict]:
+    """Up to n eval records, the kinds taken in turn (each kind in a seeded order), so every kind is represented."""
+    import random
+
+    by_kind: dict[str, list[dict]] = {}
+    for r in records:
+        by_kind.setdefault(r.get("meta", {}).get("kind", "chat"), []).append(r)
+    rng = random.Random(seed)
+    for k in sorted(by_kind):
+        rng.shuffle(by_kind[k])
+    out: list[dict] = []
+    kinds = sorted(by_kind)
+    i = 0
+    while len(out) < n and any(by_kind.values()):
+        k = kinds[i % len(kinds)]
+        if by_kind[k]:
+            out.append(by_kind[k].pop())
+        i += 1
+    return out
+
+
+def question_of(rec: dict) -> str:
+    return next(m["content"] for m in reversed(rec["messages"]) if m["role"] == "user")
+
+
+def plain_prompt(rec: dict) -> str:
+    """The question as plain text for a model that has never seen the chat template (pretrain)."""
+    return f"问：{question_of(rec)}\n答："
+
+
+def answer_prompts(model, tok, records: list[dict], *, chat: bool, max_new_tokens: int, batch_size: int,
+                   desc: str = "answer"):
+    """Greedy answers (Generation objects, in record order) and how many prompts were cut to fit the context.
+
+    Chat stages get the chat template with the generation prompt and stop at <|im_end|>/<|endoftext|>;
+    pretrain gets `plain_prompt` and also stops at the end of the line (its natural end of an answer).
+    """
+    from zero_chatgpt.console import progress
+    from zero_chatgpt.generate import generate
+
+    limit = model.config.max_position_embeddings - max_new_tokens
+    prompts, cut = [], 0
+    for r in records:
+        ids = tok.encode_chat(r["messages"], add_generation_prompt=True)[0] if chat else tok.encode(plain_prompt(r))
+        if len(ids) > limit:      # keep the end: the question and the generation prompt
+            ids, cut = ids[-limit:], cut + 1
+        prompts.append(ids)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths: little left padding
+    gens = [None] * len(prompts)
+    bar = progress(total=len(prompts), desc=desc, unit="answer")
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        outs = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0,
+                        stop_ids=tok.stop_ids, stop_strings=() if chat else ("\n",), tokenizer=tok)
+        for i, g in zip(idx, outs):
+            gens[i] = g
+        bar.update(len(idx))
+    bar.close()
+    return gens, cut
+
+
+def score(records: list[dict], answers: list[str], ended_with_eos: list[bool], idioms: set[str] | None) -> dict:
+    """The metrics over one stage's answers: overall (scored kinds), per kind, chaining validity."""
+    from zero_chatgpt.data.chat_data import SCORED_KINDS
+
+    per_kind: dict[str, dict[str, list[float]]] = {}
+    f1s, rls, chain = [], [], []
+    for r, a in zip(records, answers):
+        kind = r.get("meta", {}).get("kind", "chat")
+        d = per_kind.setdefault(kind, {"char_f1": [], "rouge_l": []})
+        if kind == "chain" and idioms is not None:
+            chain.append(chain_valid(a, r["meta"]["first_char"], idioms, r["meta"].get("idiom", "")))
+            d.setdefault("chain_valid", []).append(float(chain[-1]))
+        f, rl = char_f1(a, r["reference"]), rouge_l(a, r["reference"])
+        d["char_f1"].append(f)
+        d["rouge_l"].append(rl)
+        if kind in SCORED_KINDS or kind == "chat":
+            f1s.append(f)
+            rls.append(rl)
+    mean = (lambda xs: sum(xs) / len(xs) if xs else 0.0)
+    out = {"char_f1": mean(f1s), "rouge_l": mean(rls), "eos_rate": mean([float(e) for e in ended_with_eos]),
+           "repetition_rate": repetition_rate(answers), "n_prompts": len(records), "n_scored": len(f1s),
+           "by_kind": {k: {m: mean(v) for m, v in d.items()} | {"n": len(d["char_f1"])}
+                       for k, d in sorted(per_kind.items())}}
+    if chain:
+        out["chain_valid"] = mean([float(c) for c in chain])
+    return out
+
+
+def question_baseline(records: list[dict]) -> dict:
+    """The scores of answering every question with the question itself (a floor SFT must beat)."""
+    qs = [question_of(r) for r in records]
+    s = score(records, qs, [False] * len(qs), None)
+    return {"baseline_question_char_f1": s["char_f1"], "baseline_question_rouge_l": s["rouge_l"]}
+
+
+# ---------------------------------------------------------------- the stage
+
+def trained_stages(run_dir) -> list[str]:
+    from zero_chatgpt.checkpoint import stage_model_path
+    return [s for s in STAGES if (stage_model_path(run_dir, s) / "config.json").exists()]
+
+
+def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set[str] | None) -> dict:
+    """Answer the eval prompts with `stage`'s model, score them, write eval/<stage>.json (merging what is there)."""
+    import json
+    import time
+
+    import torch
+
+    from zero_chatgpt.checkpoint import load_model, stage_model_path
+    from zero_chatgpt.io import atomic_write_json
+    from zero_chatgpt.train.sft import masked_val_loss
+
+    e = ctx.cfg["eval"]
+    t0 = time.perf_counter()
+    model = load_model(stage_model_path(ctx.run_dir, stage))
+    chat = stage != "pretrain"
+    gens, cut = answer_prompts(model, tok, eval_recs, chat=chat, max_new_tokens=e["max_new_tokens"],
+                               batch_size=e["batch_size"], desc=f"eval {stage}")
+    answers = [g.text for g in gens]
+    stops = set(tok.stop_ids)
+    eos = [bool(g.tokens) and g.tokens[-1] in stops for g in gens]
+    res = score(eval_recs, answers, eos, idioms)
+    res["truncated_answers"] = sum(g.finish_reason == "length" for g in gens)
+    res["truncated_prompts"] = cut
+    if val is not None and len(val):
+        res["chat_val_loss"] = masked_val_loss(model, val, tok.pad_id)
+    res["samples"] = [{"kind": r.get("meta", {}).get("kind"), "question": question_of(r), "answer": a,
+                       "reference": r["reference"], "eos": bool(x)}
+                      for r, a, x in list(zip(eval_recs, answers, eos))[:e["num_samples"]]]
+    res["prompt_format"] = "chat template" if chat else "plain text: 问：{question}\\n答："
+    res["eval_seconds"] = time.perf_counter() - t0
+
+    path = ctx.run_dir.eval / f"{stage}.json"
+    ctx.run_dir.eval.mkdir(parents=True, exist_ok=True)
+    old = {}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+    if "samples" in old and "char_f1" not in old:
+        old[f"{stage}_samples"] = old.pop("samples")       # the training stage's own samples, kept beside ours
+    merged = {**old, **res}
+    if chat and "chat_val_loss" in res:
+        merged["val_loss"] = res["chat_val_loss"]          # a chat stage's validation loss is the SFT val loss
+    del model
+    atomic_write_json(path, merged)
+    return merged
+
+
+def run_stage(ctx) -> None:
+    from zero_chatgpt.console import UserError, info, table
+    from zero_chatgpt.data.chat_data import read_split
+    from zero_chatgpt.rundir import stage_key
+    from zero_chatgpt.tokenizer import load_tokenizer
+    from zero_chatgpt.train.sft import encode_records
+
+    rd, e = ctx.run_dir, ctx.cfg["eval"]
+    want = ctx.args.get("stage")
+    have = trained_stages(rd)
+    if want:
+        if want not in STAGES:
+            raise UserError(f"--stage {want}: unknown stage; valid: {', '.join(STAGES)}")
+        if want not in have:
+            raise UserError(f"no trained {want} model in {rd.root / want / 'final'}: run "
+                            f"`zero-chatgpt {want} --run-dir {rd.root}` first")
+        stages = [want]
+    else:
+        stages = have
+    if not stages:
+        raise UserError(f"no trained model in {rd.root}: run `zero-chatgpt pretrain --run-dir {rd.root}` first")
+    if not (rd.sft_data / "eval.jsonl").exists():
+        from zero_chatgpt.train.sft import ensure_sft_data
+        ensure_sft_data(ctx)                                  # the held-out prompts, even before SFT ran
+    tok = load_tokenizer(rd.tokenizer)
+    eval_recs = select_prompts(read_split(rd.sft_data, "eval"), e["num_prompts"], int(ctx.cfg["run"]["seed"]))
+    builtin = all(r.get("meta", {}).get("source") == "builtin" for r in eval_recs)
+    idioms = None
+    if builtin:
+        from zero_chatgpt.data.builtin import load_idioms
+        idioms = {d["word"] for d in load_idioms()}
+    val_recs = read_split(rd.sft_data, "val")[:e["val_samples"]]
+    base = question_baseline(eval_recs)
+    results, val = {}, None
+    for st in stages:
+        path = rd.eval / f"{st}.json"
+        key = stage_key(ctx.cfg, ["eval"], [rd / st, rd.sft_data, rd.tokenizer])
+        if not ctx.force and path.exists():
+            import json
+            try:
+                old = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                old = {}
+            if old.get("eval_key") == key:
+                info(f"eval {st}: up to date in {path} (use --force to redo)")
+                results[st] = old
+                continue
+        if val is None:
+            max_len = int(ctx.cfg["sft"]["max_seq_len"])
+            val = encode_records(tok, val_recs, max_len, desc="encode val")
+        res = evaluate_stage(ctx, st, tok, eval_recs, val, idioms)
+        res.update(base)
+        res["eval_key"] = key
+        from zero_chatgpt.io import atomic_write_json
+        atomic_write_json(path, res)
+        results[st] = res
+    cols = ["val_loss", "chat_val_loss", "char_f1", "rouge_l", "eos_rate", "repetition_rate", "chain_valid",
+            "truncated_answers"]
+    rows = [[c] + [results[s].get(c, "-") for s in results] for c in cols]
+    rows.append(["question-as-answer char_f1 / rouge_l",
+                 *[f"{base['baseline_question_char_f1']:.3f} / {base['baseline_question_rouge_l']:.3f}"] * len(results)])
+    table(["metric", *results], rows, title=f"eval: {len(eval_recs)} held-out prompts → {rd.eval}/<stage>.json")

@@ -1,0 +1,181 @@
+"""SFT: masking (single- and multi-turn), truncation invariants, length-grouped batches, a toy run that learns."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from zero_chatgpt.data.builtin import load_idioms
+from zero_chatgpt.train import sft
+
+# A toy task the model must learn: a word → its category.
+TOY = {"苹果": "水果", "白菜": "蔬菜", "老虎": "动物", "松树": "植物", "铁锤": "工具", "长江": "河流",
+       "泰山": "高山", "北京": "城市"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: one thread is faster than two, and much faster on a shared, busy machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from zero_chatgpt.tokenizer import train_bpe
+    texts = [d["word"] + "：" + d["explanation"] for d in load_idioms()[:3000]]
+    texts += [f"{k}是什么？{v}" for k, v in TOY.items()]
+    return train_bpe(texts, 800)
+
+
+def _targets(tok, ids, mask):
+    inp, labels = sft.to_example(ids, mask)
+    assert len(inp) == len(labels) == len(ids) - 1
+    for t, lab in enumerate(labels):                 # every target is the next token, where the mask says so
+        assert lab == (ids[t + 1] if mask[t + 1] else sft.IGNORE)
+    return [x for x in labels if x != sft.IGNORE]
+
+
+def test_masking_single_turn(tok):
+    msgs = [{"role": "user", "content": "「一见倾心」是什么意思？"}, {"role": "assistant", "content": "初次见面就十分爱慕。"}]
+    ids, mask = tok.encode_chat(msgs)
+    tgt = _targets(tok, ids, mask)
+    assert tok.decode(tgt) == "初次见面就十分爱慕。<|im_end|>"
+    assert tgt[-1] == tok.im_end_id and tgt.count(tok.im_end_id) == 1
+
+
+def test_masking_multi_turn_with_system(tok):
+    msgs = [{"role": "system", "content": "你是成语老师。"},
+            {"role": "user", "content": "一见倾心是什么意思？"}, {"role": "assistant", "content": "倾心爱慕。"},
+            {"role": "user", "content": "它怎么读？"}, {"role": "assistant", "content": "yī jiàn qīng xīn"}]
+    ids, mask = tok.encode_chat(msgs)
+    tgt = _targets(tok, ids, mask)
+    assert tok.decode(tgt) == "倾心爱慕。<|im_end|>yī jiàn qīng xīn<|im_end|>"
+    # nothing of the system prompt or the questions is a target
+    batch = sft.collate(sft.SFTSet(np.asarray(ids, np.int32), np.asarray(mask, np.int8),
+                                   np.asarray([0, len(ids)])), [0], tok.pad_id)
+    lab = batch["labels"][0]
+    assert tok.decode(lab[lab != sft.IGNORE].tolist()) == tok.decode(tgt)
+
+
+def _conv(n_turns, ans_len, q_len=6):
+    msgs = []
+    for i in range(n_turns):
+        msgs += [{"role": "user", "content": "问" * q_len + str(i)}, {"role": "assistant", "content": "答" * ans_len}]
+    return msgs
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_turns=st.integers(1, 3), ans_len=st.integers(1, 40), max_len=st.integers(4, 80))
+def test_truncation_invariants(tok, n_turns, ans_len, max_len):
+    msgs = _conv(n_turns, ans_len)
+    ids, mask = tok.encode_chat(msgs)
+    t_ids, t_mask, cut = sft.truncate(ids, mask, max_len)
+    assert cut == (len(ids) > max_len) and len(t_ids) == min(len(ids), max_len)
+    assert t_ids == ids[:len(t_ids)] and t_mask == mask[:len(t_mask)]      # a prefix: nothing replaced
+    full_tgt = _targets(tok, ids, mask)
+    if sum(t_mask[1:]) == 0:
+        return
+    tgt = _targets(tok, t_ids, t_mask)
+    assert tgt == full_tgt[:len(tgt)]                # the targets are a prefix of the real answers
+    assert "问" not in tok.decode(tgt)               # never the prompt as an answer (the seed's bug)
+    if cut and t_mask[-1] == 1 and t_ids[-1] != tok.im_end_id:
+        # the last answer was cut: it carries no eos
+        assert tgt.count(tok.im_end_id) < full_tgt.count(tok.im_end_id)
+
+
+def test_encode_counts_truncated_and_dropped(tok):
+    recs = [{"messages": _conv(1, 50)}, {"messages": _conv(1, 2)}, {"messages": _conv(1, 2, q_len=60)}]
+    full = [sft.trim_tail(*tok.encode_chat(r["messages"])) for r in recs]
+    max_len = len(full[1][0])               # the short one fits exactly (its closing newline is trimmed)
+    assert full[1][0][-1] == tok.im_end_id
+    assert full[0][1].index(1) < max_len < len(full[0][0])      # the long answer starts inside, ends outside
+    assert full[2][1].index(1) >= max_len                          # the long question leaves no answer token
+    data = sft.encode_records(tok, recs, max_len=max_len)
+    assert data.n_records == 3 and data.n_truncated == 1 and data.n_dropped == 1 and len(data) == 2
+    assert data.lengths().max() <= max_len
+    first_ids, first_mask = data.sample(0)
+    assert first_ids[-1] != tok.im_end_id and first_mask[-1] == 1     # cut inside the answer: no eos
+
+
+@pytest.fixture(scope="module")
+def real_set(tok):
+    from zero_chatgpt.data import chat_data
+    built = chat_data.build_builtin(load_idioms()[:4000], seed=5)
+    return sft.encode_records(tok, built.splits["train"][:3000], 256)
+
+
+def test_length_grouped_batches(real_set):
+    lengths = real_set.lengths()
+    budget = 2048
+    plan = sft.plan_epoch(lengths, budget, seed=1, epoch=0)
+    flat = np.concatenate(plan)
+    assert sorted(flat.tolist()) == list(range(len(real_set)))           # every sample once per epoch
+    for b in plan:
+        assert len(b) == 1 or len(b) * int((lengths[b] - 1).max()) <= budget
+    pad = sft.pad_fraction(lengths, plan)
+    assert pad <= 0.15, pad
+    # against no grouping: the same budget, random order, pads much more
+    rnd = np.random.default_rng(0).permutation(len(lengths))
+    naive = [rnd[i:i + len(plan[0])] for i in range(0, len(rnd), len(plan[0]))]
+    assert sft.pad_fraction(lengths, naive) > pad
+    assert sft.plan_epoch(lengths, budget, 1, 1)[0].tolist() != plan[0].tolist()   # epochs reshuffle
+
+
+def test_batch_source_is_pure_and_splits_ranks(tok, real_set):
+    b = sft.LengthGroupedBatches(real_set, tok.pad_id, 2048, grad_accum=2, seed=3)
+    x = b(5, 1, 0, 2)
+    y = sft.LengthGroupedBatches(real_set, tok.pad_id, 2048, grad_accum=2, seed=3)(5, 1, 0, 2)
+    assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
+    assert not set(b.indices((5 * 2 + 1) * 2 + 0).tolist()) & set(b.indices((5 * 2 + 1) * 2 + 1).tolist())
+    # walks into the next epoch
+    n = len(b.plan(0))
+    assert b.indices(n).tolist() == b.plan(1)[0].tolist()
+    # padding is never a target
+    assert (x["labels"][x["input_ids"] == tok.pad_id] == sft.IGNORE).all()
+
+
+def _tiny_model(tok):
+    from zero_chatgpt.model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=160,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                   max_position_embeddings=128, eos_token_id=[tok.im_end_id, tok.eot_id],
+                                   pad_token_id=tok.pad_id))
+
+
+@pytest.fixture(scope="module")
+def toy_run(tok, tmp_path_factory):
+    """A tiny model fine-tuned on TOY through the one loop; returns the run dir (tokenizer/ + sft/final)."""
+    from zero_chatgpt.train import loop
+    root = tmp_path_factory.mktemp("toy_run")
+    tok.save(root / "tokenizer")
+    recs = [{"messages": [{"role": "user", "content": f"{k}是什么？"}, {"role": "assistant", "content": v}]}
+            for k, v in TOY.items()]
+    data = sft.encode_records(tok, recs * 4, 128)
+    s = loop.LoopSettings(max_steps=120, lr=3e-3, warmup_steps=10, weight_decay=0.0, checkpoint_every=0,
+                          eval_every=0, log_every=10, precision="fp32", tensorboard=False, seed=0)
+    batches = sft.LengthGroupedBatches(data, tok.pad_id, 8 * 40, grad_accum=1, seed=0)
+    model = _tiny_model(tok)
+    res = loop.train(s, model=model, stage="sft", stage_dir=root / "sft", log_dir=root / "logs",
+                     batches=batches, loss_fn=sft.sft_loss, dist_info=loop.Dist())
+    return root, res
+
+
+def test_tiny_sft_learns_toy_task(tok, toy_run):
+    from zero_chatgpt.checkpoint import load_model
+    from zero_chatgpt.generate import generate
+    root, res = toy_run
+    logs = [json.loads(x) for x in (root / "logs" / "sft.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logs if r.get("kind") == "train"]
+    assert losses[0] > 2.0 and losses[-1] < 0.2 * losses[0], losses
+    model = load_model(root / "sft" / "final")
+    prompts = [tok.encode_chat([{"role": "user", "content": f"{k}是什么？"}], add_generation_prompt=True)[0]
+               for k in TOY]
+    gens = generate(model, prompts, max_new_tokens=8, temperature=0.0, stop_ids=tok.stop_ids, tokenizer=tok)
+    answers = [g.text for g in gens]
+    assert answers == list(TOY.values())
+    assert all(g.finish_reason == "stop" and g.tokens[-1] == tok.im_end_id for g in gens)

@@ -1,0 +1,181 @@
+"""`zero-chatgpt chat`: a multi-turn chat in the terminal, streaming each token as it is generated.
+
+    zero-chatgpt chat --run-dir runs/demo [--stage sft]
+    printf '你好\\n「一见倾心」是什么意思？\\n/quit\\n' | zero-chatgpt chat --run-dir runs/demo
+
+Each line is a user message, or a command:
+    /reset         forget the conversation (the system prompt stays)
+    /system TEXT   set the system prompt (and start over); "/system" alone restores the default
+    /temp X        sampling temperature (0 = greedy)
+    /help          the commands
+    /quit          leave (so does end of input, or Ctrl-D)
+
+Answers go to stdout, everything else (banner, notices) to stderr, so a pipe reads just the
+answers, one line each. The conversation so far is re-encoded every turn with the chat template;
+when it no longer fits the context, the oldest turns are dropped (and that is said).
+"""
+from __future__ import annotations
+
+import codecs
+import sys
+
+from zero_chatgpt.console import UserError, info
+
+HELP = "commands: /reset, /system TEXT, /temp X, /help, /quit"
+CHAT_ORDER = ("grpo", "dpo", "ppo", "sft")      # the default: the most aligned model trained so far
+
+
+def pick_stage(run_dir, stage: str | None) -> str:
+    """The stage whose model to load, or a UserError saying which stage to run first."""
+    from zero_chatgpt.checkpoint import stage_model_path
+    have = lambda s: (stage_model_path(run_dir, s) / "config.json").exists()
+    root = run_dir.root
+    if stage:
+        if not have(stage):
+            raise UserError(f"no trained {stage} model in {root / stage / 'final'}: run "
+                            f"`zero-chatgpt {stage} --run-dir {root}` first")
+        return stage
+    for s in CHAT_ORDER:
+        if have(s):
+            return s
+    if have("pretrain"):
+        raise UserError(f"no chat model in {root} yet: run `zero-chatgpt sft --run-dir {root}` "
+                        f"(or talk to the pretrained model with --stage pretrain)")
+    raise UserError(f"no trained model in {root}: run `zero-chatgpt run --run-dir {root}` "
+                    f"(or the stages up to `zero-chatgpt sft`)")
+
+
+class TokenPrinter:
+    """Writes tokens to a stream as they come, decoding UTF-8 across token boundaries (a Chinese
+    character is often split over two byte-level tokens); stop tokens are not printed."""
+
+    def __init__(self, tok, out):
+        self.tok, self.out = tok, out
+        self.stops = set(tok.stop_ids)
+        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, index: int, token_id: int) -> None:
+        if token_id in self.stops:
+            return
+        text = self.dec.decode(self.tok.token_bytes[token_id])
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+    def finish(self) -> None:
+        tail = self.dec.decode(b"", final=True)
+        self.out.write(tail + "\n")
+        self.out.flush()
+
+
+class ChatSession:
+    """The conversation state and one turn of generation; the REPL around it is `repl`."""
+
+    def __init__(self, model, tok, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                 repetition_penalty: float, seed: int):
+        import torch
+        self.model, self.tok = model, tok
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_k, self.top_p, self.rep = temperature, top_k, top_p, repetition_penalty
+        self.system: str | None = None
+        self.history: list[dict] = []
+        self.gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def prompt_ids(self) -> list[int]:
+        """The conversation with the generation prompt; oldest turns dropped until it fits the context."""
+        limit = self.model.config.max_position_embeddings - self.max_new_tokens
+        while True:
+            ids = self.tok.encode_chat(self.messages(), add_generation_prompt=True)[0]
+            if len(ids) <= limit or len(self.history) <= 1:
+                return ids[-limit:]
+            self.history = self.history[2:]      # one user + assistant pair
+            info("(the conversation got longer than the context: oldest turn forgotten)")
+
+    def reply(self, user_text: str, out) -> str:
+        from zero_chatgpt.generate import generate
+        self.history.append({"role": "user", "content": user_text})
+        printer = TokenPrinter(self.tok, out)
+        g = generate(self.model, [self.prompt_ids()], max_new_tokens=self.max_new_tokens,
+                     temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                     repetition_penalty=self.rep, stop_ids=self.tok.stop_ids, tokenizer=self.tok,
+                     stream=printer, generator=self.gen)[0]
+        printer.finish()
+        if g.finish_reason == "length":
+            info(f"(answer cut at {self.max_new_tokens} tokens)")
+        self.history.append({"role": "assistant", "content": g.text})
+        return g.text
+
+
+def repl(session: ChatSession, lines, out, interactive: bool) -> None:
+    """Read user lines (a terminal or a pipe) and answer each; commands start with '/'."""
+    prompt = "你> " if interactive else ""
+    for line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            arg = arg.strip()
+            if cmd in ("/quit", "/exit"):
+                return
+            if cmd == "/reset":
+                session.history = []
+                info("(conversation reset)")
+            elif cmd == "/system":
+                session.system = arg or None
+                session.history = []
+                info(f"(system prompt: {arg!r}; conversation reset)" if arg else "(default system prompt)")
+            elif cmd == "/temp":
+                try:
+                    t = float(arg)
+                    if t < 0:
+                        raise ValueError
+                except ValueError:
+                    info(f"(/temp needs a number >= 0, e.g. /temp 0.7; got {arg!r})")
+                else:
+                    session.temperature = t
+                    info(f"(temperature {t})")
+            elif cmd == "/help":
+                info(HELP)
+            else:
+                info(f"(unknown command {cmd}; {HELP})")
+            if interactive:
+                print(prompt, end="", file=sys.stderr, flush=True)
+            continue
+        if interactive:
+            print("助手> ", end="", file=sys.stderr, flush=True)
+        session.reply(text, out)
+        if interactive:
+            print(prompt, end="", file=sys.stderr, flush=True)
+
+
+def run_command(ctx) -> None:
+    import torch
+
+    from zero_chatgpt.checkpoint import load_model, stage_model_path
+    from zero_chatgpt.tokenizer import load_tokenizer
+
+    rd = ctx.run_dir
+    stage = pick_stage(rd, ctx.args.get("stage"))
+    c = ctx.cfg["chat"]
+    device = ctx.cfg["run"]["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(stage_model_path(rd, stage), device=device)
+    tok = load_tokenizer(rd.tokenizer)
+    session = ChatSession(model, tok, max_new_tokens=int(ctx.args.get("max_new_tokens") or 256),
+                          temperature=c["temperature"], top_k=c["top_k"], top_p=c["top_p"],
+                          repetition_penalty=c["repetition_penalty"], seed=int(ctx.cfg["run"]["seed"]))
+    interactive = sys.stdin.isatty()
+    info(f"chatting with {stage} ({stage_model_path(rd, stage)}); {HELP}")
+    if interactive:
+        print("你> ", end="", file=sys.stderr, flush=True)
+    try:
+        repl(session, sys.stdin, sys.stdout, interactive)
+    except (KeyboardInterrupt, EOFError):
+        pass
+    if interactive:
+        print(file=sys.stderr)
