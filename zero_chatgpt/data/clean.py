@@ -33,15 +33,43 @@ import numpy as np
 
 # ── normalization ───────────────────────────────────────────────────────────────────────────────
 
-# Chinese full-width punctuation is parked in the Private Use Area while NFKC runs, then put
-# back: NFKC would rewrite ，！？：；（）～ as ASCII. The other full-width forms (digits, letters,
-# ．％＋－／ …) become ASCII as NFKC intends (１２．５％ → 12.5%).
-_FW_PUNCT = [ord(ch) for ch in "！，：；？（）～"]
-_PROTECT = {c: 0xF000 + (c - 0xFF00) for c in _FW_PUNCT}
-_PROTECT.update({c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F) if c not in _PROTECT})  # １Ａ％ → 1A%
-_PROTECT[0x3000] = 0x20  # ideographic space
-_UNPROTECT = {0xF000 + (c - 0xFF00): c for c in _FW_PUNCT}
-_PUA = re.compile("[\uf001-\uf05e]")
+# NFKC, except on Chinese full-width punctuation: NFKC would rewrite ，！？：；（）～ as ASCII
+# and the ellipsis …… as ......
+# The other full-width forms (digits, letters, ．％＋－／ …) become ASCII as NFKC intends
+# (１２．５％ → 12.5%). The kept marks are parked in the Private Use Area while NFKC runs
+# (str.replace is memchr-fast; a translate table or a regex class costs ~10x more), and text
+# that NFKC would not change is returned after a quick check.
+_KEEP_FULLWIDTH = "！，：；？（）～…"
+_PARK = [(ch, chr(0xF000 + i)) for i, ch in enumerate(_KEEP_FULLWIDTH)]
+
+
+_FULLWIDTH_RUN = re.compile("[\uff01-\uff5e\u3000]+")
+_FW_TO_ASCII = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)} | {0x3000: 0x20}
+
+
+def _to_ascii(m: re.Match) -> str:
+    return m.group().translate(_FW_TO_ASCII)
+
+
+def nfkc_keep_punct(text: str) -> str:
+    """NFKC of `text`, except that Chinese full-width punctuation stays full-width."""
+    if unicodedata.is_normalized("NFKC", text):
+        return text
+    s = text
+    for ch, pua in _PARK:
+        if ch in s:
+            s = s.replace(ch, pua)
+    if unicodedata.is_normalized("NFKC", s):
+        return text
+    # the usual case in Chinese text: full-width digits / letters / ．％ and the ideographic space
+    s = _FULLWIDTH_RUN.sub(_to_ascii, s)
+    if not unicodedata.is_normalized("NFKC", s):
+        s = unicodedata.normalize("NFKC", s)  # anything else (①, ﬁ, half-width kana …): the real thing
+    for ch, pua in _PARK:
+        if pua in s:
+            s = s.replace(pua, ch)
+    return s
+
 
 _CITATION = re.compile(r"\[\d+(?:[-–]\d+)?\]")          # the seed: 黄河[1] / [2-3]
 _REPEATED_END = re.compile(r"([。！？!?])\1+")            # the seed: 。。。 → 。
@@ -54,11 +82,7 @@ TERMINAL = tuple("。！？…”」』.!?；;：:）)")
 def normalize(text: str, t2s=None, citations: bool = True, repeated_punct: bool = True) -> str:
     """NFKC keeping Chinese punctuation, optional t2s, the seed's citation / punctuation fixes,
     whitespace collapsed within lines and blank lines removed."""
-    s = text.translate(_PROTECT)
-    if not unicodedata.is_normalized("NFKC", s):
-        s = unicodedata.normalize("NFKC", s)
-    if _PUA.search(s):
-        s = s.translate(_UNPROTECT)
+    s = nfkc_keep_punct(text)
     if t2s is not None:
         s = t2s.convert(s)
     if citations and "[" in s:
@@ -86,14 +110,16 @@ PII_PATTERNS = {
 }
 
 
+_PII_DIGITS = re.compile(r"\d{5}|\d{3}[- ]\d{4}")
+
+
 def mask_pii(text: str, counts: Counter | None = None) -> str:
     """Replace e-mail addresses, ID-card numbers, phone numbers and QQ numbers by placeholders."""
     if "@" in text:
         text, n = PII_PATTERNS["email"][0].subn(PII_PATTERNS["email"][1], text)
         if counts is not None and n:
             counts["email"] += n
-    digits = sum(text.count(d) for d in "0123456789")
-    if digits >= 5:
+    if _PII_DIGITS.search(text):  # every number pattern below has 5 digits in a row or ddd-dddd
         for name in ("id_card", "phone", "qq"):
             pat, repl = PII_PATTERNS[name]
             text, n = pat.subn(repl, text)
@@ -107,46 +133,87 @@ def mask_pii(text: str, counts: Counter | None = None) -> str:
 _MULT = np.uint64(0x9E3779B97F4A7C15)
 
 
+# CJK unified ideographs (+ extension A, compatibility ideographs, extensions B-F): the same
+# set as _CJK, as sorted [start, end) bounds, so one searchsorted counts them.
+_CJK_BOUNDS = np.array([0x3400, 0x4DC0, 0x4E00, 0xA000, 0xF900, 0xFB00, 0x20000, 0x2EBF0], dtype=np.uint32)
+
+
+def count_cjk(cps: np.ndarray) -> int:
+    return int(np.count_nonzero(np.searchsorted(_CJK_BOUNDS, cps, side="right") & 1))
+
+
 def codepoints(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    """The text's code points as a uint32 array (a view of its UTF-32 encoding)."""
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
 def ngram_stats(cps: np.ndarray, top_ns: tuple[int, ...], dup_ns: tuple[int, ...]) -> tuple[dict, dict]:
     """Character repetition statistics (Gopher's, on characters instead of words).
 
-    top[n]: share of characters inside the most frequent n-gram (count × n / length).
+    top[n]: share of characters inside the most frequent n-gram (count × n / length, at most 1).
     dup[n]: share of characters covered by n-grams that already occurred earlier in the text.
+
+    All sizes at once: each size's n-gram hashes (a rolling polynomial) go in one row of a
+    (sizes, length) array as `hash << bits | position`, and one `np.sort` along the rows
+    groups equal n-grams with the earliest first; ~15 numpy calls in all instead of ~15 per
+    size (3x faster on 1k-character documents). Long texts go one size at a time to bound memory.
     """
-    L = len(cps)
-    top, dup = {}, {}
     sizes = sorted(set(top_ns) | set(dup_ns))
-    if not sizes:
-        return top, dup
-    h = cps.copy()
-    n_have = 1
-    with np.errstate(over="ignore"):
+    L = len(cps)
+    if L * len(sizes) > 4_000_000 and len(sizes) > 1:
+        top, dup = {}, {}
         for n in sizes:
-            while n_have < n:  # extend the rolling polynomial hash by one character
+            t, d = ngram_stats(cps, (n,) if n in top_ns else (), (n,) if n in dup_ns else ())
+            top.update(t)
+            dup.update(d)
+        return top, dup
+    top = {n: 0.0 for n in top_ns}
+    dup = {n: 0.0 for n in dup_ns}
+    if not sizes or L < 2:
+        return top, dup
+    bits = np.uint64(max(1, int(L).bit_length()))
+    pos = np.arange(L, dtype=np.uint64)
+    rows = np.empty((len(sizes), L), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        cps = cps.astype(np.uint64)
+        h = cps
+        n_have = 1
+        for r, n in enumerate(sizes):
+            while n_have < n:  # extend the rolling hash by one character
                 h = h[:-1] * _MULT + cps[n_have:]
                 n_have += 1
             m = len(h)
-            if m < 2:
-                top[n] = dup[n] = 0.0
-                continue
-            order = np.argsort(h, kind="stable")
-            hs = h[order]
-            same = hs[1:] == hs[:-1]  # order[i+1] repeats an earlier n-gram (stable: earlier index first)
-            if n in top_ns:
-                starts = np.flatnonzero(np.concatenate(([True], ~same, [True])))
-                top[n] = min(1.0, float(np.diff(starts).max()) * n / L)
-            if n in dup_ns:
-                pos = order[1:][same]
-                if len(pos) == 0:
-                    dup[n] = 0.0
-                else:
-                    # +1 where a repeated n-gram starts, -1 where it ends: covered = cumsum > 0
-                    cover = np.bincount(pos, minlength=L + 1) - np.bincount(pos + n, minlength=L + 1)
-                    dup[n] = float(np.count_nonzero(np.cumsum(cover[:L]))) / L
+            row = rows[r]
+            row[:m] = (h << bits) | pos[:m]
+            # positions without an n-gram get distinct values above every real key
+            row[m:] = ((np.uint64(0xFFFFFFFFFFFFFFFF >> int(bits)) - pos[: L - m]) << bits) | pos[m:]
+    rows.sort(axis=1)
+    key = rows >> bits
+    same = key[:, 1:] == key[:, :-1]                       # (S, L-1): element i+1 repeats an earlier n-gram
+    n_arr = np.array(sizes, dtype=np.int64)
+    if top_ns:
+        # longest run of equal keys per row: run starts over the flattened array, then max per row
+        starts_mask = np.ones((len(sizes), L), dtype=bool)
+        starts_mask[:, 1:] = ~same
+        flat_starts = np.flatnonzero(starts_mask)
+        run_len = np.diff(np.append(flat_starts, len(sizes) * L))
+        row_of = flat_starts // L
+        best = np.zeros(len(sizes), dtype=np.int64)
+        np.maximum.at(best, row_of, run_len)
+        for r, n in enumerate(sizes):
+            if n in top and L - n + 1 > 0:
+                top[n] = min(1.0, float(best[r]) * n / L)
+    if dup_ns:
+        flat = np.flatnonzero(same)
+        r_idx = flat // (L - 1)
+        p = (rows.reshape(-1)[flat + r_idx + 1] & ((np.uint64(1) << bits) - np.uint64(1))).astype(np.int64)
+        width = L + 1
+        cover = (np.bincount(r_idx * width + p, minlength=len(sizes) * width)
+                 - np.bincount(r_idx * width + np.minimum(p + n_arr[r_idx], L), minlength=len(sizes) * width))
+        covered = np.count_nonzero(np.cumsum(cover.reshape(len(sizes), width), axis=1)[:, :L], axis=1)
+        for r, n in enumerate(sizes):
+            if n in dup:
+                dup[n] = float(covered[r]) / L
     return top, dup
 
 
@@ -221,7 +288,8 @@ class Cleaner:
         L = len(text)
         if L < c.min_chars:
             return "too_short"
-        n_cjk = len(_CJK.findall(text))
+        cps = codepoints(text)
+        n_cjk = count_cjk(cps)
         if n_cjk < c.min_cjk_chars:
             return "few_cjk"
         if n_cjk < c.min_cjk_ratio * L:
@@ -233,7 +301,7 @@ class Cleaner:
                 return "line_punct"
             if len(lines) - len(set(lines)) > c.max_dup_line_frac * len(lines):
                 return "dup_lines"
-        top, dup = ngram_stats(codepoints(text), c.top_ngram_n, c.dup_ngram_n)
+        top, dup = ngram_stats(cps, c.top_ngram_n, c.dup_ngram_n)
         for n, limit in zip(c.top_ngram_n, c.top_ngram_max):
             if top[n] > limit:
                 return "top_ngram"

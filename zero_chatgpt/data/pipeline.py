@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -333,6 +334,7 @@ def run_stage(ctx: Context) -> dict:
         info(f"data: {bad.count:,} bad input record(s), e.g. " +
              "; ".join(f"{s['where']}: {s['reason']}" for s in bad.samples[:3]) + f" (all in {out_dir / 'stats.json'})")
     mark_complete(out_dir, key, {"docs_out": docs_out, "chars_out": stats["chars_out"]})
+    shutil.rmtree(work, ignore_errors=True)  # the parts are a second copy of the corpus: free the disk
     return stats
 
 
