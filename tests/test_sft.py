@@ -25,10 +25,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    from zero_chatgpt.tokenizer import train_bpe
-    texts = [d["word"] + "：" + d["explanation"] for d in load_idioms()[:3000]]
-    texts += [f"{k}是什么？{v}" for k, v in TOY.items()]
-    return train_bpe(texts, 800)
+    return make_tokenizer()
 
 
 def _targets(tok, ids, mask):
@@ -147,11 +144,11 @@ def _tiny_model(tok):
                                    pad_token_id=tok.pad_id))
 
 
-@pytest.fixture(scope="module")
-def toy_run(tok, tmp_path_factory):
-    """A tiny model fine-tuned on TOY through the one loop; returns the run dir (tokenizer/ + sft/final)."""
+def train_toy_run(tok, root):
+    """A tiny model fine-tuned on TOY through the one loop, in run dir `root` (tokenizer/ + sft/final).
+
+    Shared with tests/test_chat.py and tests/test_eval.py (imported from here)."""
     from zero_chatgpt.train import loop
-    root = tmp_path_factory.mktemp("toy_run")
     tok.save(root / "tokenizer")
     recs = [{"messages": [{"role": "user", "content": f"{k}是什么？"}, {"role": "assistant", "content": v}]}
             for k, v in TOY.items()]
@@ -160,9 +157,21 @@ def toy_run(tok, tmp_path_factory):
                           eval_every=0, log_every=10, precision="fp32", tensorboard=False, seed=0)
     batches = sft.LengthGroupedBatches(data, tok.pad_id, 8 * 40, grad_accum=1, seed=0)
     model = _tiny_model(tok)
-    res = loop.train(s, model=model, stage="sft", stage_dir=root / "sft", log_dir=root / "logs",
-                     batches=batches, loss_fn=sft.sft_loss, dist_info=loop.Dist())
-    return root, res
+    return loop.train(s, model=model, stage="sft", stage_dir=root / "sft", log_dir=root / "logs",
+                      batches=batches, loss_fn=sft.sft_loss, dist_info=loop.Dist())
+
+
+def make_tokenizer():
+    from zero_chatgpt.tokenizer import train_bpe
+    texts = [d["word"] + "：" + d["explanation"] for d in load_idioms()[:3000]]
+    texts += [f"{k}是什么？{v}" for k, v in TOY.items()]
+    return train_bpe(texts, 800)
+
+
+@pytest.fixture(scope="module")
+def toy_run(tok, tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_run")
+    return root, train_toy_run(tok, root)
 
 
 def test_tiny_sft_learns_toy_task(tok, toy_run):

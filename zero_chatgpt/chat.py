@@ -27,9 +27,8 @@ CHAT_ORDER = ("grpo", "dpo", "ppo", "sft")      # the default: the most aligned 
 
 def pick_stage(run_dir, stage: str | None) -> str:
     """The stage whose model to load, or a UserError saying which stage to run first."""
-    from zero_chatgpt.checkpoint import stage_model_path
-    have = lambda s: (stage_model_path(run_dir, s) / "config.json").exists()
     root = run_dir.root
+    have = lambda s: (root / s / "final" / "config.json").exists()   # checkpoint.stage_model_path, without torch
     if stage:
         if not have(stage):
             raise UserError(f"no trained {stage} model in {root / stage / 'final'}: run "

@@ -1,0 +1,55 @@
+"""The chat REPL, driven through a pipe like a script would; and its message when no model is trained."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_sft import TOY, make_tokenizer, train_toy_run
+from zero_chatgpt.chat import pick_stage
+from zero_chatgpt.console import UserError
+from zero_chatgpt.rundir import RunDir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("chat_run")
+    train_toy_run(make_tokenizer(), root)
+    torch.set_num_threads(n)
+    return root
+
+
+def _chat(root, stdin, *extra):
+    return subprocess.run([sys.executable, "-m", "zero_chatgpt", "chat", "--run-dir", str(root), *extra],
+                          input=stdin, capture_output=True, text=True, timeout=120,
+                          env={"ZC_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": ""})
+
+
+def test_chat_through_a_pipe(run_dir):
+    script = "\n".join(["/temp abc", "/temp 0", "苹果是什么？", "/reset", "白菜是什么？", "/system 你是助手", "/help",
+                        "/nope", "/quit", "老虎是什么？"]) + "\n"
+    r = _chat(run_dir, script, "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    # stdout holds only the streamed answers, one per line; nothing after /quit is answered
+    assert r.stdout.splitlines() == [TOY["苹果"], TOY["白菜"]], (r.stdout, r.stderr)
+    err = r.stderr
+    assert "chatting with sft" in err and "/temp needs a number" in err and "(temperature 0.0)" in err
+    assert "conversation reset" in err and "system prompt: '你是助手'" in err and "unknown command /nope" in err
+
+
+def test_no_model_says_which_stage_to_run(tmp_path):
+    rd = RunDir(tmp_path)
+    with pytest.raises(UserError, match="no trained model.*zero-chatgpt run"):
+        pick_stage(rd, None)
+    (tmp_path / "pretrain" / "final").mkdir(parents=True)
+    (tmp_path / "pretrain" / "final" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"zero-chatgpt sft --run-dir"):
+        pick_stage(rd, None)
+    with pytest.raises(UserError, match=r"no trained dpo model.*zero-chatgpt dpo --run-dir"):
+        pick_stage(rd, "dpo")
+    assert pick_stage(rd, "pretrain") == "pretrain"
+    # through the command line: one line, exit status 2
+    r = _chat(tmp_path, "你好\n")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "zero-chatgpt sft --run-dir" in r.stderr
