@@ -114,3 +114,33 @@ def test_written_to_disk(tmp_path, idioms):
         recs = chat_data.read_split(tmp_path, split)
         assert len(recs) == stats["records"][split] == len(data.splits[split])
     assert json.loads((tmp_path / "stats.json").read_text())["records"]["train"] > 0
+
+
+def test_sources_are_cleaned_deduplicated_and_split(tmp_path):
+    ff = tmp_path / "firefly.jsonl"
+    lines = []
+    for i in range(300):
+        q = f"请写一句关于第{i}号城市的介绍，包括它的历史、人口和风景。"
+        lines.append({"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": f"第{i}号城市历史悠久。"}]})
+    lines.append(dict(lines[5]))                                   # an exact duplicate
+    near = json.loads(json.dumps(lines[7]))
+    near["conversations"][0]["value"] += "谢谢"                     # a near duplicate
+    lines.append(near)
+    lines.append({"kind": "x", "input": "嗯", "target": "太短的问题"})   # question too short
+    lines.append({"conversations": [{"from": "human", "value": "只有问题没有回答"}]})
+    text = "\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n{not json\n"
+    ff.write_text(text, encoding="utf-8")
+    data = chat_data.build_from_sources([f"firefly:{ff}"], seed=1, min_prompt_chars=2, dedup_threshold=0.7)
+    d = data.dropped
+    assert d["exact duplicate"] == 1 and d["near duplicate (MinHash)"] >= 1
+    assert d["question shorter than 2 chars"] == 1 and d["no user→assistant turn"] == 1
+    assert sum(v for k, v in d.items() if k.startswith("unreadable")) == 1
+    assert any("firefly.jsonl:" in b["where"] for b in data.bad_samples)
+    n = {k: len(v) for k, v in data.splits.items()}
+    assert sum(n.values()) == 300 - (d["near duplicate (MinHash)"] - 1) and n["eval"] and n["rl"] and n["train"]
+    assert all(r["messages"][-1]["role"] == "user" and r["reference"] for r in data.splits["eval"])
+    assert all(r["messages"][-1]["role"] == "assistant" for r in data.splits["train"])
+    with pytest.raises(Exception, match="conversations"):
+        pf = tmp_path / "p.jsonl"
+        pf.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+        chat_data.build_from_sources([f"preference:{pf}"])

@@ -345,9 +345,9 @@ def build_from_sources(specs: list[str], *, seed: int = 1234, eval_fraction: flo
                                                      "where": where}})
             if max_records and len(recs) >= max_records:
                 break
-        for reason, n in getattr(bad, "counts", {}).items():
+        for reason, n in bad.by_reason.items():
             data.dropped[f"unreadable: {reason}"] += n
-        data.bad_samples += list(getattr(bad, "samples", []))[:5]
+        data.bad_samples += list(bad.samples)[:5]
     if not recs:
         raise UserError(f"no usable conversations in {', '.join(specs)} (dropped: {dict(data.dropped)})")
     texts = ["\n".join(m["content"] for m in r["messages"] if m["role"] != "system") for r in recs]
