@@ -188,3 +188,34 @@ def test_tiny_sft_learns_toy_task(tok, toy_run):
     answers = [g.text for g in gens]
     assert answers == list(TOY.values())
     assert all(g.finish_reason == "stop" and g.tokens[-1] == tok.im_end_id for g in gens)
+
+
+def test_sft_stage_from_source_resumes_nothing_and_reports(tok, tmp_path, capsys):
+    """The stage itself: --source data, init from pretrain/final, summary with pad fraction and truncations."""
+    from zero_chatgpt import checkpoint as ckpt
+    from zero_chatgpt import config
+    from zero_chatgpt.rundir import Context, RunDir, read_marker
+    tok.save(tmp_path / "tokenizer")
+    pre = _tiny_model(tok)
+    ckpt.save_checkpoint(tmp_path / "pretrain", "final", model_state=pre.state_dict(), cfg=pre.config)
+    src = tmp_path / "toy.jsonl"
+    forms = ["{}是什么？", "请问{}是什么？", "{}属于哪一类？"]
+    src.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f.format(k)},
+                                                    {"role": "assistant", "content": v * (30 if k == "长江" else 1)}]},
+                                      ensure_ascii=False) + "\n" for k, v in TOY.items() for f in forms))
+    cfg = config.apply_overrides(config.load_preset("demo"), [
+        f'sft.sources=["messages:{src}"]', "sft.eval_fraction=0.0", "sft.rl_fraction=0.0", "sft.val_fraction=0.2",
+        "sft.dedup_threshold=0.99", "sft.max_steps=30", "sft.lr=3e-3", "sft.warmup_steps=3",
+        "sft.batch_tokens=256", "sft.micro_batch_tokens=128", "sft.max_seq_len=48", "sft.checkpoint_every=0",
+        "sft.eval_every=0", 'sft.precision="fp32"', "sft.max_train_samples=0", "sft.tensorboard=false"])
+    ctx = Context(run_dir=RunDir(tmp_path), cfg=cfg)
+    sft.run_stage(ctx)
+    assert (tmp_path / "sft" / "final" / "model.safetensors").exists()
+    summary = read_marker(tmp_path / "sft")["summary"]
+    assert summary["conversations"] + summary["records"]["val"] == len(TOY) * len(forms)
+    assert summary["truncated"] >= 1                     # 长江's long answer is cut at max_seq_len
+    assert 0 <= summary["pad_fraction"] <= 0.5 and summary["val_loss"] is not None
+    err = capsys.readouterr().err
+    assert "pad fraction" in err and "truncated to max_seq_len" in err
+    sft.run_stage(ctx)                                   # unchanged inputs: skipped
+    assert "up to date" in capsys.readouterr().err

@@ -276,7 +276,12 @@ def run_stage(ctx) -> None:
 
     t0 = time.perf_counter()
     cfg, rd, s = ctx.cfg, ctx.run_dir, ctx.cfg["sft"]
-    stats = ensure_sft_data(ctx)
+    d = loop.setup_distributed(cfg["run"]["device"])
+    if d.main:                      # one process writes sft_data/; the others wait, then read it
+        ensure_sft_data(ctx)
+    if d.world > 1:
+        torch.distributed.barrier()
+    stats = json.loads((rd.sft_data / "stats.json").read_text())
     src = init_path(ctx)
     if not (rd.tokenizer / "tokenizer.json").exists():
         raise UserError(f"no tokenizer in {rd.tokenizer}: run `zero-chatgpt tokenizer --run-dir {rd.root}` first")
@@ -285,7 +290,6 @@ def run_stage(ctx) -> None:
     key = stage_key(cfg, ["sft", "run"], upstream, extra={"init_from": str(src)})
     if ctx.up_to_date(out, key, "sft"):
         return
-    d = loop.setup_distributed(cfg["run"]["device"])
     # A config/input change (or --force) starts over; an interrupted run with the same inputs resumes.
     latest = ckpt.latest_checkpoint(out) if out.exists() else None
     if latest is not None and d.main and (ctx.force or _checkpoint_key(latest) != key):
