@@ -149,7 +149,20 @@ class Tokenizer:
         return self.enc.encode_ordinary(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(list(texts), num_threads=self.num_threads)
+        """Encode on all cores: tiktoken releases the GIL, so threads run in parallel. Texts go
+        to a persistent pool in chunks (a future per text costs more than encoding a short one)."""
+        texts = list(texts)
+        if self.num_threads == 1 or len(texts) < 2 * self.num_threads:
+            return [self.enc.encode_ordinary(t) for t in texts]
+        size = max(1, min(256, len(texts) // (4 * self.num_threads)))
+        chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+        encode = self.enc.encode_ordinary
+        return [ids for part in self._pool.map(lambda ch: [encode(t) for t in ch], chunks) for ids in part]
+
+    @cached_property
+    def _pool(self):
+        from concurrent.futures import ThreadPoolExecutor
+        return ThreadPoolExecutor(self.num_threads, thread_name_prefix="tokenizer")
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
