@@ -3,12 +3,13 @@
 No word segmenter: every statistic is computed on characters (datatrove's Chinese
 filters re-run jieba in each filter and run at ~120-150 docs/s; character n-grams
 need none). The repetition statistics are computed with numpy on code points: one
-rolling hash per n-gram size, one stable argsort per size, so a 1,000-character
-document costs a few hundred microseconds in all (bench/clean.py measures it).
+rolling hash per n-gram size and one sort for all sizes together, so a 1,000-character
+document costs ~400 microseconds in all (bench/clean.py: ~2,600 docs/s per core, 4x a
+plain Counter/set implementation of the same rules).
 
 Rules and thresholds (each is a key of [data] in presets/defaults.toml):
 - normalize: Unicode NFKC (full-width digits and letters → ASCII) keeping Chinese
-  full-width punctuation (，。！？：；（）), which NFKC would turn into ASCII; optional
+  full-width punctuation (，！？：；（）～…), which NFKC would turn into ASCII; optional
   traditional → simplified with OpenCC `t2s`; the seed's removal of `[n]` / `[n-m]`
   citation marks and repeated 。！？; whitespace collapsed, blank lines removed.
 - filters: minimum characters and CJK characters (the seed dropped Baike texts under 30
