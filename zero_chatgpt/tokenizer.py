@@ -390,7 +390,8 @@ def run_stage(ctx) -> None:
     for split, s in summary.items():
         rows.append([f"{split} documents", s["docs"]])
         rows.append([f"{split} tokens", s["tokens"]])
-    if summary.get("val", {}).get("tokens"):
-        rows.append(["chars/token (val)", summary["val"]["chars"] / summary["val"]["tokens"]])
+    val = summary.get("val", {})
+    if val.get("tokens", 0) > val.get("docs", 0):   # not counting the <|endoftext|> after each document
+        rows.append(["chars/token (val)", val["chars"] / (val["tokens"] - val["docs"])])
     rows += [["train time (s)", train_s], ["encode time (s)", enc_s], ["peak memory (MB)", _peak_rss_mb()]]
     table(["tokenizer", "value"], rows, title=f"tokenizer: {out}  tokens: {rd.tokens}")
