@@ -288,9 +288,11 @@ def run_stage(ctx: Context) -> dict:
         t_clean = time.time() - t0
         keep, offsets, dd = deduplicate(cfg, work, parts)
         t_dedup = time.time() - t0 - t_clean
+        info(f"data: {dd['exact_dup']:,} exact and {dd['near_dup']:,} near duplicates "
+             f"({dd['candidate_pairs']:,} LSH candidate pairs, {dd['verified_pairs']:,} verified) in {t_dedup:.1f} s")
         futs = [pool.submit(_write_part, cfg, work, out_dir, i, keep[offsets[k]:offsets[k + 1]])
                 for k, i in enumerate(parts)]
-        written = [f.result() for f in futs]
+        written = [f.result() for f in progress(futs, desc="write", unit="part")]
 
     dropped = Counter()
     for st in part_stats.values():
@@ -333,6 +335,9 @@ def run_stage(ctx: Context) -> dict:
     if bad.count:
         info(f"data: {bad.count:,} bad input record(s), e.g. " +
              "; ".join(f"{s['where']}: {s['reason']}" for s in bad.samples[:3]) + f" (all in {out_dir / 'stats.json'})")
+    if docs_out == 0:
+        raise UserError(f"data: no document was kept from {what}; see the funnel above and "
+                        f"{out_dir / 'stats.json'} (bad records, dropped samples), then fix the sources or the filters")
     mark_complete(out_dir, key, {"docs_out": docs_out, "chars_out": stats["chars_out"]})
     shutil.rmtree(work, ignore_errors=True)  # the parts are a second copy of the corpus: free the disk
     return stats
@@ -353,7 +358,7 @@ def _print_funnel(stats: dict) -> None:
             row(f"filter: {reason}", n)
     dd = stats["dedup"]
     row("exact duplicates", stats["dropped"]["exact_dup"])
-    row("near duplicates", stats["dropped"]["near_dup"], f"{dd.get('clusters', 0):,} clusters")
+    row("near duplicates", stats["dropped"]["near_dup"], f"{dd.get('clusters', 0):,} duplicate clusters")
     rows.append(["kept", stats["docs_out"], "",
                  f"train {stats['train_docs']:,} / val {stats['val_docs']:,}, {stats['chars_out']:,} chars"])
     table(["step", "docs", "left", "note"], rows,
