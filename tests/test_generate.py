@@ -1,0 +1,101 @@
+"""The generator: greedy against a naive loop, sampling knobs against transformers' processors,
+stops, streaming, log-probabilities, reproducibility."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from zero_chatgpt.generate import _process_logits, generate
+from zero_chatgpt.model import ModelConfig, Transformer
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
+    with torch.no_grad():   # sharper distributions than at init, so greedy paths are distinctive
+        m.lm_head.weight.mul_(20)
+    return m
+
+
+def naive(model, prompt, n):
+    ids, lps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0, -1]
+            nxt = int(logits.argmax())
+            lps.append(float(logits.log_softmax(-1)[nxt]))
+            ids.append(nxt)
+    return ids[len(prompt):], lps
+
+
+def test_greedy_batched_left_padded_equals_naive_loop(model):
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11]]
+    seen = []
+    gens = generate(model, prompts, max_new_tokens=10, temperature=0, return_logprobs=True,
+                    stream=lambda i, t: seen.append((i, t)))
+    for i, (p, g) in enumerate(zip(prompts, gens)):
+        toks, lps = naive(model, p, 10)
+        assert g.tokens == toks and g.finish_reason == "length"
+        assert max(abs(a - b) for a, b in zip(g.logprobs, lps)) < 1e-4
+        assert [t for j, t in seen if j == i] == toks
+
+
+def test_stop_ids_and_length_limit(model):
+    toks, _ = naive(model, [3, 4], 8)
+    stop = toks[4]
+    g = generate(model, [[3, 4], [3, 4]], max_new_tokens=8, temperature=0, stop_ids=(stop,))
+    first = toks.index(stop)
+    assert g[0].tokens == toks[:first + 1] and g[0].finish_reason == "stop"
+    # a prompt near max_position_embeddings gets only the room left
+    g = generate(model, [list(range(1, 61))], max_new_tokens=10, temperature=0)
+    assert len(g[0].tokens) == 4
+
+
+def test_sampling_is_seeded_and_topk1_is_greedy(model):
+    prompts = [[5, 6], [7]]
+    a = generate(model, prompts, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    b = generate(model, prompts, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    c = generate(model, prompts, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(2))
+    assert [g.tokens for g in a] == [g.tokens for g in b] != [g.tokens for g in c]
+    k1 = generate(model, prompts, max_new_tokens=12, temperature=0.7, top_k=1, generator=torch.Generator())
+    greedy = generate(model, prompts, max_new_tokens=12, temperature=0)
+    assert [g.tokens for g in k1] == [g.tokens for g in greedy]
+
+
+def test_logit_processing_matches_transformers():
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    torch.manual_seed(3)
+    logits = torch.randn(4, 50) * 3
+    ids = torch.randint(0, 50, (4, 7))
+    seen = torch.zeros(4, 50, dtype=torch.bool).scatter_(1, ids, True)
+    ours = _process_logits(logits, seen, 1.3, 0.7, 10, 0.8)
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    for proc in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)):
+        theirs = proc(ids, theirs)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    fin = ~torch.isinf(ours)
+    assert torch.allclose(ours[fin], theirs[fin], atol=1e-6)
+
+
+def test_stop_strings_and_text(tmp_path):
+    from zero_chatgpt.data.builtin import iter_peoples_daily
+    from zero_chatgpt.tokenizer import train_bpe
+    tok = train_bpe([a["text"] for a in itertools.islice(iter_peoples_daily(), 30)], 400)
+    torch.manual_seed(5)
+    m = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, max_position_embeddings=128)).eval()
+    free = generate(m, [tok.encode("中国")], max_new_tokens=30, temperature=0, tokenizer=tok)[0]
+    assert free.text == tok.decode(free.tokens)
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 2]
+    g = generate(m, [tok.encode("中国")], max_new_tokens=30, temperature=0, tokenizer=tok, stop_strings=[stop])[0]
+    assert g.finish_reason == "stop" and stop not in g.text and free.text.startswith(g.text)
+    assert len(g.tokens) < len(free.tokens)
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(m, [[1]], max_new_tokens=2, stop_strings=["x"])
