@@ -183,3 +183,22 @@ def test_directory_without_matching_files(tmp_path):
     shutil.copy(FIX / "blocks.txt", tmp_path / "x.txt")
     recs, bad = read(f"jsonl:{tmp_path}")
     assert recs == [] and bad.count == 1 and "no input files" in bad.samples[0]["reason"]
+
+
+def test_readers_stream_without_loading_the_file(tmp_path):
+    import tracemalloc
+
+    elem = {"completion": "长江是亚洲第一长河。" * 100, "source": "w"}  # ~3 KB of UTF-8
+    n = 8000                                                            # ~24 MB in all
+    line = json.dumps(elem, ensure_ascii=False)
+    (tmp_path / "a.json").write_text("[\n" + ",\n".join([line] * n) + "\n]\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text((json.dumps({"text": elem["completion"]}, ensure_ascii=False) + "\n") * n,
+                                      encoding="utf-8")
+    for spec in (f"wikipedia-cn:{tmp_path / 'a.json'}", f"jsonl:{tmp_path / 'b.jsonl'}"):
+        bad = BadRecords()
+        tracemalloc.start()
+        count = sum(1 for _ in iter_records(parse_source(spec), bad))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert count == n and bad.count == 0
+        assert peak < 12 << 20, f"{spec}: peak {peak / 2**20:.1f} MiB for a 24 MB file"  # ~10 MiB of buffers
