@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from zero_chatgpt import config
 from zero_chatgpt.data.builtin import iter_reviews
 from zero_chatgpt.data.pipeline import run_stage
