@@ -3,9 +3,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from test_sft import TOY, make_tokenizer, train_toy_run
+from test_sft import TOY, toy_run_copy
 from zero_chatgpt.chat import pick_stage
 from zero_chatgpt.console import UserError
 from zero_chatgpt.rundir import RunDir
@@ -13,11 +12,8 @@ from zero_chatgpt.rundir import RunDir
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("chat_run")
-    train_toy_run(make_tokenizer(), root)
-    torch.set_num_threads(n)
+    toy_run_copy(root, tmp_path_factory)
     return root
 
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from test_sft import _tiny_model, make_tokenizer, train_toy_run
+from test_sft import _tiny_model, toy_run_copy
 from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt import config
 from zero_chatgpt import evaluate as ev
@@ -19,8 +19,7 @@ def run(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("eval_run")
-    tok = make_tokenizer()
-    train_toy_run(tok, root)                                   # sft/final
+    tok = toy_run_copy(root, tmp_path_factory)                                   # tokenizer/ + sft/final
     pre = _tiny_model(tok)                                     # pretrain/final: an untrained model
     ckpt.save_checkpoint(root / "pretrain", "final", model_state=pre.state_dict(), cfg=pre.config)
     (root / "eval").mkdir()

@@ -144,10 +144,25 @@ def _tiny_model(tok):
                                    pad_token_id=tok.pad_id))
 
 
-def train_toy_run(tok, root):
-    """A tiny model fine-tuned on TOY through the one loop, in run dir `root` (tokenizer/ + sft/final).
+_TOY_RUNS: dict = {}
 
-    Shared with tests/test_chat.py and tests/test_eval.py (imported from here)."""
+
+def toy_run_copy(root, tmp_path_factory):
+    """A copy of the toy run (trained once per test session) in `root`; for tests/test_chat.py, test_eval.py."""
+    import shutil
+    if "dir" not in _TOY_RUNS:
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        d = tmp_path_factory.mktemp("toy_run_master")
+        tok = make_tokenizer()
+        _TOY_RUNS.update(dir=d, tok=tok, result=train_toy_run(tok, d))
+        torch.set_num_threads(n)
+    shutil.copytree(_TOY_RUNS["dir"], root, dirs_exist_ok=True)
+    return _TOY_RUNS["tok"]
+
+
+def train_toy_run(tok, root):
+    """A tiny model fine-tuned on TOY through the one loop, in run dir `root` (tokenizer/ + sft/final)."""
     from zero_chatgpt.train import loop
     tok.save(root / "tokenizer")
     recs = [{"messages": [{"role": "user", "content": f"{k}是什么？"}, {"role": "assistant", "content": v}]}
@@ -169,15 +184,17 @@ def make_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def toy_run(tok, tmp_path_factory):
+def toy_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy_run")
-    return root, train_toy_run(tok, root)
+    toy_run_copy(root, tmp_path_factory)
+    return root, _TOY_RUNS["result"]
 
 
-def test_tiny_sft_learns_toy_task(tok, toy_run):
+def test_tiny_sft_learns_toy_task(toy_run):
     from zero_chatgpt.checkpoint import load_model
     from zero_chatgpt.generate import generate
     root, res = toy_run
+    tok = _TOY_RUNS["tok"]
     logs = [json.loads(x) for x in (root / "logs" / "sft.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logs if r.get("kind") == "train"]
     assert losses[0] > 2.0 and losses[-1] < 0.2 * losses[0], losses
