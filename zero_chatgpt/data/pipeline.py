@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ProcessPoolExecutor, wait
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -261,11 +261,12 @@ def run_stage(ctx: Context) -> dict:
         pending = {}
 
         def collect(block: bool) -> None:
+            """Take in finished parts: all of them (block) or at least one."""
+            wait(pending.values(), return_when=ALL_COMPLETED if block else FIRST_COMPLETED)
             for i, fut in list(pending.items()):
-                if block or fut.done():
-                    st = fut.result()
-                    part_stats[i] = st
-                    bar.update(st["docs_in"])
+                if fut.done():
+                    part_stats[i] = fut.result()
+                    bar.update(part_stats[i]["docs_in"])
                     del pending[i]
 
         for i, records in enumerate(_batches(iter_input(cfg, bad), cfg["shard_docs"])):
@@ -276,10 +277,8 @@ def run_stage(ctx: Context) -> dict:
                 resumed += 1
                 continue
             pending[i] = pool.submit(clean_part, cfg, work, i, records)
-            while len(pending) >= 2 * nworkers:  # bounded memory: a few parts in flight
+            if len(pending) >= 2 * nworkers:  # bounded memory: a few parts in flight
                 collect(block=False)
-                if len(pending) >= 2 * nworkers:
-                    time.sleep(0.01)
         collect(block=True)
         bar.close()
         if resumed:
