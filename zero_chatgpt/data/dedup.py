@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -223,6 +224,25 @@ def cluster_pairs(n: int, pairs: np.ndarray, verify: Callable[[int, int], bool] 
     return uf, checked
 
 
+class ShingleJaccard:
+    """True Jaccard of two documents' shingle sets, with a bounded cache of recent sets.
+
+    Candidate pairs come sorted by their anchor (the lowest id of a bucket), so a small LRU
+    cache keeps each anchor's set while its pairs are checked, and memory stays bounded
+    however many candidates there are (a set of ~1k shingles is ~8 KB).
+    """
+
+    def __init__(self, text_of: Callable[[int], str], ngram: int = 5, cache_size: int = 16384):
+        self.text_of, self.ngram = text_of, ngram
+        self.shingles = lru_cache(maxsize=cache_size)(self._shingles)
+
+    def _shingles(self, i: int) -> np.ndarray:
+        return np.unique(shingle_hashes(self.text_of(i), self.ngram))
+
+    def __call__(self, i: int, j: int) -> float:
+        return jaccard(self.shingles(i), self.shingles(j))
+
+
 @dataclass
 class DedupResult:
     keep: np.ndarray                  # bool per input: first of each exact / near cluster
@@ -252,14 +272,8 @@ def find_duplicates(texts: Sequence[str], threshold: float = 0.7, num_perm: int 
         hasher = MinHasher(num_perm, ngram, bands, seed, threshold)
         keys = hasher.keys_for([texts[i] for i in ids])
         pairs = candidate_pairs(keys, ids)
-        cache: dict[int, np.ndarray] = {}
-
-        def shingles(i: int) -> np.ndarray:
-            if i not in cache:
-                cache[i] = np.unique(shingle_hashes(texts[i], ngram))
-            return cache[i]
-
-        uf, _ = cluster_pairs(n, pairs, lambda i, j: jaccard(shingles(i), shingles(j)) >= threshold)
+        sim = ShingleJaccard(texts.__getitem__, ngram)
+        uf, _ = cluster_pairs(n, pairs, lambda i, j: sim(i, j) >= threshold)
         for i in np.unique(pairs[:, 1]).tolist() if len(pairs) else []:
             root = uf.find(i)
             if root != i and alive[i]:

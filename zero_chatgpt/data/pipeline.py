@@ -32,8 +32,7 @@ import numpy as np
 from zero_chatgpt.console import UserError, info, progress, table
 from zero_chatgpt.data import builtin
 from zero_chatgpt.data.clean import REASONS, Cleaner, CleanConfig
-from zero_chatgpt.data.dedup import (MinHasher, candidate_pairs, cluster_pairs, exact_hash, jaccard,
-                                     shingle_hashes)
+from zero_chatgpt.data.dedup import MinHasher, ShingleJaccard, candidate_pairs, cluster_pairs, exact_hash
 from zero_chatgpt.data.sources import BadRecords, iter_records, parse_source
 from zero_chatgpt.io import JsonlZstWriter, atomic_write_json, iter_jsonl
 from zero_chatgpt.rundir import Context, mark_complete, stage_key
@@ -195,15 +194,9 @@ def deduplicate(cfg: dict, work: Path, parts: list[int]) -> tuple[np.ndarray, np
         summary["candidate_pairs"] = int(len(pairs))
         if len(pairs):
             texts = _load_texts(work, parts, offsets, pairs.reshape(-1))
-            shingles: dict[int, np.ndarray] = {}
-            ngram, thr = cfg["shingle_chars"], cfg["near_threshold"]
-
-            def sh(i: int) -> np.ndarray:
-                if i not in shingles:
-                    shingles[i] = np.unique(shingle_hashes(texts[i], ngram))
-                return shingles[i]
-
-            uf, checked = cluster_pairs(n, pairs, lambda a, b: jaccard(sh(a), sh(b)) >= thr)
+            sim = ShingleJaccard(texts.__getitem__, cfg["shingle_chars"])
+            thr = cfg["near_threshold"]
+            uf, checked = cluster_pairs(n, pairs, lambda a, b: sim(a, b) >= thr)
             summary["verified_pairs"] = checked
             samples = summary["near_dup_samples"] = []
             for d in np.unique(pairs[:, 1]).tolist():
@@ -214,7 +207,7 @@ def deduplicate(cfg: dict, work: Path, parts: list[int]) -> tuple[np.ndarray, np
                     summary["near_dup"] += 1
                     if len(samples) < cfg["drop_samples"] and r in texts:
                         samples.append({"kept": texts[r][:150], "dropped": texts[d][:150],
-                                        "jaccard": round(jaccard(sh(r), sh(d)), 3)})
+                                        "jaccard": round(sim(r, d), 3)})
     if n:
         sizes = np.bincount(root, minlength=n)
         summary["largest_clusters"] = sorted((int(s) for s in sizes[sizes > 1]), reverse=True)[:10]
