@@ -67,9 +67,20 @@ def review_paths() -> dict[str, Path]:
     return {"pos": base / "pos.txt", "neg": base / "neg.txt"}
 
 
+def _latin(ch: str) -> bool:
+    return ch.isascii() and ch.isalpha() or "\uff21" <= ch <= "\uff5a"
+
+
 def untag(line: str) -> str:
-    """`迈向/v  充满/v  希望/n` → `迈向充满希望` (words joined without spaces, as Chinese is written)."""
-    return "".join(_TAG.sub("", line).split())
+    """`迈向/v  充满/v  希望/n` → `迈向充满希望`: words joined without spaces, as Chinese is written
+    (a space stays only between two Latin words)."""
+    words = _TAG.sub("", line).split()
+    out = words[:1]
+    for w in words[1:]:
+        if _latin(out[-1][-1]) and _latin(w[0]):
+            out.append(" ")
+        out.append(w)
+    return "".join(out)
 
 
 _PICTURE_NOTE = re.compile(r"（附[^（）]{0,12}）$")
@@ -173,9 +184,10 @@ def _ensure_period(s: str) -> str:
 
 
 def iter_idiom_documents() -> Iterator[dict]:
-    for i, idiom in enumerate(load_idioms()):
-        yield {"text": idiom_paragraph(idiom), "source": "idioms", "where": f"idiom.csv:{i + 2}",
-               "meta": {"word": idiom["word"]}}
+    for idiom in load_idioms():
+        # the structured fields travel as metadata (the SFT data builds questions from them)
+        yield {"text": idiom_paragraph(idiom), "source": "idioms", "where": f"idiom.csv:{idiom['word']}",
+               "meta": dict(idiom)}
 
 
 BUILTIN_PARTS = ("peoples-daily", "reviews", "idioms")
