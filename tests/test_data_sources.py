@@ -202,3 +202,28 @@ def test_readers_stream_without_loading_the_file(tmp_path):
         tracemalloc.stop()
         assert count == n and bad.count == 0
         assert peak < 12 << 20, f"{spec}: peak {peak / 2**20:.1f} MiB for a 24 MB file"  # ~10 MiB of buffers
+
+
+def test_json_array_reader_matches_json_loads_at_any_chunk_size(tmp_path, monkeypatch):
+    """Property: whatever the formatting and wherever reads split the bytes (inside a UTF-8
+    character, a string, an escape), the streaming reader yields exactly json.loads' elements."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from zero_chatgpt.data import sources
+
+    text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
+    elem = st.fixed_dictionaries({"completion": text}, optional={"source": text, "n": st.integers()})
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(elem, max_size=12), st.sampled_from([None, 0, 2]), st.booleans(), st.integers(1, 64))
+    def check(elems, indent, ascii_only, chunk):
+        monkeypatch.setattr(sources, "_CHUNK", chunk)
+        p = tmp_path / "a.json"
+        p.write_text(json.dumps(elems, indent=indent, ensure_ascii=ascii_only), encoding="utf-8")
+        bad = BadRecords()
+        got = [r["text"] for r in iter_records(parse_source(f"wikipedia-cn:{p}"), bad)]
+        assert bad.count == 0
+        assert got == [e["completion"] for e in elems]
+
+    check()

@@ -45,6 +45,7 @@ _SUFFIXES = {"text": (".txt", ".text"), "parquet": (".parquet",), "wikipedia-cn"
 _DEFAULT_SUFFIXES = (".jsonl", ".json")
 _COMPRESSED = ("", ".gz", ".zst", ".zstd")
 
+_CHUNK = 1 << 20  # bytes read at a time by the JSON-array reader
 MAX_RECORD_BYTES = 16 << 20  # default cap on one line / one JSON element (data.max_record_bytes)
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "chatgpt": "assistant", "bot": "assistant", "model": "assistant", "system": "system"}
@@ -193,9 +194,14 @@ def _json_array(path: Path, bad: BadRecords, max_bytes: int) -> Iterator[tuple[s
     `[` is read as JSON lines instead.
     """
     dec = json.JSONDecoder()
-    chunk = 1 << 20
+    chunk = _CHUNK
     with open_binary(path) as fh:
         head = fh.read(chunk)
+        while head and not head.strip() and len(head) < max_bytes:  # leading whitespace longer than a chunk
+            more_head = fh.read(chunk)
+            if not more_head:
+                break
+            head += more_head
         if not head.strip():
             bad.add(f"{path}:0", "empty file")
             return
@@ -242,7 +248,9 @@ def _json_array(path: Path, bad: BadRecords, max_bytes: int) -> Iterator[tuple[s
                     obj, end = dec.raw_decode(buf, pos)
                     break
                 except json.JSONDecodeError as e:
-                    truncated = e.pos >= len(buf) - 1 or e.msg.startswith("Unterminated string")
+                    # cut by the end of the buffer (an error within the last few characters: a
+                    # half escape, literal or delimiter), rather than malformed further back
+                    truncated = e.pos >= len(buf) - 16 or e.msg.startswith("Unterminated string")
                     if truncated and not eof and len(buf) - pos <= max_bytes and more(max(chunk, len(buf) - pos)):
                         continue  # the element runs past the buffer: read on (doubling)
                     reason = (f"element too long: > data.max_record_bytes={max_bytes:,}"
