@@ -212,6 +212,8 @@ def deduplicate(cfg: dict, work: Path, parts: list[int]) -> tuple[np.ndarray, np
         sizes = np.bincount(root, minlength=n)
         summary["largest_clusters"] = sorted((int(s) for s in sizes[sizes > 1]), reverse=True)[:10]
         summary["clusters"] = int((sizes > 1).sum())
+        hist = np.bincount(sizes[sizes > 1])
+        summary["cluster_size_histogram"] = {str(k): int(v) for k, v in enumerate(hist) if v}
     return keep, offsets, summary
 
 
