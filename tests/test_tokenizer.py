@@ -246,3 +246,10 @@ def test_load_tokenizer_missing_folder_is_user_error(tmp_path):
     from zero_chatgpt.console import UserError
     with pytest.raises(UserError, match="run `zero-chatgpt tokenizer`"):
         load_tokenizer(tmp_path)
+
+
+def test_stage_without_corpus_says_what_to_do(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "--run-dir", str(tmp_path), "--preset", "demo"])
+    assert e.value.code == 2
+    assert "run `zero-chatgpt data` first" in capsys.readouterr().err
