@@ -293,6 +293,9 @@ def load_tokenizer(path: str | os.PathLike, num_threads: int = 0) -> Tokenizer:
         added = sorted(spec["added_tokens"], key=lambda t: t["id"])
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: not a zero-chatgpt tokenizer folder ({e!r}); rerun `zero-chatgpt tokenizer --force`")
+    if meta.get("pattern") != pattern:
+        raise UserError(f"{file}: its pre-tokenizer regex differs from the one the tokenizer was trained with "
+                        f"({path / META_FILE}); rerun `zero-chatgpt tokenizer --force`")
     specials = [t["content"] for t in added]
     if [t["id"] for t in added] != list(range(len(ranks), len(ranks) + len(added))):
         raise UserError(f"{file}: special token ids do not follow the learned vocabulary")
