@@ -78,7 +78,7 @@ def test_signature_agreement_estimates_jaccard(corpus):
     assert abs(np.mean(errs)) < 0.03 and max(map(abs, errs)) < 0.12
     # signatures do not depend on the batch a document is in
     s1 = h.signatures(base[:20])
-    s2 = np.concatenate([h.signatures(base[:7]), h.signatures(base[7:20], batch=5)])
+    s2 = np.concatenate([h.signatures(base[:7]), h.signatures(base[7:20], block_shingles=2000)])
     assert (s1 == s2).all()
 
 
