@@ -148,16 +148,34 @@ def codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
+_POW = _IPOW = np.ones(1, dtype=np.uint64)
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """M^k and M^-k mod 2^64 for k < n (M is odd, so it has an inverse), cached and grown as needed."""
+    global _POW, _IPOW
+    if len(_POW) < n:
+        size = max(n, 2 * len(_POW), 4096)
+        one = np.ones(1, dtype=np.uint64)
+        inv = np.uint64(pow(int(_MULT), -1, 1 << 64))
+        with np.errstate(over="ignore"):
+            _POW = np.concatenate((one, np.cumprod(np.full(size - 1, _MULT, dtype=np.uint64))))
+            _IPOW = np.concatenate((one, np.cumprod(np.full(size - 1, inv, dtype=np.uint64))))
+    return _POW, _IPOW
+
+
 def ngram_stats(cps: np.ndarray, top_ns: tuple[int, ...], dup_ns: tuple[int, ...]) -> tuple[dict, dict]:
     """Character repetition statistics (Gopher's, on characters instead of words).
 
     top[n]: share of characters inside the most frequent n-gram (count × n / length, at most 1).
     dup[n]: share of characters covered by n-grams that already occurred earlier in the text.
 
-    All sizes at once: each size's n-gram hashes (a rolling polynomial) go in one row of a
-    (sizes, length) array as `hash << bits | position`, and one `np.sort` along the rows
-    groups equal n-grams with the earliest first; ~15 numpy calls in all instead of ~15 per
-    size (3x faster on 1k-character documents). Long texts go one size at a time to bound memory.
+    All sizes at once: each size's n-gram hashes (a polynomial over code points, from prefix
+    sums: two array operations per size) go in one row of a (sizes, length) array as
+    `hash << bits | position`, and one `np.sort` along the rows groups equal n-grams with the
+    earliest first; the statistics then take ~15 numpy calls for all sizes together (3x faster
+    than a sort per size on 1k-character documents). Long texts go one size at a time to bound
+    memory.
     """
     sizes = sorted(set(top_ns) | set(dup_ns))
     L = len(cps)
@@ -174,24 +192,25 @@ def ngram_stats(cps: np.ndarray, top_ns: tuple[int, ...], dup_ns: tuple[int, ...
         return top, dup
     bits = np.uint64(max(1, int(L).bit_length()))
     pos = np.arange(L, dtype=np.uint64)
-    rows = np.empty((len(sizes), L), dtype=np.uint64)
+    n_arr = np.array(sizes, dtype=np.int64)
+    pw, ipw = _powers(L + 1)
     with np.errstate(over="ignore"):
-        cps = cps.astype(np.uint64)
-        h = cps
-        n_have = 1
+        # prefix sums Q[k] = sum_{j<k} c_j·M^-j (mod 2^64), so the n-gram at i hashes to
+        # M^(i+n-1)·(Q[i+n] - Q[i]) = sum_{j=i}^{i+n-1} c_j·M^(i+n-1-j), for any n
+        q = np.zeros(L + 1, dtype=np.uint64)
+        np.cumsum(cps.astype(np.uint64) * ipw[:L], out=q[1:])
+        pad = ((np.uint64(0xFFFFFFFFFFFFFFFF >> int(bits)) - pos) << bits) | pos
+        rows = np.empty((len(sizes), L), dtype=np.uint64)
         for r, n in enumerate(sizes):
-            while n_have < n:  # extend the rolling hash by one character
-                h = h[:-1] * _MULT + cps[n_have:]
-                n_have += 1
-            m = len(h)
-            row = rows[r]
-            row[:m] = (h << bits) | pos[:m]
-            # positions without an n-gram get distinct values above every real key
-            row[m:] = ((np.uint64(0xFFFFFFFFFFFFFFFF >> int(bits)) - pos[: L - m]) << bits) | pos[m:]
+            m = max(L - n + 1, 0)
+            h = q[n:L + 1] - q[:m]
+            h *= pw[n - 1:L]
+            h <<= bits
+            np.bitwise_or(h, pos[:m], out=rows[r, :m])
+            rows[r, m:] = pad[m:]  # positions without a whole n-gram: distinct keys above every real one
     rows.sort(axis=1)
     key = rows >> bits
     same = key[:, 1:] == key[:, :-1]                       # (S, L-1): element i+1 repeats an earlier n-gram
-    n_arr = np.array(sizes, dtype=np.int64)
     if top_ns:
         # longest run of equal keys per row: run starts over the flattened array, then max per row
         starts_mask = np.ones((len(sizes), L), dtype=bool)
