@@ -27,7 +27,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from zero_chatgpt.console import UserError, info, table
+from zero_chatgpt.console import UserError, info, progress, table
 from zero_chatgpt.io import atomic_write_json, atomic_write_text
 
 # The pre-tokenization regex (Llama 3's, which is GPT-4's with possessive quantifiers
@@ -320,38 +320,56 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = DEFAULT_PATT
     return Tokenizer(ranks, pattern, specials, default_system_prompt)
 
 
-def sample_texts(data_dir: Path, split: str, max_chars: int, max_doc_chars: int) -> Iterator[str]:
+class CorpusSample:
     """About `max_chars` characters drawn evenly from the corpus shards, each document cut to
     `max_doc_chars` (BPE training memory grows with the number of distinct pre-tokens, and
-    Chinese pre-tokens are long and mostly unique: the caps bound it).
+    Chinese pre-tokens are long and mostly unique: the caps bound it). Iterate for the texts.
 
     Documents are kept with probability p = budget / estimated corpus size, decided by a
-    hash of the text (deterministic); the corpus size is estimated from the compressed
-    shard sizes and the ratio measured on the smallest shard.
+    hash of the text (deterministic); the corpus size comes from data/stats.json, else from
+    the compressed shard sizes and the ratio measured on the smallest shard.
     """
-    import xxhash
-    from zero_chatgpt.io import corpus_shards, iter_jsonl
-    shards = corpus_shards(data_dir, split)
-    if not shards:
-        raise UserError(f"no {split} corpus shards in {data_dir}; run `zero-chatgpt data` first")
-    sizes = {p: p.stat().st_size for p in shards}
-    total = sum(sizes.values())
-    probe = min(shards, key=sizes.get)
-    probe_chars = sum(min(len(r["text"]), max_doc_chars) for r in iter_jsonl(probe))
-    est = probe_chars / max(sizes[probe], 1) * total
-    keep = min(1.0, max_chars / max(est, 1))
-    threshold = int(keep * (1 << 64)) if keep < 1 else None
-    budget = max_chars
-    for p in shards:
-        for rec in iter_jsonl(p):
-            text = rec["text"]
-            if threshold is not None and xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) >= threshold:
-                continue
-            text = text[:max_doc_chars]
-            yield text
-            budget -= len(text)
-            if budget <= 0:
-                return
+
+    def __init__(self, data_dir: Path, split: str, max_chars: int, max_doc_chars: int):
+        from zero_chatgpt.io import corpus_shards, iter_jsonl
+        self.shards = corpus_shards(data_dir, split)
+        if not self.shards:
+            raise UserError(f"no {split} corpus shards in {data_dir}; run `zero-chatgpt data` first")
+        sizes = {p: p.stat().st_size for p in self.shards}
+        probe = min(self.shards, key=sizes.get)
+        lens = [len(r["text"]) for r in iter_jsonl(probe)]
+        capped = sum(min(n, max_doc_chars) for n in lens)
+        est = capped / max(sizes[probe], 1) * sum(sizes.values())
+        # The data stage's stats.json counts the characters it wrote: exact where present.
+        try:
+            st = json.loads((Path(data_dir) / "stats.json").read_text())
+            est = st["chars_out"] * st[f"{split}_docs"] / st["docs_out"] * capped / max(sum(lens), 1)
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            pass
+        keep = min(1.0, max_chars / max(est, 1))
+        self.threshold = int(keep * (1 << 64)) if keep < 1 else None
+        self.max_chars, self.max_doc_chars = max_chars, max_doc_chars
+        self.expected_chars = int(min(max_chars, est))
+
+    def __iter__(self) -> Iterator[str]:
+        import xxhash
+        from zero_chatgpt.io import iter_jsonl
+        budget = self.max_chars
+        for p in self.shards:
+            for rec in iter_jsonl(p):
+                text = rec["text"]
+                if self.threshold is not None and \
+                        xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) >= self.threshold:
+                    continue
+                text = text[:self.max_doc_chars]
+                yield text
+                budget -= len(text)
+                if budget <= 0:
+                    return
+
+
+def sample_texts(data_dir: Path, split: str, max_chars: int, max_doc_chars: int) -> CorpusSample:
+    return CorpusSample(Path(data_dir), split, max_chars, max_doc_chars)
 
 
 def _peak_rss_mb() -> float:
@@ -362,25 +380,29 @@ def _peak_rss_mb() -> float:
 def run_stage(ctx) -> None:
     """`zero-chatgpt tokenizer`: train on a sample of data/, save tokenizer/, encode tokens/."""
     from zero_chatgpt.encode import encode_corpus
-    from zero_chatgpt.rundir import mark_complete, stage_key
+    from zero_chatgpt.rundir import mark_complete, read_marker, stage_key
     c = ctx.cfg["tokenizer"]
     rd = ctx.run_dir
     out = rd.tokenizer
     key = stage_key(ctx.cfg, ["tokenizer"], [rd.data])
-    train_s = 0.0
+    train_s = float(read_marker(out).get("summary", {}).get("train_s", 0.0))
     if not ctx.up_to_date(out, key, "tokenizer"):
         t0 = time.perf_counter()
+        sample = sample_texts(rd.data, "train", c["train_chars"], c["max_doc_chars"])
+        info(f"training a {c['vocab_size']}-token byte-level BPE on ~{sample.expected_chars:,} characters of {rd.data}")
         chars = 0
 
-        def counted(it):
+        def counted(texts):
+            # rustbpe pulls the sample in buffers and counts pre-tokens, then learns merges.
             nonlocal chars
-            for t in it:
-                chars += len(t)
-                yield t
+            with progress(total=sample.expected_chars, desc="counting pre-tokens", unit="char") as bar:
+                for t in texts:
+                    chars += len(t)
+                    bar.update(len(t))
+                    yield t
+            info(f"learning {c['vocab_size'] - 256 - len(special_tokens(c['reserved_tokens'])):,} merges ...")
 
-        texts = counted(sample_texts(rd.data, "train", c["train_chars"], c["max_doc_chars"]))
-        info(f"training a {c['vocab_size']}-token byte-level BPE on up to {c['train_chars']:,} characters of {rd.data}")
-        tok = train_bpe(texts, c["vocab_size"], c["pattern"] or DEFAULT_PATTERN, c["reserved_tokens"],
+        tok = train_bpe(counted(sample), c["vocab_size"], c["pattern"] or DEFAULT_PATTERN, c["reserved_tokens"],
                         c["default_system_prompt"])
         tok.save(out)
         train_s = time.perf_counter() - t0
