@@ -237,8 +237,10 @@ def test_stage_encodes_shards_resumes_and_detects_corruption(tmp_path, corpus, c
     # interrupted encoding: one shard missing, the other kept as is
     keep = paths[0].stat().st_mtime_ns
     paths[1].unlink()
+    (tmp_path / "tokens" / "train-00001.bin.tmp").write_bytes(b"half a shard")   # a killed writer's leftover
     (tmp_path / "tokens" / ".stage.json").unlink()
     main(args)
+    assert not (tmp_path / "tokens" / "train-00001.bin.tmp").exists()
     assert "2 of 3 shards already encoded" in capsys.readouterr().err
     assert paths[1].exists() and paths[0].stat().st_mtime_ns == keep
 

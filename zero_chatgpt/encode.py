@@ -156,7 +156,10 @@ def encode_corpus(ctx, tok, tokenizer_key: str) -> dict:
     for stale in out.glob("*.bin"):
         if stale.name not in expected:
             stale.unlink()
-            done.pop(stale.name, None)
+    for name in [n for n in done if n not in expected]:
+        del done[name]
+    for tmp in out.glob("*.bin.tmp"):     # left by a killed writer
+        tmp.unlink()
     if len(jobs) < len(expected):
         info(f"tokens: {len(expected) - len(jobs)} of {len(expected)} shards already encoded, resuming")
 
