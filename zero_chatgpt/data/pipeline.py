@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -252,7 +253,9 @@ def run_stage(ctx: Context) -> dict:
     part_stats: dict[int, dict] = {}
     resumed = 0
     bar = progress(desc="clean", unit="doc")
-    with ProcessPoolExecutor(max_workers=nworkers) as pool:
+    # forkserver, not fork: the parent may hold threads (torch's pools when stages run in one
+    # process, e.g. under `zero-chatgpt run` or pytest), and forking a threaded process can deadlock
+    with ProcessPoolExecutor(max_workers=nworkers, mp_context=multiprocessing.get_context("forkserver")) as pool:
         pending = {}
 
         def collect(block: bool) -> None:
