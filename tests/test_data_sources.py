@@ -112,17 +112,19 @@ def test_bad_input_is_counted_with_file_and_line(tmp_path):
         b'{"other": 1}',
         b'{"text": 5}',
         b'{"text": "\xff\xfe broken utf-8"}',
+        b'{"text": "a lone surrogate \\ud83d escape"}',
         b"",
         json.dumps({"text": "最后一行"}, ensure_ascii=False).encode(),
     ]
     p.write_bytes(b"\n".join(lines) + b"\n")
     recs, bad = read(f"jsonl:{p}")
     assert [r["text"] for r in recs] == ["好的一行", "最后一行"]
-    assert bad.count == 5
+    assert bad.count == 6
     where = [s["where"].rsplit(":", 1)[1] for s in bad.samples]
-    assert where == ["2", "3", "4", "5", "6"]
+    assert where == ["2", "3", "4", "5", "6", "7"]
     reasons = " | ".join(s["reason"] for s in bad.samples)
-    for part in ("malformed JSON", "not a JSON object", "missing field 'text'", "not a string", "invalid UTF-8"):
+    for part in ("malformed JSON", "not a JSON object", "missing field 'text'", "not a string", "invalid UTF-8",
+                 "lone surrogate"):
         assert part in reasons
     # an empty file and a missing-field chat record
     (tmp_path / "empty.jsonl").write_bytes(b"")

@@ -137,6 +137,9 @@ def iter_records(source: Source, bad: BadRecords, *, text_field: str = "text", t
                 except _Bad as e:
                     bad.add(where, str(e))
                     continue
+                if _unencodable(rec):  # e.g. a lone surrogate escape "\ud83d": not valid Unicode text
+                    bad.add(where, "invalid Unicode: a lone surrogate (\\udXXX escape)")
+                    continue
                 rec["source"], rec["where"] = source.fmt, where
                 yield rec
 
@@ -282,6 +285,15 @@ def _json_array(path: Path, bad: BadRecords, max_bytes: int) -> Iterator[tuple[s
                 bad.add(where, "invalid UTF-8 in the element")
                 continue
             yield where, obj
+
+
+def _unencodable(rec: dict) -> bool:
+    """True if a text field of the record cannot be written as UTF-8 (lone surrogates)."""
+    if "text" in rec:
+        return _has_surrogates(rec["text"])
+    if "messages" in rec:
+        return any(_has_surrogates(m["content"]) for m in rec["messages"])
+    return any(_has_surrogates(rec[k]) for k in ("prompt", "chosen", "rejected"))
 
 
 def _utf8_cut(data: bytes) -> int:
