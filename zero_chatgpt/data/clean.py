@@ -273,6 +273,7 @@ class CleanConfig:
         return cfg
 
 
+_MAX_STAT_CHARS = 1_000_000
 REASONS = ("baike_section", "too_short", "few_cjk", "cjk_ratio", "line_punct", "dup_lines", "top_ngram",
            "dup_ngram")
 
@@ -321,7 +322,9 @@ class Cleaner:
                 return "line_punct"
             if len(lines) - len(set(lines)) > c.max_dup_line_frac * len(lines):
                 return "dup_lines"
-        top, dup = ngram_stats(cps, c.top_ngram_n, c.dup_ngram_n)
+        # repetition is judged on the first million characters: a 16 MB document would otherwise
+        # need ~1 GB of hash arrays in the worker
+        top, dup = ngram_stats(cps[:_MAX_STAT_CHARS], c.top_ngram_n, c.dup_ngram_n)
         for n, limit in zip(c.top_ngram_n, c.top_ngram_max):
             if top[n] > limit:
                 return "top_ngram"
