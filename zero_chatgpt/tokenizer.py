@@ -35,12 +35,13 @@ from zero_chatgpt.io import atomic_write_json, atomic_write_text
 # `[^\r\n\p{L}\p{N}]?\p{L}+` keeps a run of Chinese characters together with one
 # leading punctuation mark ("，中国"), so BPE can learn multi-character words and
 # punctuation+word tokens. Splitting Han runs from other letters measured worse
-# (1.295 vs 1.320 chars/token at 4k vocab on the demo corpus).
-# Digits: groups of at most 3. On the demo corpus groups of 1/2/3/4 gave 1.310 /
-# 1.319 / 1.320 / 1.321 chars/token at 4k vocab: 3 and 4 are equal within 0.1%, and 3
-# bounds the digit tokens BPE may spend vocabulary on at 1,110 (4 allows 11,110, a lot
-# for a 4k demo vocabulary) and follows thousands separators ("1,000,000"), so numbers
-# split the same way wherever they appear. Single digits (Qwen2) compress 1% worse.
+# (1.249 vs 1.291 chars/token on the demo val split at 4k vocab).
+# Digits: groups of at most 3. On the demo corpus groups of 1/2/3/4 gave 1.2866 / 1.2912 /
+# 1.2914 / 1.2919 chars/token at 4k vocab: 2, 3 and 4 are equal within 0.05%, single digits
+# (Qwen2) 0.4% worse. Of the equals, 3 bounds the digit tokens BPE may spend vocabulary on
+# at 1,110 (4 allows 11,110, which a 32k vocabulary trained on number-heavy web text would
+# start to fill), keeps every group of a number written with thousands separators
+# ("1,000,000") whole, and is GPT-4's and Llama 3's choice.
 DEFAULT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
