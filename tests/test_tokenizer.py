@@ -270,3 +270,26 @@ def test_stage_without_corpus_says_what_to_do(tmp_path, capsys):
         main(["tokenizer", "--run-dir", str(tmp_path), "--preset", "demo"])
     assert e.value.code == 2
     assert "run `zero-chatgpt data` first" in capsys.readouterr().err
+
+
+def test_shards_from_worker_processes_equal_shards_from_threads(tmp_path, corpus, saved):
+    """Many shards go to worker processes, few to a thread pool: the files must not differ."""
+    from zero_chatgpt.encode import _NoBar, _run_jobs
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        with JsonlZstWriter(data / f"train-{i:05d}.jsonl.zst") as w:
+            for t in corpus[i * 25:(i + 1) * 25]:
+                w.write({"text": t})
+    srcs = sorted(data.glob("*.jsonl.zst"))
+    outs = {}
+    for name, threads in (("procs", 2), ("threads", 1)):
+        out = tmp_path / name
+        out.mkdir()
+        tok = load_tokenizer(saved[0], num_threads=threads)
+        jobs = [("train", s, out / (s.name.split(".")[0] + ".bin"), {}) for s in srcs]
+        stats = {job[2].name: st for job, st in _run_jobs(jobs, tok, saved[0], _NoBar())}
+        assert sorted(stats) == [f"train-{i:05d}.bin" for i in range(4)]
+        assert all(st["docs"] == 25 for st in stats.values())
+        outs[name] = {p.name: p.read_bytes() for p in out.glob("*.bin")}
+    assert outs["procs"] == outs["threads"]
