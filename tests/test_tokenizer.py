@@ -293,3 +293,13 @@ def test_shards_from_worker_processes_equal_shards_from_threads(tmp_path, corpus
         assert all(st["docs"] == 25 for st in stats.values())
         outs[name] = {p.name: p.read_bytes() for p in out.glob("*.bin")}
     assert outs["procs"] == outs["threads"]
+
+
+def test_damaged_corpus_shard_is_named(tmp_path, corpus, capsys):
+    _write_corpus(tmp_path, corpus)
+    shard = tmp_path / "data" / "train-00001.jsonl.zst"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])     # truncated zstd stream
+    with pytest.raises(SystemExit):
+        main(["tokenizer", "--run-dir", str(tmp_path), "--preset", "demo", "--set", "tokenizer.vocab_size=600"])
+    err = capsys.readouterr().err
+    assert "train-00001.jsonl.zst: unreadable corpus shard" in err and "zero-chatgpt data --force" in err

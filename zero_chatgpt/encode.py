@@ -25,7 +25,7 @@ import zstandard
 
 from zero_chatgpt import tokens as tokens_mod
 from zero_chatgpt.console import UserError, info, progress
-from zero_chatgpt.io import atomic_write_json, corpus_shards, iter_jsonl
+from zero_chatgpt.io import atomic_write_json, corpus_shards
 
 MANIFEST = "manifest.json"
 BATCH_CHARS = 4 << 20     # characters handed to the thread pool at a time
@@ -46,10 +46,11 @@ def count_lines(path: Path) -> int:
 
 
 def _batches(path: Path) -> Iterator[list[str]]:
+    from zero_chatgpt.tokenizer import shard_texts
     batch, size = [], 0
-    for rec in iter_jsonl(path):
-        batch.append(rec["text"])
-        size += len(rec["text"])
+    for text in shard_texts(path):
+        batch.append(text)
+        size += len(text)
         if size >= BATCH_CHARS:
             yield batch
             batch, size = [], 0

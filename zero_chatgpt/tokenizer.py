@@ -321,6 +321,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = DEFAULT_PATT
     return Tokenizer(ranks, pattern, specials, default_system_prompt)
 
 
+def shard_texts(path: Path) -> Iterator[str]:
+    """The "text" of every document of a corpus shard; a damaged shard is a UserError naming it."""
+    import zstandard
+    from zero_chatgpt.io import iter_jsonl
+    n = 0
+    try:
+        for n, rec in enumerate(iter_jsonl(path), 1):
+            yield rec["text"]
+    except (zstandard.ZstdError, EOFError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: unreadable corpus shard at document {n + 1} ({type(e).__name__}: {e}); "
+                        f"rerun `zero-chatgpt data --force`") from None
+
+
 class CorpusSample:
     """About `max_chars` characters drawn evenly from the corpus shards, each document cut to
     `max_doc_chars` (BPE training memory grows with the number of distinct pre-tokens, and
@@ -332,13 +345,13 @@ class CorpusSample:
     """
 
     def __init__(self, data_dir: Path, split: str, max_chars: int, max_doc_chars: int):
-        from zero_chatgpt.io import corpus_shards, iter_jsonl
+        from zero_chatgpt.io import corpus_shards
         self.shards = corpus_shards(data_dir, split)
         if not self.shards:
             raise UserError(f"no {split} corpus shards in {data_dir}; run `zero-chatgpt data` first")
         sizes = {p: p.stat().st_size for p in self.shards}
         probe = min(self.shards, key=sizes.get)
-        lens = [len(r["text"]) for r in iter_jsonl(probe)]
+        lens = [len(t) for t in shard_texts(probe)]
         capped = sum(min(n, max_doc_chars) for n in lens)
         est = capped / max(sizes[probe], 1) * sum(sizes.values())
         # The data stage's stats.json counts the characters it wrote: exact where present.
@@ -354,11 +367,9 @@ class CorpusSample:
 
     def __iter__(self) -> Iterator[str]:
         import xxhash
-        from zero_chatgpt.io import iter_jsonl
         budget = self.max_chars
         for p in self.shards:
-            for rec in iter_jsonl(p):
-                text = rec["text"]
+            for text in shard_texts(p):
                 if self.threshold is not None and \
                         xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) >= self.threshold:
                     continue
