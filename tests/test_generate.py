@@ -99,3 +99,4 @@ def test_stop_strings_and_text(tmp_path):
     assert len(g.tokens) < len(free.tokens)
     with pytest.raises(ValueError, match="tokenizer"):
         generate(m, [[1]], max_new_tokens=2, stop_strings=["x"])
+

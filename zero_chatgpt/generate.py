@@ -112,6 +112,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     finish = ["length"] * B
     alive = torch.ones(B, dtype=torch.bool, device=device)
     alive_list = [True] * B
+    n_alive = B
+    rows = torch.arange(B, device=device)
+    mask4 = mask.bool()[:, None, None, :]
     texts: list[str | None] = [None] * B
     max_stop_len = max((len(s) for s in stop_strings), default=0)
 
@@ -146,14 +149,18 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
                     finish[i], alive_list[i] = "stop", False
         if not any(alive_list) or t == max_new - 1:
             break
-        alive = torch.tensor(alive_list, device=device)
+        if n_alive != sum(alive_list):   # rebuild the device-side flags only when a row finished
+            n_alive = sum(alive_list)
+            alive = torch.tensor(alive_list, device=device)
         if seen is not None:
-            seen[torch.arange(B, device=device), nxt] = True
+            seen[rows, nxt] = True
+        # One new token per row: it may attend to every cached position that is not padding,
+        # so the (B, 1, 1, S) mask is a view of the padding mask; no causal part is needed.
         hidden = model(nxt[:, None], position_ids=next_pos if padded else None,
-                       attention_mask=mask[:, :L + t + 1] if padded else None, kv_cache=cache,
+                       attention_mask=mask4[..., :L + t + 1] if padded else None, kv_cache=cache,
                        return_hidden=True)
-        next_pos = next_pos + 1
         logits = model.lm_head(hidden[:, -1]).float()
+        next_pos = next_pos + 1
 
     if tokenizer is not None:
         stops = set(stop_ids)

@@ -284,14 +284,17 @@ class Transformer(nn.Module):
 
         input_ids (B, T). position_ids (B, T): default kv_cache.pos + arange(T); pass them with
         left padding. attention_mask (B, S): 1 for real tokens, 0 for padding, covering every
-        cached position plus these T (S = kv_cache.pos + T), or just the T without a cache.
+        cached position plus these T (S = kv_cache.pos + T), or just the T without a cache; or a
+        ready (B, 1, T, S) boolean mask (True = may attend), used as is.
         """
         B, T = input_ids.shape
         start = kv_cache.pos if kv_cache is not None else 0
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(position_ids, start, T)
         mask = None   # None = plain causal (or, for one token against a cache, attend to all)
-        if attention_mask is not None or (start > 0 and T > 1):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask.bool()   # (B, 1, T, S) boolean, built by the caller (the generator)
+        elif attention_mask is not None or (start > 0 and T > 1):
             S = start + T
             q_pos = torch.arange(start, S, device=input_ids.device)[:, None]
             k_pos = torch.arange(S, device=input_ids.device)[None, :]
@@ -313,18 +316,60 @@ class Transformer(nn.Module):
         return self.lm_head(x)
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of (hidden @ weight.T) that computes its gradients in the forward
+    pass, chunk by chunk (Liger Kernel's fused linear cross-entropy, arXiv:2410.10989, in
+    plain torch). The (rows x vocab) logits exist one chunk at a time and are never saved
+    for backward; d(loss)/d(logits) = softmax - onehot is formed in place, so the log-softmax
+    backward pass and its memory traffic disappear."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, ignore_index: int, chunk_rows: int):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        wc = w.to(h.dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk_rows):
+            hc, yc = h[s:s + chunk_rows], y[s:s + chunk_rows]
+            logits = (hc @ wc.t()).float()
+            valid = yc != ignore_index
+            yv = torch.where(valid, yc, torch.zeros_like(yc))
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, yv[:, None]).squeeze(1)) * valid).sum()
+            if need_h or need_w:
+                p = logits.sub_(lse[:, None]).exp_()              # softmax, in place
+                p[torch.arange(len(yv), device=p.device), yv] -= 1.0
+                p.mul_(valid[:, None])
+                pc = p.to(h.dtype)
+                if need_h:
+                    grad_h[s:s + chunk_rows] = pc @ wc
+                if need_w:
+                    grad_w.addmm_(pc.t().float() if pc.dtype != torch.float32 else pc.t(), hc.float())
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * g if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+@torch.compiler.disable
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          ignore_index: int = -100, chunk_rows: int = 8192) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T` against labels, in fp32, over row chunks so
-    the fp32 logits of a large vocabulary never exist all at once (the idea of Liger's fused
-    linear cross-entropy, arXiv:2410.10989, without a custom kernel)."""
+                          ignore_index: int = -100, chunk_rows: int = 1024) -> torch.Tensor:
+    """Summed next-token cross-entropy of `hidden @ weight.T` against labels (fp32 softmax),
+    fused with its gradient and chunked over rows (see _LinearCrossEntropy)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
-    total = None
-    for s in range(0, h.shape[0], chunk_rows):
-        logits = F.linear(h[s:s + chunk_rows], weight).float()
-        part = F.cross_entropy(logits, y[s:s + chunk_rows], ignore_index=ignore_index, reduction="sum")
-        total = part if total is None else total + part
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, y, ignore_index, chunk_rows)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk_rows):   # evaluation: the loss only
+        logits = (h[s:s + chunk_rows] @ weight.to(h.dtype).t()).float()
+        total += F.cross_entropy(logits, y[s:s + chunk_rows], ignore_index=ignore_index, reduction="sum")
     return total
 
 
