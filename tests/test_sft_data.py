@@ -103,6 +103,11 @@ def test_phrasings_vary_and_dialogues_exist(built):
                for r in multi)
     ident = [r for r in built.splits["train"] if r["meta"]["kind"] == "identity"]
     assert any("Zero-ChatGPT" in r["messages"][-1]["content"] for r in ident)
+    # answers restate the idiom; eval references are the bare dictionary field
+    m = next(r for r in built.splits["train"] if r["meta"]["kind"] == "meaning")
+    assert m["messages"][-1]["content"].startswith(f"“{m['meta']['idiom']}”的意思是：")
+    e = next(r for r in built.splits["eval"] if r["meta"]["kind"] == "meaning")
+    assert not e["reference"].startswith("“")
     # eval/rl hold prompts ending with a user turn plus a reference
     for r in built.splits["eval"][:100] + built.splits["rl"][:100]:
         assert r["messages"][-1]["role"] == "user" and r["reference"]

@@ -133,6 +133,17 @@ def idiom_answers(idiom: dict) -> dict[str, str]:
     return out
 
 
+def answer_text(kind: str, word: str, reference: str) -> str:
+    """The assistant's answer in SFT data: the dictionary reference, restating the idiom where a person would
+    ("“一见倾心”的意思是：…"). Eval scores answers against the bare reference, so the restatement earns only
+    what the question itself would (the question-as-answer baseline measures exactly that)."""
+    if kind == "meaning":
+        return f"“{word}”的意思是：{reference}"
+    if kind == "origin":
+        return f"“{word}”{reference}"
+    return reference
+
+
 def _u(seed: int, key: str) -> float:
     """A stable uniform number in [0, 1) for `key` (splits do not move when the data order changes)."""
     return xxhash.xxh64_intdigest(f"{seed}:{key}".encode()) / 2.0 ** 64
@@ -263,7 +274,7 @@ def build_builtin(idioms: list[dict], *, seed: int = 1234, eval_fraction: float 
                 msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
             for i, kind in enumerate(conv):
                 q = _question(rng, kind, w) if i == 0 else rng.choice(FOLLOW_UPS[kind])
-                msgs += [_user(q), _assistant(answers[kind])]
+                msgs += [_user(q), _assistant(answer_text(kind, w, answers[kind]))]
             meta = {"kind": conv[0] if len(conv) == 1 else "multi-turn", "idiom": w, "source": "builtin"}
             if len(conv) > 1:
                 meta["kinds"] = conv
