@@ -171,8 +171,7 @@ _PEAK_CACHE: dict = {}
 
 def peak_flops(device: torch.device, precision: str) -> float:
     """Peak FLOP/s for the MFU estimate: datasheet dense figures for known GPUs; on CPU the
-    measured throughput of a large matmul in the training precision (an upper bound on what
-    the model's matmuls can reach on this machine)."""
+    theoretical vector peak (cpu_peak_flops)."""
     key = (device.type, precision)
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
@@ -183,19 +182,30 @@ def peak_flops(device: torch.device, precision: str) -> float:
         if precision == "fp32":
             peak /= 2   # TF32 tensor cores
     else:
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        n = 2048
-        a = torch.randn(n, n, dtype=dtype)
-        a @ a
-        peak = 0.0
-        for _ in range(4):   # best of a few short trials: other processes only slow a trial down
-            t0, k = time.perf_counter(), 0
-            while time.perf_counter() - t0 < 0.05:
-                a @ a
-                k += 1
-            peak = max(peak, 2 * n ** 3 * k / (time.perf_counter() - t0))
+        peak = cpu_peak_flops(precision)
     _PEAK_CACHE[key] = peak
     return peak
+
+
+def cpu_peak_flops(precision: str) -> float:
+    """Theoretical CPU peak: threads x clock x FLOPs per cycle per core (two FMA units of
+    the widest vector ISA; AMX tiles for bf16). A measured matmul rate would be lower
+    whenever other processes share the cores, and make MFU read above 100%."""
+    mhz = 0.0
+    try:
+        with open("/proc/cpuinfo") as fh:
+            mhz = max(float(line.split(":")[1]) for line in fh if line.startswith("cpu MHz"))
+    except (OSError, ValueError):
+        pass
+    cap = ""
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        pass
+    per_cycle = 64 if "AVX512" in cap else 32 if "AVX2" in cap else 16   # fp32: 2 FMA x lanes x 2
+    if precision == "bf16":
+        per_cycle = 1024 if "AMX" in cap else per_cycle * 2
+    return torch.get_num_threads() * (mhz or 2000.0) * 1e6 * per_cycle
 
 
 def _to_device(batch, device):
