@@ -150,7 +150,7 @@ def peak_in_child(preset, impl, seq_len, batch, device, precision, compile_ours)
 
 
 def measure(preset: str, seq_len: int, batch: int, device: torch.device, precision: str, compile_ours: bool,
-            rounds: int, steps_per_round: int) -> dict:
+            rounds: int, steps_per_round: int, memory: bool = True) -> dict:
     _, ours_step, init, cfg = make_side("ours", preset, seq_len, batch, device, precision, compile_ours)
     t0 = time.perf_counter()
     first_ours = float(ours_step())
@@ -177,7 +177,7 @@ def measure(preset: str, seq_len: int, batch: int, device: torch.device, precisi
     del ours_step, hf_step
     gc.collect()
     peaks = {impl: peak_in_child(preset, impl, seq_len, batch, device, precision, compile_ours)
-             for impl in ("ours", "hf")}
+             for impl in ("ours", "hf")} if memory else {"ours": None, "hf": None}
     best = {k: min(v) for k, v in times.items()}
     tokens = batch * seq_len
     res = {"config": preset, "params_m": round(cfg.num_params() / 1e6, 2), "tokens_per_step": tokens,
@@ -194,7 +194,8 @@ def measure(preset: str, seq_len: int, batch: int, device: torch.device, precisi
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer, shorter rounds; no torch.compile (< 60 s)")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer, shorter rounds; no torch.compile; no memory measurement (< 60 s)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", help="auto | fp32 | bf16")
     ap.add_argument("--no-compile", action="store_true", help="run our model eagerly too")
@@ -212,9 +213,9 @@ def main() -> None:
     compile_ours = not (a.quick or a.no_compile)
     big = device.type == "cuda"
     demo = measure("demo", 256, 16, device, precision, compile_ours,
-                   rounds=2 if a.quick else 4, steps_per_round=1 if a.quick else 3)
+                   rounds=2 if a.quick else 4, steps_per_round=1 if a.quick else 3, memory=not a.quick)
     seed = measure("seed-0.1b", 1024 if big else (128 if a.quick else 256), 8 if big else 2, device, precision,
-                   compile_ours, rounds=1 if a.quick else 3, steps_per_round=1 if a.quick else 2)
+                   compile_ours, rounds=1 if a.quick else 3, steps_per_round=1 if a.quick else 2, memory=not a.quick)
     print(json.dumps({
         "speedup_vs_hf": demo["speedup_vs_hf"], "speedup_vs_hf_0p1b": seed["speedup_vs_hf"],
         "tokens_per_s": demo["tokens_per_s"]["ours"], "tokens_per_s_hf": demo["tokens_per_s"]["hf"],

@@ -150,3 +150,26 @@ def test_sigkill_mid_save_and_mid_step_resumes_bitwise(reference, tmp_path):
 
 if __name__ == "__main__":
     main()
+
+
+def test_init_from_hf_folder_and_wrong_shape(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zero_chatgpt.checkpoint import load_model
+    from zero_chatgpt.console import UserError
+    from zero_chatgpt.model import ModelConfig, Transformer
+    from zero_chatgpt.train import loop
+    cfg = ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      max_position_embeddings=16)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(**cfg.to_hf_dict()))
+    hf.save_pretrained(tmp_path / "hf")
+    s = loop.LoopSettings(max_steps=0, init_from=str(tmp_path / "hf"), tensorboard=False, precision="fp32")
+    kw = dict(stage="x", log_dir=tmp_path / "logs", batches=None, loss_fn=None)
+    loop.train(s, model=Transformer(cfg), stage_dir=tmp_path / "x", **kw)
+    got = load_model(tmp_path / "x" / "final").state_dict()
+    assert all(torch.equal(got[k], v) for k, v in hf.state_dict().items())
+    wrong = ModelConfig(**{**cfg.__dict__, "hidden_size": 32})
+    with pytest.raises(UserError, match="init_from"):
+        loop.train(s, model=Transformer(wrong), stage_dir=tmp_path / "y", **kw)
