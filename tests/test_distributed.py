@@ -24,3 +24,22 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     # only rank 0 wrote: one log, one set of checkpoints
     assert sorted(p.name for p in (two / "pretrain").iterdir()) == ["final", "step-6"]
     assert not any(Path(two / "logs").glob("*rank*"))
+
+
+def test_two_process_fsdp_matches_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    subprocess.run([sys.executable, str(HERE), str(one), "--steps", "4", "--accum", "2", "--ckpt-every", "2"],
+                   check=True, env=run_env(), timeout=120)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(HERE), str(two), "--steps", "4", "--ckpt-every", "2", "--fsdp"],
+                       env=run_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (t1, e1), (t2, e2) = read_log(one), read_log(two)
+    assert len(t1) == len(t2) == 4
+    for (_, a), (_, b) in zip(t1 + e1, t2 + e2):
+        assert abs(a - b) <= 1e-5, (a, b)
+    # the sharded state was gathered into one full checkpoint that loads like any other
+    from zero_chatgpt.checkpoint import load_model, load_trainer_state
+    a, b = load_model(one / "pretrain" / "final"), load_model(two / "pretrain" / "final")
+    assert all((x - y).abs().max() < 1e-5 for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert load_trainer_state(two / "pretrain" / "step-4")["step"] == 4

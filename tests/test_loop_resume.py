@@ -42,6 +42,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ckpt-every", type=int, default=3)
     ap.add_argument("--slow-save", type=float, default=0.0, help="sleep this long per file synced (test hook)")
     ap.add_argument("--step-sleep", type=float, default=0.0, help="sleep this long per batch (test hook)")
+    ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP")
     a = ap.parse_args(argv)
 
     import torch
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
     model = Transformer(cfg)
     s = loop.LoopSettings(max_steps=a.steps, lr=3e-3, warmup_steps=2, precision="fp32", grad_accum=a.accum,
                           checkpoint_every=a.ckpt_every, keep_last=2, eval_every=4, log_every=1, tensorboard=False,
-                          seed=7)
+                          seed=7, fsdp=a.fsdp)
     blocks = PackedBlocks(train, 32, seed=7, micro_batch_size=a.micro, grad_accum=a.accum)
     inner = blocks
     if a.step_sleep:
