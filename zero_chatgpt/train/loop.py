@@ -394,6 +394,7 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
     evals: list[dict] = [] if state is None else list(state.get("evals", []))
     last_loss = float("nan")
     tokens_seen = int(state.get("tokens", 0)) if state else 0
+    seconds_before = float(state.get("seconds", 0.0)) if state else 0.0   # training time of earlier segments
 
     def run_eval(step: int) -> None:
         if eval_fn is None:
@@ -410,6 +411,7 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
         model_state, optim_state = _full_state(raw, optimizer, s)
         if d.main:
             trainer_state = {"step": step, "optimizer": optim_state, "rng": _rng_state(device), "tokens": tokens_seen,
+                             "seconds": seconds_before + time.perf_counter() - t_start,
                              "data": batches.state_dict() if hasattr(batches, "state_dict") else None,
                              "evals": evals}
             ckpt.save_checkpoint(stage_dir, name, model_state=model_state, cfg=raw.config,
@@ -482,7 +484,7 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
     finally:
         bar.close()
         logger.close()
-    seconds = time.perf_counter() - t_start
+    seconds = seconds_before + time.perf_counter() - t_start
     return TrainResult(step=step, final=stage_dir / "final", last_loss=last_loss, evals=evals,
                        tokens=tokens_seen, seconds=seconds, precision=precision, resumed_from=start_step)
 
