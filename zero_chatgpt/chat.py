@@ -85,7 +85,7 @@ class ChatSession:
 
     def prompt_ids(self) -> list[int]:
         """The conversation with the generation prompt; oldest turns dropped until it fits the context."""
-        limit = self.model.config.max_position_embeddings - self.max_new_tokens
+        limit = max(8, self.model.config.max_position_embeddings - self.max_new_tokens)
         while True:
             ids = self.tok.encode_chat(self.messages(), add_generation_prompt=True)[0]
             if len(ids) <= limit or len(self.history) <= 1:

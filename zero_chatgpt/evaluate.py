@@ -165,7 +165,7 @@ def answer_prompts(model, tok, records: list[dict], *, chat: bool, max_new_token
     from zero_chatgpt.console import progress
     from zero_chatgpt.generate import generate
 
-    limit = model.config.max_position_embeddings - max_new_tokens
+    limit = max(8, model.config.max_position_embeddings - max_new_tokens)
     prompts, cut = [], 0
     for r in records:
         ids = tok.encode_chat(r["messages"], add_generation_prompt=True)[0] if chat else tok.encode(plain_prompt(r))

@@ -218,9 +218,13 @@ def masked_val_loss(model, data: SFTSet, pad_id: int, micro_batch_tokens: int = 
     model.eval()
     batches = plan_epoch(data.lengths(), micro_batch_tokens, 0, 0, group_batches=1 << 30)
     total, n_total = 0.0, 0
+    ctx = model.config.max_position_embeddings     # conversations encoded for a longer context: keep a prefix
     for b in batches:
         batch = collate(data, b, pad_id)
-        loss, n = lm_loss(model, batch["input_ids"].to(device), batch["labels"].to(device))
+        x, y = batch["input_ids"][:, :ctx], batch["labels"][:, :ctx]
+        if not (y != IGNORE).any():
+            continue
+        loss, n = lm_loss(model, x.to(device), y.to(device))
         total += float(loss) * n
         n_total += n
     model.train(was_training)
