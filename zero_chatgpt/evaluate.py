@@ -1,7 +1,7 @@
 """`zero-chatgpt eval`: every trained stage, the same held-out prompts, the same metrics, side by side.
 
 For each stage (pretrain, sft, and the RL stages once trained) it writes RUN_DIR/eval/<stage>.json:
-  val_loss         the stage's validation loss (pretrain: C's LM loss on tokens/val, kept as written;
+  val_loss         the stage's validation loss (pretrain: the pretrain stage's LM loss on tokens/val, kept;
                    chat stages: loss on the assistant tokens of sft_data/val.jsonl)
   chat_val_loss    loss on the assistant tokens of sft_data/val.jsonl, for every stage (side by side)
   char_f1, rouge_l greedy answers to the held-out eval idioms' questions against the dictionary reference
