@@ -95,7 +95,10 @@ def make_side(impl: str, preset: str, seq_len: int, batch: int, device: torch.de
     cfg = model_config_from(config.load_preset(name)["model"], vocab)
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, seq_len)
     g = torch.Generator().manual_seed(0)
-    data = [torch.randint(0, vocab, (batch, seq_len + 1), generator=g).to(device) for _ in range(4)]
+    data = []
+    for _ in range(4):
+        x = torch.randint(0, vocab, (batch, seq_len + 1), generator=g)
+        data.append((x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     torch.manual_seed(0)
     if impl == "ours":
@@ -104,13 +107,13 @@ def make_side(impl: str, preset: str, seq_len: int, batch: int, device: torch.de
         model.load_state_dict(init)
         if compile_ours:
             model.compile()
-        loss_of = lambda m, x: lm_loss(m, x[:, :-1], x[:, 1:])[0]   # noqa: E731
+        loss_of = lambda m, x: lm_loss(m, x[0], x[1])[0]   # noqa: E731
     else:
         model = LlamaForCausalLM(LlamaConfig(**cfg.to_hf_dict())).to(device)
         if init is not None:
             model.load_state_dict(init)
         # pre-shifted labels: the same 256 targets per row as ours
-        loss_of = lambda m, x: m(input_ids=x[:, :-1], labels=x[:, 1:], shift_labels=x[:, 1:]).loss  # noqa: E731
+        loss_of = lambda m, x: m(input_ids=x[0], labels=x[1], shift_labels=x[1]).loss  # noqa: E731
     opt = build_optimizer(model, LoopSettings(lr=1e-4), device)
     state = {"i": 0}
 
