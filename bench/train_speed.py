@@ -156,14 +156,14 @@ def measure(preset: str, seq_len: int, batch: int, device: torch.device, precisi
             rounds: int, steps_per_round: int, memory: bool = True) -> dict:
     _, ours_step, init, cfg = make_side("ours", preset, seq_len, batch, device, precision, compile_ours)
     t0 = time.perf_counter()
-    first_ours = float(ours_step())
+    first_ours = ours_step().item()
     ours_step()
     sync(device)
     warm_ours = time.perf_counter() - t0
     _, hf_step, _, _ = make_side("hf", preset, seq_len, batch, device, precision, compile_ours, init)
     del init
     t0 = time.perf_counter()
-    first_hf = float(hf_step())
+    first_hf = hf_step().item()
     hf_step()
     sync(device)
     warm_hf = time.perf_counter() - t0
