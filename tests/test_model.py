@@ -97,7 +97,7 @@ def test_presets_build_the_intended_sizes():
     assert c.hidden_size == 512 and c.intermediate_size == 2752 and c.num_hidden_layers == 24
     assert c.num_attention_heads == 16 and not c.tie_word_embeddings and c.rope_theta == 1e6
     demo = model_config_from(config.load_preset("demo")["model"], 4096)
-    assert 2e6 < demo.num_params() < 8e6
+    assert 1e6 < demo.num_params() < 8e6     # sized by measured loss per CPU-minute (presets/demo.toml)
     big = model_config_from(config.load_preset("gpu-0.5b")["model"], 32006)
     assert 4.5e8 < big.num_params() < 6e8 and big.num_key_value_heads == 4
 
