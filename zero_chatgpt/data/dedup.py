@@ -62,14 +62,18 @@ def shingle_hashes(text: str, n: int = 5) -> np.ndarray:
     cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     if len(cps) == 0:
         return cps
-    k = min(n, len(cps))
+    return _mix(_window_polys(cps, min(n, len(cps))))
+
+
+def _window_polys(cps: np.ndarray, k: int) -> np.ndarray:
+    """The polynomial (base _M1, mod 2^64) of every window of k consecutive code points."""
     m = len(cps) - k + 1
     with np.errstate(over="ignore"):
         h = cps[:m].copy()
         for j in range(1, k):
             h *= _M1
             h += cps[j:j + m]
-        return _mix(h)
+    return h
 
 
 def shingle_hashes_block(texts: Sequence[str], n: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -85,12 +89,8 @@ def shingle_hashes_block(texts: Sequence[str], n: int = 5) -> tuple[np.ndarray, 
     counts = np.maximum(lengths - n + 1, 0)
     parts = []
     if len(cps) >= n:
-        m = len(cps) - n + 1
-        with np.errstate(over="ignore"):
-            h = cps[:m].copy()
-            for j in range(1, n):
-                h *= _M1
-                h += cps[j:j + m]
+        h = _window_polys(cps, n)
+        m = len(h)
         ends = np.cumsum(lengths)
         doc = np.repeat(np.arange(len(texts)), lengths)[:m]
         parts_mask = np.arange(m) + n <= ends[doc]     # the window lies inside its document
