@@ -7,7 +7,9 @@ RUN_DIR/pretrain/final), loaded once by `checkpoint.load_model` and once by
 be identical token for token — checked and reported) for `new` tokens with no early stop,
 at batch 1 and batch 8 (prompts of different lengths, left-padded), timed in alternating
 rounds in one process. tokens/s counts generated tokens (prefill included in the time).
-Both run eagerly: ours with its preallocated KV cache and a lean per-step loop, transformers
+Both run eagerly: ours with its preallocated KV cache, a lean per-step loop and, while
+generating, an inference copy of the weights (q/k/v and gate/up concatenated, transposed to the
+layout CPU GEMMs run fastest for few rows; model.Transformer.fused_for_inference); transformers
 with its default generate path (DynamicCache, sdpa). (A torch.compile'd static-shape decode
 step was measured slower than eager on this CPU at batch 8, so it is not offered.)
 

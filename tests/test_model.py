@@ -65,6 +65,30 @@ def test_left_padding_equals_unpadded_and_cache_equals_full_forward():
             m(x[:, :1], kv_cache=cache)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(num_key_value_heads=4, tie_word_embeddings=True)])
+def test_fused_inference_weights_give_the_same_logits_and_are_dropped_after(kw):
+    torch.manual_seed(2)
+    m = Transformer(tiny(**kw)).eval()
+    hf = hf_twin(m)
+    x = torch.randint(0, 211, (2, 9))
+    with torch.no_grad():
+        plain = m(x)
+        with m.fused_for_inference():
+            assert m.head_w is not None and m.model.layers[0].self_attn.inference_w is not None
+            with m.fused_for_inference():   # nested: still the same copies
+                fused = m(x)
+            cache = KVCache(m.config, 2, 9)
+            stepped = torch.cat([m(x[:, :5], kv_cache=cache)] + [m(x[:, t:t + 1], kv_cache=cache) for t in range(5, 9)], 1)
+        assert (fused - plain).abs().max() < 1e-5 and (stepped - plain).abs().max() < 1e-5
+        assert (fused - hf(x).logits).abs().max() < 1e-5
+    assert m.head_w is None and all(b.self_attn.inference_w is None and b.mlp.inference_w is None
+                                    for b in m.model.layers)
+    with torch.enable_grad(), m.fused_for_inference():   # training keeps the parameters' own path
+        assert m.head_w is None
+        m(x).sum().backward()
+    assert m.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
 def test_lm_loss_and_hidden():
     torch.manual_seed(2)
     m = Transformer(tiny()).eval()

@@ -33,6 +33,12 @@ class Generation:
     text: str | None = None           # decoded new text without stop token / stop string (needs tokenizer)
 
 
+def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of each row's last position."""
+    logits = model.logits(hidden[:, -1])
+    return logits if logits.dtype == torch.float32 else logits.float()
+
+
 def _process_logits(logits: torch.Tensor, seen: torch.Tensor | None, repetition_penalty: float,
                     temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Scores to sample from (fp32, (B, V)); -inf marks filtered tokens."""
@@ -53,7 +59,6 @@ def _process_logits(logits: torch.Tensor, seen: torch.Tensor | None, repetition_
     return logits
 
 
-@torch.inference_mode()
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer=None,
@@ -67,6 +72,15 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     stream(index, token_id) is called for every new token of every row, as it is produced.
     generator: a torch.Generator (on the model's device) for reproducible sampling.
     """
+    with torch.inference_mode(), model.fused_for_inference():
+        return _generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=stop_ids,
+                         stop_strings=stop_strings, tokenizer=tokenizer, stream=stream,
+                         return_logprobs=return_logprobs, generator=generator)
+
+
+def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
+              stop_strings, tokenizer, stream, return_logprobs, generator) -> list[Generation]:
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
@@ -105,7 +119,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     cache = KVCache(cfg, B, total, device=device, dtype=dtype)
     hidden = model(ids, position_ids=positions if padded else None,
                    attention_mask=mask[:, :L] if padded else None, kv_cache=cache, return_hidden=True)
-    logits = model.lm_head(hidden[:, -1]).float()
+    logits = _last_logits(model, hidden)
 
     out_tokens: list[list[int]] = [[] for _ in range(B)]
     out_logprobs: list[list[float]] | None = [[] for _ in range(B)] if return_logprobs else None
@@ -124,11 +138,12 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
             probs = scores.softmax(-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
-            nxt = scores.argmax(-1)
+            nxt = scores.max(-1).indices   # the first maximum, as argmax (which is 2.5x slower on CPU)
         if return_logprobs:
             base = logits / temperature if temperature > 0 else logits
             lp = base.log_softmax(-1).gather(1, nxt[:, None]).squeeze(1).tolist()
-        nxt = torch.where(alive, nxt, torch.zeros_like(nxt))
+        if n_alive < B:
+            nxt = torch.where(alive, nxt, torch.zeros_like(nxt))
         hit_stop = torch.isin(nxt, stop_set) & alive if stop_set is not None else None
         nxt_list = nxt.tolist()
         hit_list = hit_stop.tolist() if hit_stop is not None else None
@@ -159,7 +174,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
         hidden = model(nxt[:, None], position_ids=next_pos if padded else None,
                        attention_mask=mask4[..., :L + t + 1] if padded else None, kv_cache=cache,
                        return_hidden=True)
-        logits = model.lm_head(hidden[:, -1]).float()
+        logits = _last_logits(model, hidden)
         next_pos = next_pos + 1
 
     if tokenizer is not None:
