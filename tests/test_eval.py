@@ -53,6 +53,9 @@ def test_eval_writes_every_stage_and_keeps_pretrain_keys(run, capsys):
         assert {"question", "answer", "reference"} <= set(res["samples"][0])
         assert 0 <= res["char_f1"] <= 1 and 0 <= res["eos_rate"] <= 1
     assert sft["val_loss"] == sft["chat_val_loss"]
+    # penalized greedy decoding is declared, and plain greedy is reported beside it
+    assert sft["decoding"] == {"greedy": True, "repetition_penalty": 1.15, "max_new_tokens": 6}
+    assert set(sft["plain_greedy"]) == {"char_f1", "rouge_l", "eos_rate", "repetition_rate"}
     assert pre["prompt_format"].startswith("plain text") and sft["prompt_format"] == "chat template"
     # the same prompts for both stages
     assert [s["question"] for s in pre["samples"]] == [s["question"] for s in sft["samples"]]
@@ -60,6 +63,7 @@ def test_eval_writes_every_stage_and_keeps_pretrain_keys(run, capsys):
     assert sft["truncated_answers"] + round(sft["eos_rate"] * 10) == 10
     out = capsys.readouterr().err
     assert "char_f1" in out and "question-as-answer" in out
+    assert "repetition_rate (plain greedy)" in out and "repetition penalty 1.15" in out
     # a second run is up to date
     ev.run_stage(_ctx(run))
     assert "up to date" in capsys.readouterr().err

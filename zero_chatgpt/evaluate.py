@@ -5,11 +5,14 @@ For each stage (pretrain, sft, and the RL stages once trained) it writes RUN_DIR
                    chat stages: loss on the assistant tokens of sft_data/val.jsonl)
   chat_val_loss    loss on the assistant tokens of sft_data/val.jsonl, for every stage (side by side)
   char_f1, rouge_l greedy answers to the held-out eval idioms' questions against the dictionary reference
+                   (greedy over repetition-penalized scores, eval.repetition_penalty; `decoding` says which)
   eos_rate         answers that end with eos within the token limit
   repetition_rate  answers in which some 4-gram occurs 3 or more times
   chain_valid      idiom-chaining answers that are a dictionary idiom starting with the right character
   baseline_question_char_f1 / _rouge_l   the same scores for answering with the question itself
   by_kind          the scores per question kind; samples: question, answer, reference
+  plain_greedy     char_f1, rouge_l, eos_rate, repetition_rate of plain greedy answers (penalty 1), when
+                   eval.repetition_penalty is not 1: what the penalty changes is on the record
 Chat stages are asked through the chat template; `pretrain` (no template yet) gets the same
 questions as plain-text prompts "问：…\n答：".
 """
@@ -156,8 +159,9 @@ def plain_prompt(rec: dict) -> str:
 
 
 def answer_prompts(model, tok, records: list[dict], *, chat: bool, max_new_tokens: int, batch_size: int,
-                   desc: str = "answer"):
+                   repetition_penalty: float = 1.0, desc: str = "answer"):
     """Greedy answers (Generation objects, in record order) and how many prompts were cut to fit the context.
+    With repetition_penalty != 1 the argmax is taken over CTRL-penalized scores (still deterministic).
 
     Chat stages get the chat template with the generation prompt and stop at <|im_end|>/<|endoftext|>;
     pretrain gets `plain_prompt` and also stops at the end of the line (its natural end of an answer).
@@ -178,7 +182,7 @@ def answer_prompts(model, tok, records: list[dict], *, chat: bool, max_new_token
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         outs = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0,
-                        stop_ids=tok.stop_ids, stop_strings=() if chat else ("\n",), tokenizer=tok)
+                        repetition_penalty=repetition_penalty, stop_ids=tok.stop_ids, stop_strings=() if chat else ("\n",), tokenizer=tok)
         for i, g in zip(idx, outs):
             gens[i] = g
         bar.update(len(idx))
@@ -243,12 +247,21 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     t0 = time.perf_counter()
     model = load_model(stage_model_path(ctx.run_dir, stage))
     chat = stage != "pretrain"
-    gens, cut = answer_prompts(model, tok, eval_recs, chat=chat, max_new_tokens=e["max_new_tokens"],
-                               batch_size=e["batch_size"], desc=f"eval {stage}")
-    answers = [g.text for g in gens]
     stops = set(tok.stop_ids)
-    eos = [bool(g.tokens) and g.tokens[-1] in stops for g in gens]
-    res = score(eval_recs, answers, eos, idioms)
+    penalty = float(e["repetition_penalty"])
+    res, gens, cut = {}, [], 0
+    for rp in ([1.0, penalty] if penalty != 1.0 else [1.0]):
+        gens, cut = answer_prompts(model, tok, eval_recs, chat=chat, max_new_tokens=e["max_new_tokens"],
+                                   batch_size=e["batch_size"], repetition_penalty=rp,
+                                   desc=f"eval {stage}" + (f" (penalty {rp:g})" if penalty != 1.0 else ""))
+        answers = [g.text for g in gens]
+        eos = [bool(g.tokens) and g.tokens[-1] in stops for g in gens]
+        s = score(eval_recs, answers, eos, idioms)
+        if rp == penalty:
+            res.update(s)
+        else:
+            res["plain_greedy"] = {k: s[k] for k in ("char_f1", "rouge_l", "eos_rate", "repetition_rate")}
+    res["decoding"] = {"greedy": True, "repetition_penalty": penalty, "max_new_tokens": e["max_new_tokens"]}
     res["truncated_answers"] = sum(g.finish_reason == "length" for g in gens)
     res["truncated_prompts"] = cut
     if val is not None and len(val):
@@ -336,6 +349,11 @@ def run_stage(ctx) -> None:
     cols = ["val_loss", "chat_val_loss", "char_f1", "rouge_l", "eos_rate", "repetition_rate", "chain_valid",
             "truncated_answers"]
     rows = [[c] + [results[s].get(c, "-") for s in results] for c in cols]
+    if any("plain_greedy" in r for r in results.values()):
+        for c in ("char_f1", "repetition_rate"):
+            rows.append([f"{c} (plain greedy)"] + [results[s].get("plain_greedy", {}).get(c, "-") for s in results])
     rows.append(["question-as-answer char_f1 / rouge_l",
                  *[f"{base['baseline_question_char_f1']:.3f} / {base['baseline_question_rouge_l']:.3f}"] * len(results)])
-    table(["metric", *results], rows, title=f"eval: {len(eval_recs)} held-out prompts → {rd.eval}/<stage>.json")
+    penalty = float(e["repetition_penalty"])
+    how = "greedy" + (f", repetition penalty {penalty:g}" if penalty != 1.0 else "")
+    table(["metric", *results], rows, title=f"eval: {len(eval_recs)} held-out prompts ({how}) → {rd.eval}/<stage>.json")

@@ -36,8 +36,9 @@ def pick_stage(run_dir, stage: str | None) -> tuple[str, Path]:
     raise UserError(f"no trained model in {run_dir.root}; run `zero-chatgpt pretrain --run-dir {run_dir.root}` first")
 
 
-def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path) -> Path:
-    """Write the HF folder `out` (replaced atomically if it is a previous export)."""
+def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, sampling: dict | None = None) -> Path:
+    """Write the HF folder `out` (replaced atomically if it is a previous export). `sampling`: the [chat]
+    config section, written as generation_config.json so HF `generate` samples as `zero-chatgpt chat` does."""
     from zero_chatgpt.tokenizer import load_tokenizer
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
@@ -53,8 +54,10 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path) -> Path:
     if cfg["vocab_size"] < tok.vocab_size:
         raise UserError(f"{model_dir}: model vocabulary {cfg['vocab_size']} < tokenizer's {tok.vocab_size}")
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    gen = {"eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id, "do_sample": True,
-           "temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.05}
+    c = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.15, **(sampling or {})}
+    gen = {"eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id, "do_sample": c["temperature"] > 0,
+           **({k: c[k] for k in ("temperature", "top_k", "top_p")} if c["temperature"] > 0 else {}),
+           "repetition_penalty": c["repetition_penalty"]}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     for f in Path(tokenizer_dir).iterdir():
         if f.is_file() and not f.name.startswith("."):
@@ -76,7 +79,7 @@ def run_command(ctx) -> None:
                         "llama.cpp's convert_hf_to_gguf.py")
     if not ctx.run_dir.tokenizer.is_dir():
         raise UserError(f"no tokenizer in {ctx.run_dir.tokenizer}; run `zero-chatgpt tokenizer` first")
-    path = export_hf(model_dir, ctx.run_dir.tokenizer, Path(out))
+    path = export_hf(model_dir, ctx.run_dir.tokenizer, Path(out), sampling=ctx.cfg.get("chat"))
     size = (path / ckpt.MODEL_FILE).stat().st_size
     info(f"exported {stage} model to {path}")
     table(["", "export"], [["stage", stage], ["format", "hf (LlamaForCausalLM)"], ["folder", str(path)],
