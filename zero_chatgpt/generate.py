@@ -4,7 +4,8 @@ Batched with left padding: prompts of different lengths are right-aligned, paddi
 masked out of attention, and each row's positions count only its real tokens (so a
 padded row computes exactly what it would alone). Keys and values live in one cache
 preallocated for prompt + max_new_tokens (model.KVCache), so a decode step is one
-forward of B tokens with no reallocation.
+forward of B tokens with no reallocation, on the model's inference copy of its weights
+(Transformer.fused_for_inference: fewer, faster matmuls; built per call, so never stale).
 
 Sampling, in the order transformers applies it: repetition penalty (CTRL, Keskar et al.
 2019, arXiv:1909.05858: divide positive logits / multiply negative ones of every token
