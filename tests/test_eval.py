@@ -32,10 +32,10 @@ def run(tmp_path_factory):
     torch.set_num_threads(n)
 
 
-def _ctx(root, **args):
+def _ctx(root, *overrides, **args):
     cfg = config.load_preset("demo")
     cfg = config.apply_overrides(cfg, ["eval.num_prompts=10", "eval.max_new_tokens=6", "eval.batch_size=4",
-                                       "eval.val_samples=8", "eval.num_samples=3"])
+                                       "eval.val_samples=8", "eval.num_samples=3", *overrides])
     return Context(run_dir=RunDir(root), cfg=cfg, args=args)
 
 
@@ -53,9 +53,8 @@ def test_eval_writes_every_stage_and_keeps_pretrain_keys(run, capsys):
         assert {"question", "answer", "reference"} <= set(res["samples"][0])
         assert 0 <= res["char_f1"] <= 1 and 0 <= res["eos_rate"] <= 1
     assert sft["val_loss"] == sft["chat_val_loss"]
-    # penalized greedy decoding is declared, and plain greedy is reported beside it
-    assert sft["decoding"] == {"greedy": True, "repetition_penalty": 1.15, "max_new_tokens": 6}
-    assert set(sft["plain_greedy"]) == {"char_f1", "rouge_l", "eos_rate", "repetition_rate"}
+    assert sft["decoding"] == {"greedy": True, "repetition_penalty": 1.0, "max_new_tokens": 6}
+    assert "plain_greedy" not in sft
     assert pre["prompt_format"].startswith("plain text") and sft["prompt_format"] == "chat template"
     # the same prompts for both stages
     assert [s["question"] for s in pre["samples"]] == [s["question"] for s in sft["samples"]]
@@ -63,10 +62,18 @@ def test_eval_writes_every_stage_and_keeps_pretrain_keys(run, capsys):
     assert sft["truncated_answers"] + round(sft["eos_rate"] * 10) == 10
     out = capsys.readouterr().err
     assert "char_f1" in out and "question-as-answer" in out
-    assert "repetition_rate (plain greedy)" in out and "repetition penalty 1.15" in out
     # a second run is up to date
     ev.run_stage(_ctx(run))
     assert "up to date" in capsys.readouterr().err
+
+
+def test_eval_with_a_repetition_penalty_reports_plain_greedy_beside(run, capsys):
+    ev.run_stage(_ctx(run, "eval.repetition_penalty=1.3", stage="sft"))
+    sft = json.loads((run / "eval" / "sft.json").read_text())
+    assert sft["decoding"]["repetition_penalty"] == 1.3
+    assert set(sft["plain_greedy"]) == {"char_f1", "rouge_l", "eos_rate", "repetition_rate"}
+    out = capsys.readouterr().err
+    assert "repetition_rate (plain greedy)" in out and "repetition penalty 1.3" in out
 
 
 def test_eval_stage_flag(run):

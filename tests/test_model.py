@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt import config
-from zero_chatgpt.model import KVCache, ModelConfig, Transformer, lm_loss, model_config_from
+from zero_chatgpt.loss import lm_loss
+from zero_chatgpt.model import KVCache, ModelConfig, Transformer, model_config_from
 from zero_chatgpt.train.loop import LoopSettings, lr_at
 
 transformers = pytest.importorskip("transformers")

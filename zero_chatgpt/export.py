@@ -54,7 +54,7 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, sampling: dict | 
     if cfg["vocab_size"] < tok.vocab_size:
         raise UserError(f"{model_dir}: model vocabulary {cfg['vocab_size']} < tokenizer's {tok.vocab_size}")
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    c = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.15, **(sampling or {})}
+    c = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.1, **(sampling or {})}
     gen = {"eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id, "do_sample": c["temperature"] > 0,
            **({k: c[k] for k in ("temperature", "top_k", "top_p")} if c["temperature"] > 0 else {}),
            "repetition_penalty": c["repetition_penalty"]}

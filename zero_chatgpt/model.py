@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zero_chatgpt.loss import chunked_cross_entropy
+
 
 @dataclass
 class ModelConfig:
@@ -357,9 +359,11 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                return_hidden: bool = False, labels: torch.Tensor | None = None):
+                return_hidden: bool = False, labels: torch.Tensor | None = None,
+                ul_candidates: torch.Tensor | None = None, ul_alpha: float = 0.0):
         """Logits (B, T, vocab), or the final normed hidden states (B, T, hidden) with
-        `return_hidden=True`, or with `labels` the summed next-token cross-entropy (see lm_loss).
+        `return_hidden=True`, or with `labels` the summed next-token cross-entropy (see loss.lm_loss;
+        ul_candidates / ul_alpha add the unlikelihood term of loss.unlikelihood_candidates).
 
         input_ids (B, T). position_ids (B, T): default kv_cache.pos + arange(T); pass them with
         left padding. attention_mask (B, S): 1 for real tokens, 0 for padding, covering every
@@ -393,80 +397,7 @@ class Transformer(nn.Module):
             kv_cache.pos += T
         x = self.model.norm(x)
         if labels is not None:
-            return chunked_cross_entropy(x, self.lm_head.weight, labels)
+            return chunked_cross_entropy(x, self.lm_head.weight, labels, ul_candidates=ul_candidates, ul_alpha=ul_alpha)
         if return_hidden:
             return x
         return self.logits(x)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of (hidden @ weight.T) that computes its gradients in the forward
-    pass, chunk by chunk (Liger Kernel's fused linear cross-entropy, arXiv:2410.10989, in
-    plain torch). The (rows x vocab) logits exist one chunk at a time and are never saved
-    for backward; d(loss)/d(logits) = softmax - onehot is formed in place, so the log-softmax
-    backward pass and its memory traffic disappear."""
-
-    @staticmethod
-    def forward(ctx, h, w, y, ignore_index: int, chunk_rows: int):
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        wc = w.to(h.dtype)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], chunk_rows):
-            hc, yc = h[s:s + chunk_rows], y[s:s + chunk_rows]
-            # log_softmax is one vectorized kernel; logsumexp + subtract made three passes and
-            # two (rows x vocab) temporaries (measured 2x slower on CPU).
-            logp = torch.log_softmax((hc @ wc.t()).float(), dim=-1)
-            valid = yc != ignore_index
-            all_valid = bool(valid.all())
-            yv = yc if all_valid else torch.where(valid, yc, torch.zeros_like(yc))
-            picked = logp.gather(1, yv[:, None]).squeeze(1)
-            total -= picked.sum() if all_valid else (picked * valid).sum()
-            if need_h or need_w:
-                p = logp.exp_()                                   # softmax, in place
-                p[torch.arange(len(yv), device=p.device), yv] -= 1.0
-                if not all_valid:
-                    p.mul_(valid[:, None])
-                pc = p.to(h.dtype)
-                if need_h:
-                    grad_h[s:s + chunk_rows] = pc @ wc
-                if need_w:
-                    grad_w.addmm_(pc.t().float() if pc.dtype != torch.float32 else pc.t(), hc.float())
-        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
-        return total
-
-    @staticmethod
-    def backward(ctx, g):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
-        gw = grad_w * g if grad_w is not None else None
-        return gh, gw, None, None, None
-
-
-@torch.compiler.disable
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          ignore_index: int = -100, chunk_rows: int = 1024) -> torch.Tensor:
-    """Summed next-token cross-entropy of `hidden @ weight.T` against labels (fp32 softmax),
-    fused with its gradient and chunked over rows (see _LinearCrossEntropy)."""
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, y, ignore_index, chunk_rows)
-    total = torch.zeros((), dtype=torch.float32, device=h.device)
-    for s in range(0, h.shape[0], chunk_rows):   # evaluation: the loss only
-        logits = (h[s:s + chunk_rows] @ weight.to(h.dtype).t()).float()
-        total += F.cross_entropy(logits, y[s:s + chunk_rows], ignore_index=ignore_index, reduction="sum")
-    return total
-
-
-def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-            ignore_index: int = -100) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over labels != ignore_index, and how many there were.
-
-    `labels` are already shifted: labels[:, t] is the token that follows input_ids[:, t].
-    Works through DDP / torch.compile wrappers (the loss is computed inside forward).
-    """
-    n = int((labels != ignore_index).sum())
-    total = model(input_ids, labels=labels)
-    return total / max(n, 1), n

@@ -25,7 +25,8 @@ from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt import tokens as tokens_mod
 from zero_chatgpt.console import UserError, info
 from zero_chatgpt.io import atomic_write_json
-from zero_chatgpt.model import Transformer, lm_loss, model_config_from
+from zero_chatgpt.loss import lm_loss
+from zero_chatgpt.model import Transformer, model_config_from
 from zero_chatgpt.rundir import Context, mark_complete, stage_key
 from zero_chatgpt.train import loop
 

@@ -6,6 +6,11 @@ assistant message's content and its closing <|im_end|>) — and train on the ass
 starting from pretrain/final (or `sft.init_from`). Resume, DDP, logging and checkpoints are the loop's
 (train/loop.py); this module supplies a batch source and a loss.
 
+The loss: cross-entropy on the assistant tokens plus `sft.unlikelihood` x token-level unlikelihood
+(Welleck et al. 2019): at each answer token, the distinct tokens the answer already used are pushed
+down, so a small model learns not to say them again where the data does not (loss.py; plain greedy
+repetition on the demo 0.17 -> 0.025 at equal validation loss). Validation loss is cross-entropy only.
+
 Truncation: a conversation longer than `max_seq_len` keeps its first `max_seq_len` tokens, ids and
 mask cut at the same place. A cut answer thus ends without <|im_end|> — the model is never taught to
 stop where the text was cut — and it is never replaced by anything else (the seed replaced answers
@@ -22,6 +27,7 @@ so the padding is the only waste; the pad fraction is measured on the plan and r
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -168,11 +174,12 @@ class LengthGroupedBatches:
     """
 
     def __init__(self, data: SFTSet, pad_id: int, micro_batch_tokens: int, grad_accum: int, seed: int,
-                 group_batches: int = 32):
+                 group_batches: int = 32, unlikelihood: bool = False):
         if len(data) == 0:
             raise UserError("no SFT conversations left to train on (all dropped); check sft_data/ and sft.max_seq_len")
         self.data, self.pad_id, self.grad_accum, self.seed = data, pad_id, grad_accum, seed
         self.micro_batch_tokens, self.group_batches = micro_batch_tokens, group_batches
+        self.unlikelihood = unlikelihood        # add each target's negative candidates (loss.py)
         self.lengths = data.lengths()
         self._plans: dict[int, list[np.ndarray]] = {}
         self._counts: dict[int, int] = {}       # batches per epoch, kept for every epoch seen
@@ -199,20 +206,26 @@ class LengthGroupedBatches:
 
     def __call__(self, step: int, micro: int, rank: int, world: int) -> dict:
         m = (step * self.grad_accum + micro) * world + rank
-        return collate(self.data, self.indices(m), self.pad_id)
+        batch = collate(self.data, self.indices(m), self.pad_id)
+        if self.unlikelihood:
+            from zero_chatgpt.loss import unlikelihood_candidates
+            batch["ul_candidates"] = unlikelihood_candidates(batch["labels"], IGNORE)
+        return batch
 
 
-def sft_loss(model, batch: dict):
-    """Mean cross-entropy over the assistant tokens of the batch (labels already shifted and masked)."""
-    from zero_chatgpt.model import lm_loss
-    loss, n = lm_loss(model, batch["input_ids"], batch["labels"])
+def sft_loss(model, batch: dict, unlikelihood: float = 0.0):
+    """Mean cross-entropy over the assistant tokens of the batch (labels already shifted and masked),
+    plus `unlikelihood` x the token-level unlikelihood of the answer's earlier tokens (loss.py)."""
+    from zero_chatgpt.loss import lm_loss
+    loss, n = lm_loss(model, batch["input_ids"], batch["labels"], IGNORE,
+                      ul_candidates=batch.get("ul_candidates"), ul_alpha=unlikelihood)
     return loss, {}, n
 
 
 @torch.no_grad()
 def masked_val_loss(model, data: SFTSet, pad_id: int, micro_batch_tokens: int = 4096) -> float:
     """Mean loss over every assistant token of `data` (the SFT validation loss), in length-sorted batches."""
-    from zero_chatgpt.model import lm_loss
+    from zero_chatgpt.loss import lm_loss
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -321,7 +334,8 @@ def run_stage(ctx) -> None:
     grad_accum = max(1, int(s["batch_tokens"]) // (micro * d.world))
     settings = loop.LoopSettings.from_section(s, grad_accum=grad_accum, seed=int(cfg["run"]["seed"]),
                                               init_from=str(src))
-    batches = LengthGroupedBatches(train, tok.pad_id, micro, grad_accum, int(cfg["run"]["seed"]))
+    ul = float(s["unlikelihood"])
+    batches = LengthGroupedBatches(train, tok.pad_id, micro, grad_accum, int(cfg["run"]["seed"]), unlikelihood=ul > 0)
     pad = pad_fraction(batches.lengths, batches.plan(0))
     steps_per_epoch = len(batches.plan(0)) / (grad_accum * d.world)
     info(f"sft: {len(train):,} conversations, {train.target_tokens():,} assistant tokens, "
@@ -331,7 +345,7 @@ def run_stage(ctx) -> None:
     model = Transformer(model_cfg)
     eval_fn = (lambda m: {"val_loss": masked_val_loss(m, val, tok.pad_id, micro)}) if len(val) else None
     result = loop.train(settings, model=model, stage="sft", stage_dir=out, log_dir=rd.logs, batches=batches,
-                        loss_fn=sft_loss, eval_fn=eval_fn, dist_info=d,
+                        loss_fn=functools.partial(sft_loss, unlikelihood=ul), eval_fn=eval_fn, dist_info=d,
                         tokens_per_step=int((train.lengths() - 1).sum() / len(batches.plan(0))) * grad_accum * d.world,
                         meta={"init_from": str(src), "stage_key": key})
     summary = {"records": stats["records"], "dropped_records": stats.get("dropped", {}),
@@ -346,6 +360,7 @@ def run_stage(ctx) -> None:
         rows += [[f"dropped: {k}", v] for k, v in stats.get("dropped", {}).items()]
         rows += [["conversations trained on", len(train)], ["truncated to max_seq_len", train.n_truncated],
                  ["dropped: no answer token within max_seq_len", train.n_dropped],
-                 ["pad fraction", f"{pad:.1%}"], ["epochs", round(summary["epochs"], 3)]]
+                 ["pad fraction", f"{pad:.1%}"], ["epochs", round(summary["epochs"], 3)],
+                 ["unlikelihood alpha (in the train loss, not in val_loss)", ul]]
         rows += loop.summary_rows(result)
         table(["", "sft"], rows, title=f"sft: done → {result.final}")

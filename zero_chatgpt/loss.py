@@ -1,0 +1,137 @@
+"""The language-model losses every training stage shares: next-token cross-entropy fused with the
+output projection, and token-level unlikelihood against repeating the answer.
+
+Cross-entropy: `chunked_cross_entropy` computes (hidden @ weight.T) chunk by chunk and forms its
+gradient in the same pass (Liger Kernel's fused linear cross-entropy, arXiv:2410.10989, in plain
+torch), so the (rows x vocab) logits never exist whole and are never saved for backward.
+
+Unlikelihood (Welleck et al. 2019, "Neural Text Generation with Unlikelihood Training",
+arXiv:1908.04319, token level): at each answer position, the tokens the answer has already used
+(other than the right next token) are "negative candidates" C, and the loss adds
+    alpha * sum_{c in C} -log(1 - p(c | prefix)).
+Maximum likelihood alone leaves a small model free to put its mass back on what it just said; a
+greedy decoder then loops ("废寝忘餐，废寝忘餐，..."). On the demo SFT it cut plain-greedy answers
+with a 4-gram repeated 3+ times from 17 % to 2.5 % at equal validation loss (see presets/defaults.toml).
+Its gradient w.r.t. the logits z is closed-form, so it lives in the same fused pass:
+    d/dz_j sum_c -log(1 - p_c) = sum_c w_c [j = c] - p_j sum_c w_c,   w_c = p_c / (1 - p_c).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def unlikelihood_candidates(labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+    """(B * T, K) negative candidates per target position of `labels` (B, T), -1 = none.
+
+    The candidates of a target are the distinct tokens among the earlier targets of its row (the
+    answer tokens already produced, across the row's assistant turns), without the target itself.
+    K is the largest number of targets in a row.
+    """
+    B, T = labels.shape
+    per_row, K = [], 1
+    for r in range(B):
+        idx = (labels[r] != ignore_index).nonzero().squeeze(1)
+        a = labels[r, idx]
+        n = len(a)
+        if n == 0:
+            continue
+        j = torch.arange(n, device=labels.device)
+        earlier = j[None, :] < j[:, None]                                   # [i, j]: j before i
+        first = ~((a[:, None] == a[None, :]) & earlier).any(1)               # first use of a[j] in the row
+        keep = earlier & first[None, :] & (a[None, :] != a[:, None])
+        per_row.append((r, idx, torch.where(keep, a[None, :].expand(n, n), -1)))
+        K = max(K, n)
+    out = torch.full((B, T, K), -1, dtype=torch.long, device=labels.device)
+    for r, idx, c in per_row:
+        out[r, idx, :c.shape[1]] = c
+    return out.view(B * T, K)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy (+ alpha x unlikelihood) of (hidden @ weight.T), gradients formed in the
+    forward pass chunk by chunk: d(loss)/d(logits) = softmax - onehot (+ the unlikelihood term,
+    see the module docstring) is built in place, so there is no log-softmax backward pass."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, ignore_index: int, chunk_rows: int, cand, alpha: float):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        wc = w.to(h.dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, h.shape[0], chunk_rows):
+            hc, yc = h[s:s + chunk_rows], y[s:s + chunk_rows]
+            # log_softmax is one vectorized kernel; logsumexp + subtract made three passes and
+            # two (rows x vocab) temporaries.
+            logp = torch.log_softmax((hc @ wc.t()).float(), dim=-1)
+            valid = yc != ignore_index
+            all_valid = bool(valid.all())
+            yv = yc if all_valid else torch.where(valid, yc, torch.zeros_like(yc))
+            picked = logp.gather(1, yv[:, None]).squeeze(1)
+            total -= picked.sum() if all_valid else (picked * valid).sum()
+            p = logp.exp_()                                       # softmax, in place
+            if cand is not None:
+                cc = cand[s:s + chunk_rows]
+                cmask = cc >= 0
+                ci = cc.clamp(min=0)
+                pc = p.gather(1, ci) * cmask
+                one_minus = (1.0 - pc).clamp_(min=1e-5)
+                total -= alpha * (one_minus.log() * cmask).sum()
+                wgt = alpha * pc / one_minus                      # 0 where there is no candidate
+                p.mul_(1.0 - wgt.sum(1, keepdim=True))            # p - p * alpha * sum_c w_c ...
+                p.scatter_add_(1, ci, wgt)                        # ... + alpha * w_c at each candidate
+            if need_h or need_w:
+                p[torch.arange(len(yv), device=p.device), yv] -= 1.0
+                if not all_valid:
+                    p.mul_(valid[:, None])
+                pc = p.to(h.dtype)
+                if need_h:
+                    grad_h[s:s + chunk_rows] = pc @ wc
+                if need_w:
+                    grad_w.addmm_(pc.t().float() if pc.dtype != torch.float32 else pc.t(), hc.float())
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * g.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * g if grad_w is not None else None
+        return gh, gw, None, None, None, None, None
+
+
+@torch.compiler.disable
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          ignore_index: int = IGNORE, chunk_rows: int = 1024,
+                          ul_candidates: torch.Tensor | None = None, ul_alpha: float = 0.0) -> torch.Tensor:
+    """Summed next-token cross-entropy of `hidden @ weight.T` against labels (fp32 softmax), plus
+    ul_alpha x the unlikelihood of `ul_candidates` (from unlikelihood_candidates; training only),
+    fused with its gradient and chunked over rows (see _LinearCrossEntropy)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        cand = ul_candidates if ul_alpha > 0 else None
+        return _LinearCrossEntropy.apply(h, weight, y, ignore_index, chunk_rows, cand, float(ul_alpha))
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk_rows):   # evaluation: the cross-entropy only
+        logits = (h[s:s + chunk_rows] @ weight.to(h.dtype).t()).float()
+        total += F.cross_entropy(logits, y[s:s + chunk_rows], ignore_index=ignore_index, reduction="sum")
+    return total
+
+
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE,
+            ul_candidates: torch.Tensor | None = None, ul_alpha: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy (+ ul_alpha x unlikelihood) over labels != ignore_index, and how
+    many there were.
+
+    `labels` are already shifted: labels[:, t] is the token that follows input_ids[:, t].
+    Works through DDP / torch.compile wrappers (the loss is computed inside forward).
+    """
+    n = int((labels != ignore_index).sum())
+    kw = {"ul_candidates": ul_candidates, "ul_alpha": ul_alpha} if ul_alpha > 0 else {}
+    total = model(input_ids, labels=labels, **kw)
+    return total / max(n, 1), n
