@@ -79,7 +79,8 @@ def test_fused_inference_weights_give_the_same_logits_and_are_dropped_after(kw):
             with m.fused_for_inference():   # nested: still the same copies
                 fused = m(x)
             cache = KVCache(m.config, 2, 9)
-            stepped = torch.cat([m(x[:, :5], kv_cache=cache)] + [m(x[:, t:t + 1], kv_cache=cache) for t in range(5, 9)], 1)
+            steps = [m(x[:, :5], kv_cache=cache)] + [m(x[:, t:t + 1], kv_cache=cache) for t in range(5, 9)]
+            stepped = torch.cat(steps, 1)
         assert (fused - plain).abs().max() < 1e-5 and (stepped - plain).abs().max() < 1e-5
         assert (fused - hf(x).logits).abs().max() < 1e-5
     assert m.head_w is None and all(b.self_attn.inference_w is None and b.mlp.inference_w is None

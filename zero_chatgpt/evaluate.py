@@ -182,7 +182,8 @@ def answer_prompts(model, tok, records: list[dict], *, chat: bool, max_new_token
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         outs = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0,
-                        repetition_penalty=repetition_penalty, stop_ids=tok.stop_ids, stop_strings=() if chat else ("\n",), tokenizer=tok)
+                        repetition_penalty=repetition_penalty, stop_ids=tok.stop_ids,
+                        stop_strings=() if chat else ("\n",), tokenizer=tok)
         for i, g in zip(idx, outs):
             gens[i] = g
         bar.update(len(idx))
@@ -356,4 +357,5 @@ def run_stage(ctx) -> None:
                  *[f"{base['baseline_question_char_f1']:.3f} / {base['baseline_question_rouge_l']:.3f}"] * len(results)])
     penalty = float(e["repetition_penalty"])
     how = "greedy" + (f", repetition penalty {penalty:g}" if penalty != 1.0 else "")
-    table(["metric", *results], rows, title=f"eval: {len(eval_recs)} held-out prompts ({how}) → {rd.eval}/<stage>.json")
+    table(["metric", *results], rows,
+          title=f"eval: {len(eval_recs)} held-out prompts ({how}) → {rd.eval}/<stage>.json")
