@@ -36,14 +36,18 @@ def test_chat_through_a_pipe(run_dir):
 
 
 def test_no_model_says_which_stage_to_run(tmp_path):
+    from runs import record_stage
+    from zero_chatgpt import checkpoint as ckpt
+    from test_sft import _tiny_model, make_tokenizer
     rd = RunDir(tmp_path)
     with pytest.raises(UserError, match="no trained model.*zero-chatgpt run"):
         pick_stage(rd, None)
-    (tmp_path / "pretrain" / "final").mkdir(parents=True)
-    (tmp_path / "pretrain" / "final" / "config.json").write_text("{}")
+    m = _tiny_model(make_tokenizer())
+    ckpt.save_checkpoint(tmp_path / "pretrain", "final", model_state=m.state_dict(), cfg=m.config)
+    record_stage(tmp_path, "pretrain")
     with pytest.raises(UserError, match=r"zero-chatgpt sft --run-dir"):
         pick_stage(rd, None)
-    with pytest.raises(UserError, match=r"no trained dpo model.*zero-chatgpt dpo --run-dir"):
+    with pytest.raises(UserError, match=r"no usable dpo model.*zero-chatgpt dpo --run-dir"):
         pick_stage(rd, "dpo")
     assert pick_stage(rd, "pretrain") == "pretrain"
     # through the command line: one line, exit status 2

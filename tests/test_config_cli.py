@@ -35,7 +35,8 @@ def test_override_types_and_errors():
 
 def test_resolved_config_is_written_and_reused(tmp_path):
     cfg = config.resolve(tmp_path, "demo", ["run.seed=99"])
-    assert (tmp_path / "config.toml").exists()
+    assert not (tmp_path / "config.toml").exists()          # resolving writes nothing
+    config.save(tmp_path, cfg)
     again = config.resolve(tmp_path, None, [])
     assert again == cfg and again["run"]["seed"] == 99
 

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from runs import record_stage
 from test_sft import _tiny_model, toy_run_copy
 from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt import config
@@ -22,6 +23,7 @@ def run(tmp_path_factory):
     tok = toy_run_copy(root, tmp_path_factory)                                   # tokenizer/ + sft/final
     pre = _tiny_model(tok)                                     # pretrain/final: an untrained model
     ckpt.save_checkpoint(root / "pretrain", "final", model_state=pre.state_dict(), cfg=pre.config)
+    record_stage(root, "pretrain", reads=["tokenizer"])
     (root / "eval").mkdir()
     (root / "eval" / "pretrain.json").write_text(json.dumps(   # what the pretrain stage writes
         {"val_loss": 3.5, "val_bpc": 2.0, "curve": [{"step": 1, "val_loss": 3.5, "val_bpc": 2.0}],
@@ -77,7 +79,7 @@ def test_eval_with_a_repetition_penalty_reports_plain_greedy_beside(run, capsys)
 
 
 def test_eval_stage_flag(run):
-    with pytest.raises(UserError, match=r"no trained ppo model.*zero-chatgpt ppo"):
+    with pytest.raises(UserError, match=r"no current ppo model.*zero-chatgpt ppo"):
         ev.run_stage(_ctx(run, stage="ppo"))
     with pytest.raises(UserError, match="unknown stage"):
         ev.run_stage(_ctx(run, stage="nonsense"))

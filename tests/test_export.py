@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from runs import record_stage
 from zero_chatgpt import tokens
 from zero_chatgpt.checkpoint import load_model
 from zero_chatgpt.data.builtin import iter_peoples_daily
@@ -46,6 +47,7 @@ def run(tmp_path_factory):
                        tok.vocab_size)
     tokens.write_shard(rd / "tokens" / "val-00000.bin", [tok.encode(t) + [tok.eot_id] for t in docs[220:]],
                        tok.vocab_size)
+    record_stage(rd, "tokenizer")
     r = cli("pretrain", "--preset", "demo", "--run-dir", str(rd), *TINY)
     return rd, r
 

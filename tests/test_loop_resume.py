@@ -54,8 +54,8 @@ def main(argv=None) -> None:
     from zero_chatgpt.train.pretrain import PackedBlocks, ValEval, lm_loss_fn
 
     if a.slow_save:
-        real = ckpt._fsync_file
-        ckpt._fsync_file = lambda p: (time.sleep(a.slow_save), real(p))
+        real = ckpt.write_file
+        ckpt.write_file = lambda p, data: (time.sleep(a.slow_save), real(p, data))
     d = loop.setup_distributed("cpu")
     if d.main and not (a.run_dir / "tokens").exists():
         make_shards(a.run_dir / "tokens")

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from runs import record_stage
 from zero_chatgpt.data.builtin import load_idioms
 from zero_chatgpt.train import sft
 
@@ -156,6 +157,8 @@ def toy_run_copy(root, tmp_path_factory):
         d = tmp_path_factory.mktemp("toy_run_master")
         tok = make_tokenizer()
         _TOY_RUNS.update(dir=d, tok=tok, result=train_toy_run(tok, d))
+        record_stage(d, "tokenizer")
+        record_stage(d, "sft", reads=["tokenizer"])
         torch.set_num_threads(n)
     shutil.copytree(_TOY_RUNS["dir"], root, dirs_exist_ok=True)
     return _TOY_RUNS["tok"]
@@ -215,6 +218,8 @@ def test_sft_stage_from_source_resumes_nothing_and_reports(tok, tmp_path, capsys
     tok.save(tmp_path / "tokenizer")
     pre = _tiny_model(tok)
     ckpt.save_checkpoint(tmp_path / "pretrain", "final", model_state=pre.state_dict(), cfg=pre.config)
+    record_stage(tmp_path, "tokenizer")
+    record_stage(tmp_path, "pretrain", reads=["tokenizer"])
     src = tmp_path / "toy.jsonl"
     forms = ["{}是什么？", "请问{}是什么？", "{}属于哪一类？"]
     src.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f.format(k)},

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runs import record_stage
 from zero_chatgpt import tokens as tokens_mod
 from zero_chatgpt.cli import main
 from zero_chatgpt.data.builtin import iter_builtin_documents
@@ -192,6 +193,7 @@ def _write_corpus(run_dir, corpus):
         with JsonlZstWriter(data / f"{name}.jsonl.zst") as w:
             for t in docs:
                 w.write({"text": t, "source": "builtin"})
+    record_stage(run_dir, "data")
     return {"train": train[0::2] + train[1::2], "val": val}
 
 
@@ -238,7 +240,8 @@ def test_stage_encodes_shards_resumes_and_detects_corruption(tmp_path, corpus, c
     keep = paths[0].stat().st_mtime_ns
     paths[1].unlink()
     (tmp_path / "tokens" / "train-00001.bin.tmp").write_bytes(b"half a shard")   # a killed writer's leftover
-    (tmp_path / "tokens" / ".stage.json").unlink()
+    marker = tmp_path / "tokenizer" / ".stage.json"           # the stage was killed while encoding
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "state": "running"}))
     main(args)
     assert not (tmp_path / "tokens" / "train-00001.bin.tmp").exists()
     assert "2 of 3 shards already encoded" in capsys.readouterr().err
@@ -269,12 +272,12 @@ def test_stage_without_corpus_says_what_to_do(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tokenizer", "--run-dir", str(tmp_path), "--preset", "demo"])
     assert e.value.code == 2
-    assert "run `zero-chatgpt data` first" in capsys.readouterr().err
+    assert f"run `zero-chatgpt data --run-dir {tmp_path}` first" in capsys.readouterr().err
 
 
 def test_shards_from_worker_processes_equal_shards_from_threads(tmp_path, corpus, saved):
     """Many shards go to worker processes, few to a thread pool: the files must not differ."""
-    from zero_chatgpt.encode import _NoBar, _run_jobs
+    from zero_chatgpt.encode import _NoBar, run_jobs
     data = tmp_path / "data"
     data.mkdir()
     for i in range(4):
@@ -288,7 +291,7 @@ def test_shards_from_worker_processes_equal_shards_from_threads(tmp_path, corpus
         out.mkdir()
         tok = load_tokenizer(saved[0], num_threads=threads)
         jobs = [("train", s, out / (s.name.split(".")[0] + ".bin"), {}) for s in srcs]
-        stats = {job[2].name: st for job, st in _run_jobs(jobs, tok, saved[0], _NoBar())}
+        stats = {job[2].name: st for job, st in run_jobs(jobs, tok, saved[0], _NoBar())}
         assert sorted(stats) == [f"train-{i:05d}.bin" for i in range(4)]
         assert all(st["docs"] == 25 for st in stats.values())
         outs[name] = {p.name: p.read_bytes() for p in out.glob("*.bin")}

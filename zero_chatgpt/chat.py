@@ -19,29 +19,18 @@ from __future__ import annotations
 import codecs
 import sys
 
-from zero_chatgpt.console import UserError, info
+from zero_chatgpt.console import info
 
 HELP = "commands: /reset, /system TEXT, /temp X, /help, /quit"
-CHAT_ORDER = ("grpo", "dpo", "ppo", "sft")      # the default: the most aligned model trained so far
 
 
 def pick_stage(run_dir, stage: str | None) -> str:
-    """The stage whose model to load, or a UserError saying which stage to run first."""
-    root = run_dir.root
-    have = lambda s: (root / s / "final" / "config.json").exists()   # checkpoint.stage_model_path, without torch
-    if stage:
-        if not have(stage):
-            raise UserError(f"no trained {stage} model in {root / stage / 'final'}: run "
-                            f"`zero-chatgpt {stage} --run-dir {root}` first")
-        return stage
-    for s in CHAT_ORDER:
-        if have(s):
-            return s
-    if have("pretrain"):
-        raise UserError(f"no chat model in {root} yet: run `zero-chatgpt sft --run-dir {root}` "
-                        f"(or talk to the pretrained model with --stage pretrain)")
-    raise UserError(f"no trained model in {root}: run `zero-chatgpt run --run-dir {root}` "
-                    f"(or the stages up to `zero-chatgpt sft`)")
+    """The stage whose model to chat with (see rundir.pick_model), saying why later ones were passed over."""
+    from zero_chatgpt.rundir import pick_model
+    name, _, notes = pick_model(run_dir, stage, chat=True)
+    for n in notes:
+        info(n)
+    return name
 
 
 class TokenPrinter:

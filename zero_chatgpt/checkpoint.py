@@ -2,22 +2,34 @@
 
     RUN_DIR/<stage>/step-N/   model.safetensors   the weights, named as transformers' LlamaForCausalLM
                               config.json         an HF LlamaConfig (so the folder loads in transformers)
-                              trainer_state.pt    optimizer, step, RNG states, data position (torch.save;
+                              <name>/             further models the stage trains (a PPO critic), each
+                                                  model.safetensors + config.json
+                              trainer_state.pt    per model: optimizer; step, every rank's RNG and data
+                                                  position (torch.save of tensors and plain values only;
                                                   read back with weights_only=True)
                               meta.json           step, time, metrics (for people)
-    RUN_DIR/<stage>/final/    the same, written when the stage finishes
+                              manifest.json       size and xxh3-128 of every file above, written last
+    RUN_DIR/<stage>/final/    what chat / export / eval / a later stage read: the model, config.json,
+                              meta.json, manifest.json (no optimizer: it is 2x the model and only a
+                              resume needs it, from step-N). Its model file is a hard link to the last
+                              step-N's, where the file system allows.
 
-Atomic: a checkpoint is written into `.tmp-step-N/`, every file fsync'ed, and the folder
-renamed to `step-N/` (a rename is atomic on POSIX). A run killed mid-save leaves only a
-`.tmp-*` folder, which the next run deletes; `latest_checkpoint` only ever sees complete
-folders. Older `step-*` folders beyond the last K are deleted after a save.
+Atomic and verifiable: a checkpoint is written into `.tmp-<name>/`, every file fsync'ed, the
+manifest last, and the folder renamed into place (a rename is atomic on POSIX). A run killed
+mid-save leaves only a `.tmp-*` folder, which the next run deletes. On load the manifest is
+checked (sizes and hashes): a truncated or damaged checkpoint is reported with its path and the
+previous intact one is used; none left is a one-line error that offers --force. Older `step-*`
+folders beyond the last K are deleted after a successful save only, so a failed save (a full
+disk, a file size limit) always leaves the previous checkpoint loadable. Files are written with
+plain `open()`, so their mode follows the umask.
 
-`load_model(path)` reads our checkpoints and HF Llama folders alike (they are the same
-format): model.safetensors, sharded safetensors (model.safetensors.index.json), or
-pytorch_model.bin (loaded with weights_only=True).
+`load_model(path)` reads our checkpoints and HF Llama folders alike (they are the same format):
+model.safetensors, sharded safetensors (model.safetensors.index.json), or pytorch_model.bin
+(loaded with weights_only=True); an HF folder has no manifest, and is read as it is.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -26,9 +38,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from zero_chatgpt.console import UserError
+from zero_chatgpt import manifest
+from zero_chatgpt.console import UserError, info
 from zero_chatgpt.model import ModelConfig, Transformer, rope_tables
 
 MODEL_FILE = "model.safetensors"
@@ -44,19 +59,25 @@ def stage_model_path(run_dir, stage: str) -> Path:
     return Path(root) / stage / "final"
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:   # some filesystems do not allow fsync on a directory
+        pass
     finally:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_file(path)
-    except OSError:   # some filesystems do not allow fsync on a directory
-        pass
+def write_file(path: Path, data: bytes) -> None:
+    """Write and fsync `data` (an OSError names the path: ENOSPC, EFBIG, EROFS, EACCES...)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def model_state_for_saving(model_state: dict, cfg: ModelConfig) -> dict:
@@ -70,23 +91,37 @@ def model_state_for_saving(model_state: dict, cfg: ModelConfig) -> dict:
     return out
 
 
-def write_model_files(folder: Path, model_state: dict, cfg: ModelConfig, dtype: torch.dtype | None = None) -> None:
-    state = model_state_for_saving(model_state, cfg)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    save_file(state, str(folder / MODEL_FILE), metadata={"format": "pt"})
+def write_model_files(folder: Path, model_state: dict, cfg: ModelConfig, dtype: torch.dtype | None = None,
+                      link_from: Path | None = None) -> None:
+    """model.safetensors + config.json into `folder`. With `link_from` (a checkpoint of the same
+    weights) the model file is hard-linked from there (no second copy on disk), or copied where the
+    file system has no hard links; `model_state` is then not needed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if link_from is not None:
+        try:
+            os.link(link_from / MODEL_FILE, folder / MODEL_FILE)
+        except OSError:
+            shutil.copyfile(link_from / MODEL_FILE, folder / MODEL_FILE)
+    else:
+        state = model_state_for_saving(model_state, cfg)
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        write_file(folder / MODEL_FILE, safetensors_bytes(state, metadata={"format": "pt"}))
     hf = cfg.to_hf_dict()
     if dtype is not None:
         hf["torch_dtype"] = str(dtype).replace("torch.", "")
-    (folder / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+    write_file(folder / CONFIG_FILE, (json.dumps(hf, indent=2) + "\n").encode())
 
 
 def save_checkpoint(stage_dir: str | os.PathLike, name: str, *, model_state: dict, cfg: ModelConfig,
-                    trainer_state: dict | None = None, meta: dict | None = None, keep_last: int = 0) -> Path:
+                    trainer_state: dict | None = None, meta: dict | None = None, keep_last: int = 0,
+                    extra_models: dict[str, tuple[dict, ModelConfig]] | None = None,
+                    link_from: Path | None = None) -> Path:
     """Atomically write `stage_dir/name/` (e.g. "step-100" or "final"); return its path.
 
-    Only the caller's rank 0 should call this. `keep_last` > 0 deletes older step-N folders
-    beyond the newest K (never "final").
+    Only the caller's rank 0 should call this. `extra_models` {name: (state, config)} go into
+    subfolders. `keep_last` > 0 deletes older step-N folders beyond the newest K (never "final"),
+    after the new one is in place.
     """
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -94,13 +129,19 @@ def save_checkpoint(stage_dir: str | os.PathLike, name: str, *, model_state: dic
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write_model_files(tmp, model_state, cfg)
+    write_model_files(tmp, model_state, cfg, link_from=link_from)
+    for sub, (state, sub_cfg) in (extra_models or {}).items():
+        write_model_files(tmp / sub, state, sub_cfg)
     if trainer_state is not None:
-        torch.save(trainer_state, tmp / STATE_FILE)
-    (tmp / META_FILE).write_text(json.dumps({"name": name, "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                             **(meta or {})}, indent=2, default=float) + "\n")
-    for f in tmp.iterdir():
-        _fsync_file(f)
+        buf = io.BytesIO()
+        torch.save(trainer_state, buf)
+        write_file(tmp / STATE_FILE, buf.getvalue())
+    write_file(tmp / META_FILE, (json.dumps({"name": name, "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                             **(meta or {})}, indent=2, default=float) + "\n").encode())
+    files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
+    for sub in {Path(f).parent for f in files}:
+        _fsync_dir(tmp / sub)
+    manifest.write(tmp, manifest.describe(tmp, files))
     _fsync_dir(tmp)
     final = stage_dir / name
     if final.exists():   # replace: move the old one aside first (a rename cannot replace a non-empty dir)
@@ -120,21 +161,44 @@ def save_checkpoint(stage_dir: str | os.PathLike, name: str, *, model_state: dic
 
 
 def list_checkpoints(stage_dir: str | os.PathLike) -> list[Path]:
-    """Complete step-N folders, oldest first."""
+    """step-N folders (complete or not: see latest_checkpoint), oldest first."""
     stage_dir = Path(stage_dir)
     if not stage_dir.is_dir():
         return []
     found = []
     for p in stage_dir.iterdir():
         m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / MODEL_FILE).exists() and (p / STATE_FILE).exists():
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(stage_dir: str | os.PathLike) -> Path | None:
-    ckpts = list_checkpoints(stage_dir)
-    return ckpts[-1] if ckpts else None
+def checkpoint_problem(path: Path) -> str | None:
+    """None if the step-N folder is complete and intact (manifest, sizes, hashes, a trainer state)."""
+    why = manifest.problem(path)
+    if why is None and not (path / STATE_FILE).exists():
+        why = f"no {STATE_FILE} (not a resumable checkpoint)"
+    return why
+
+
+def latest_checkpoint(stage_dir: str | os.PathLike, report: bool = True) -> Path | None:
+    """The newest intact step-N checkpoint; damaged ones are reported and passed over.
+
+    A UserError when there are checkpoints but none is intact (the only way on is --force)."""
+    damaged = []
+    for p in reversed(list_checkpoints(stage_dir)):
+        why = checkpoint_problem(p)
+        if why is None:
+            if damaged and report:
+                info(f"resuming from {p}, the newest intact checkpoint")
+            return p
+        damaged.append(f"{p.name}: {why}")
+        if report:
+            info(f"checkpoint {p} is damaged ({why}); passing over it")
+    if damaged:
+        raise UserError(f"no intact checkpoint in {stage_dir} ({'; '.join(damaged)}); rerun with --force to train "
+                        f"this stage from the start")
+    return None
 
 
 def clean_partial(stage_dir: str | os.PathLike) -> list[Path]:
@@ -159,7 +223,12 @@ def clean_partial(stage_dir: str | os.PathLike) -> list[Path]:
 
 
 def load_trainer_state(ckpt: str | os.PathLike) -> dict:
-    return torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True)
+    path = Path(ckpt) / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise UserError(f"{path}: unreadable trainer state ({type(e).__name__}: {str(e)[:200]}); delete "
+                        f"{Path(ckpt)} to resume from the checkpoint before it, or rerun with --force") from None
 
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
@@ -176,16 +245,20 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
 def read_model_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint / HF folder, as a state dict of CPU tensors."""
     path = Path(path)
-    if (path / MODEL_FILE).exists():
-        return load_file(str(path / MODEL_FILE))
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        state = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(str(path / shard)))
-        return state
-    if (path / "pytorch_model.bin").exists():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    try:
+        if (path / MODEL_FILE).exists():
+            return load_file(str(path / MODEL_FILE))
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            state = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                state.update(load_file(str(path / shard)))
+            return state
+        if (path / "pytorch_model.bin").exists():
+            return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: unreadable weights ({type(e).__name__}: {str(e)[:200]}); the files are "
+                        f"incomplete or damaged") from None
     raise UserError(f"{path}: no {MODEL_FILE}, model.safetensors.index.json or pytorch_model.bin")
 
 
@@ -208,13 +281,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path}: no such model folder; train the stage first (or give an HF Llama folder)")
+    if manifest.read(path) is not None:      # ours: check it is whole (an HF folder has no manifest)
+        why = manifest.problem(path)
+        if why:
+            raise UserError(f"{path}: damaged checkpoint ({why}); rerun its stage to rebuild it from its last "
+                            f"checkpoint, or with --force to retrain it")
     cfg = read_model_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device="cpu")
     cos, sin = rope_tables(cfg, cfg.max_position_embeddings)   # buffers are not in the file
     model.rope_cos, model.rope_sin = cos, sin
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and cfg.head == "lm":
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, path)
     return model.to(device=device, dtype=dtype).eval()

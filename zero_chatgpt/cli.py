@@ -1,143 +1,200 @@
 """The `zero-chatgpt` command: one subcommand per stage, plus `run` for the whole recipe.
 
-Every subcommand takes --run-dir, --preset and --set; stage-specific flags are
-documented in each subcommand's --help.
+Every subcommand takes --run-dir, --preset and --set; stage-specific flags are documented in
+each subcommand's --help. The stages and their order come from stages.py (the registry).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
+import os
 import sys
+import time
 from pathlib import Path
 
 from zero_chatgpt import config as config_mod
-from zero_chatgpt.console import UserError, info
-from zero_chatgpt.rundir import Context, RunDir
+from zero_chatgpt.console import UserError, info, table
+from zero_chatgpt.rundir import Context, RunDir, RunLock
+from zero_chatgpt.stages import PIPELINE, READ_ONLY, STAGES, TOOLS, Stage, is_built, model_stages
 
-# The recipe, in order. Each stage is `module:function(ctx)`.
-STAGES = {
-    "data": ("zero_chatgpt.data.pipeline", "run_stage", "clean and deduplicate the corpus into RUN_DIR/data"),
-    "tokenizer": ("zero_chatgpt.tokenizer", "run_stage", "train the BPE tokenizer and encode RUN_DIR/tokens"),
-    "pretrain": ("zero_chatgpt.train.pretrain", "run_stage", "pretrain the language model"),
-    "sft": ("zero_chatgpt.train.sft", "run_stage", "build instruction data and fine-tune (SFT)"),
-    "rm": ("zero_chatgpt.train.reward", "run_stage", "train the reward model"),
-    "ppo": ("zero_chatgpt.train.ppo", "run_stage", "align with PPO against the reward model"),
-    "dpo": ("zero_chatgpt.train.dpo", "run_stage", "align with DPO on preference pairs"),
-    "grpo": ("zero_chatgpt.train.grpo", "run_stage", "align with GRPO"),
-    "eval": ("zero_chatgpt.evaluate", "run_stage", "evaluate every trained stage on held-out prompts"),
-    "report": ("zero_chatgpt.report", "run_stage", "write report.md / report.html with plots"),
-}
-# Commands that use a run but are not part of `run`.
-TOOLS = {
-    "chat": ("zero_chatgpt.chat", "run_command", "chat with a trained model in the terminal (streams tokens)"),
-    "serve": ("zero_chatgpt.serve.app", "run_command", "serve an OpenAI-compatible API and a web chat page"),
-    "export": ("zero_chatgpt.export", "run_command", "export a trained model (hf | gguf)"),
-}
+EPILOG = """\
+The run directory defaults to runs/<preset> (runs/demo without --preset), so runs of
+different presets never share a directory. A run directory remembers its config
+(config.toml: the preset, every --set and --source given so far): later commands on it
+need none of them again.
+
+Stages skip themselves when their inputs are unchanged and resume when interrupted. A
+trained stage whose inputs changed is never retrained silently: the command names the
+changed keys and stops; --force retrains it, a raised max_steps continues it.
+"""
 
 
-def _load(module: str, func: str):
-    """The stage function, or None when that stage is not built yet."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module or module.startswith(str(e.name) + "."):
-            return None
-        raise
-    return getattr(mod, func, None)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run-dir", default="runs/demo", type=Path,
-                   help="run directory every stage reads and writes (default: runs/demo)")
+def _common(p: argparse.ArgumentParser, read_only: bool = False) -> None:
+    p.add_argument("--run-dir", default=None, type=Path,
+                   help="the run directory every stage reads and writes (default: runs/<preset>, i.e. runs/demo)")
     p.add_argument("--preset", default=None,
-                   help=f"config preset ({', '.join(config_mod.preset_names())}); default: the run's saved "
-                        "config.toml, else demo")
+                   help=f"config preset for a new run ({', '.join(config_mod.preset_names())}); default: the run's "
+                        "saved config.toml, else demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config key, e.g. --set pretrain.lr=3e-4 (repeatable)")
-    p.add_argument("--force", action="store_true", help="rebuild even if the stage's output is up to date")
+                   help="override a config key, e.g. --set pretrain.lr=3e-4 (repeatable; remembered by the run"
+                        + (", except here: this command only reads the run" if read_only else "") + ")")
+    if not read_only:
+        p.add_argument("--force", action="store_true",
+                       help="rebuild even if up to date; for a trained stage whose inputs changed, retrain it "
+                            "(deletes its checkpoints)")
 
 
 def _sources(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--source", dest="sources", action="append", default=[], metavar="FORMAT:PATH",
-                   help=f"{what} (repeatable). FORMAT is a reader: text, jsonl, parquet, wikipedia-cn, "
-                        "baidubaike, skypile, firefly, ruozhiba, sharegpt, prompt-answer, messages, preference")
+                   help=f"{what} (repeatable; remembered in the run's config.toml). FORMAT is a reader: text, jsonl, "
+                        "parquet, wikipedia-cn, baidubaike, skypile, firefly, ruozhiba, sharegpt, prompt-answer, "
+                        "messages, preference")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _help_for(st: Stage) -> str:
+    return st.help + ("" if is_built(st) else " [not built yet in this version]")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="zero-chatgpt", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog="zero-chatgpt", description=__doc__.split("\n")[0], epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("run", help="run the whole recipe, stage after stage (skips stages that are up to date)")
+    order = " → ".join(s.name for s in PIPELINE)
+    p = sub.add_parser("run", help=f"run the whole recipe ({order}), skipping what is up to date",
+                       description=f"Run every stage in order: {order}. Each is skipped when up to date and resumed "
+                                   "when interrupted; a summary says what each did.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     p.add_argument("--until", choices=list(STAGES), default=None, help="stop after this stage")
 
-    for name, (_, _, help_) in {**STAGES, **TOOLS}.items():
-        p = sub.add_parser(name, help=help_, description=help_)
-        _common(p)
-        if name == "data":
+    lm = [s.name for s in model_stages()]
+    for st in (*PIPELINE, *TOOLS.values()):
+        p = sub.add_parser(st.name, help=_help_for(st), description=_help_for(st))
+        _common(p, read_only=st.name in READ_ONLY)
+        if st.name == "data":
             _sources(p, "pretraining text to read instead of the built-in corpus")
-        if name == "sft":
+        if st.name == "sft":
             _sources(p, "instruction data to read instead of the built-in instructions")
-        if name in ("eval",):
-            p.add_argument("--stage", default=None,
-                           help="evaluate only this stage (pretrain, sft, ppo, dpo, grpo); default: all trained")
-        if name in ("chat", "serve"):
-            p.add_argument("--stage", default=None,
-                           help="which trained model to load (pretrain, sft, ppo, dpo, grpo); default: the latest")
-        if name == "chat":
-            p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
-        if name == "serve":
+        if st.name == "eval":
+            p.add_argument("--stage", default=None, choices=lm, help="evaluate only this stage; default: all trained")
+        if st.name in ("chat", "serve", "export"):
+            p.add_argument("--stage", default=None, choices=lm,
+                           help="which trained model to load; default: the last stage in pipeline order whose model "
+                                "is complete and current (it says which it picked and why)")
+        if st.name == "chat":
+            p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="longest answer, in tokens")
+        if st.name == "serve":
             p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: local only)")
             p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-        if name == "export":
+        if st.name == "export":
             p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf: transformers folder; gguf")
-            p.add_argument("--out", type=Path, required=True, help="output folder or file")
-            p.add_argument("--stage", default=None, help="which trained model to export; default: the latest")
+            p.add_argument("--out", type=Path, required=True, help="output folder (hf) or file (gguf)")
     return ap
 
 
 def make_context(args: argparse.Namespace) -> Context:
-    run_dir = RunDir(args.run_dir)
-    cfg = config_mod.resolve(run_dir.root, args.preset, args.overrides)
-    extra = {k: v for k, v in vars(args).items() if k not in ("run_dir", "preset", "overrides", "force", "command")}
-    if extra.get("sources"):
-        section = "sft" if args.command == "sft" else "data"
-        cfg[section]["sources"] = list(extra["sources"])
-    return Context(run_dir=run_dir, cfg=cfg, force=args.force, args=extra)
+    run_dir = args.run_dir or Path("runs") / (args.preset or config_mod.DEFAULT_PRESET)
+    sources = {}
+    if getattr(args, "sources", None):
+        # absolute, so the saved config works from any directory; the stage key uses contents, not paths
+        specs = []
+        for spec in args.sources:
+            fmt, sep, path = spec.partition(":")
+            specs.append(f"{fmt}:{Path(path).expanduser().resolve()}" if sep and path else spec)
+        sources["sft" if args.command == "sft" else "data"] = specs
+    cfg = config_mod.resolve(run_dir, args.preset, args.overrides, sources)
+    skip = {"run_dir", "preset", "overrides", "force", "command", "sources", "until"}
+    extra = {k: v for k, v in vars(args).items() if k not in skip}
+    return Context(run_dir=RunDir(run_dir), cfg=cfg, force=getattr(args, "force", False), args=extra,
+                   read_only=args.command in READ_ONLY)
+
+
+def run_stage(ctx: Context, st: Stage) -> str:
+    """Run one stage (rank 0 only for a stage that is not distributed, under torchrun); returns
+    'not built' or what the stage did."""
+    fn = st.load()
+    if fn is None:
+        ctx.outcomes[st.name] = {"action": "not built", "seconds": 0.0}
+        return "not built"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    t0 = time.time()
+    if world > 1 and not st.distributed:
+        from zero_chatgpt.train.loop import on_rank0_while_others_wait
+        on_rank0_while_others_wait(ctx, st.name, lambda: fn(ctx))
+    else:
+        fn(ctx)
+    rec = ctx.outcomes.setdefault(st.name, {"action": "ran"})
+    rec["seconds"] = round(time.time() - t0, 1)
+    return rec["action"]
+
+
+_SAID = {"skip": "skipped (up to date)", "start": "ran", "rebuild": "rebuilt", "resume": "resumed",
+         "continue": "continued (more steps)", "ran": "ran", "not built": "not built yet"}
 
 
 def run_pipeline(ctx: Context, until: str | None) -> None:
-    built, missing = [], []
-    for name, (module, func, _) in STAGES.items():
-        fn = _load(module, func)
-        if fn is None:
-            info(f"── {name}: not built yet, skipped")
-            missing.append(name)
-        else:
-            info(f"── {name}")
-            fn(ctx)
-            built.append(name)
-        if name == until:
+    for st in PIPELINE:
+        info(f"── {st.name}" + ("" if is_built(st) else ": not built yet in this version, skipped"))
+        run_stage(ctx, st)
+        if st.name == until:
             break
-    info(f"done: {', '.join(built) or 'nothing'} ran" + (f"; not built yet: {', '.join(missing)}" if missing else ""))
+    rows = [[name, _SAID.get(o["action"], o["action"]), f"{o.get('seconds', 0.0):.1f}"]
+            for name, o in ctx.outcomes.items()]
+    table(["stage", "result", "time (s)"], rows, title=f"run: {ctx.run_dir.root}")
+
+
+def _dispatch(args, ctx: Context) -> None:
+    if args.command == "run":
+        run_pipeline(ctx, args.until)
+        return
+    st = STAGES.get(args.command) or TOOLS[args.command]
+    if not is_built(st):
+        raise UserError(f"'{args.command}' is not built yet in this version of zero-chatgpt")
+    run_stage(ctx, st)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         ctx = make_context(args)
-        if args.command == "run":
-            run_pipeline(ctx, args.until)
-            return
-        module, func, _ = {**STAGES, **TOOLS}[args.command]
-        fn = _load(module, func)
-        if fn is None:
-            raise UserError(f"'{args.command}' is not built yet in this version of zero-chatgpt")
-        fn(ctx)
+        if ctx.read_only:
+            _dispatch(args, ctx)
+        else:
+            # one writer per run directory (rank 0 holds it for a torchrun job)
+            writer = int(os.environ.get("RANK", "0")) == 0
+            with RunLock(ctx.run_dir.root, args.command) if writer else contextlib.nullcontext():
+                _dispatch(args, ctx)
+                ctx.save_config()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: run the same command again to resume where it stopped", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:
+        if os.environ.get("ZC_DEBUG"):
+            raise
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for a failed read or write: the path, the cause, what to do."""
+    import errno
+    where = e.filename or "a file"
+    cause = e.strerror or str(e)
+    hint = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (quota)",
+            errno.EFBIG: "the file size limit (ulimit -f) is too small for it", errno.EROFS: "the file system is read-only",
+            errno.EACCES: "check the permissions", errno.EPERM: "check the permissions"}.get(e.errno, "")
+    return (f"cannot write or read {where}: {cause}" + (f" ({hint})" if hint else "") +
+            "; fix that and run the same command again: it resumes from the last complete checkpoint")

@@ -1,20 +1,35 @@
 """Configuration: TOML presets, `--set section.key=value` overrides, validation.
 
-`presets/defaults.toml` holds every key with its default and a comment that says
-what it does: it is the schema. A preset (`presets/demo.toml`, ...) overrides a
-subset. The resolved config of a run is written to RUN_DIR/config.toml, and later
-commands on that run directory start from it.
+`presets/defaults.toml` holds every key with its default and a comment that says what it
+does: it is the schema. A preset (`presets/demo.toml`, ...) overrides a subset.
+
+A run directory keeps the resolved config of its run in RUN_DIR/config.toml (the preset,
+every `--set` given so far and the `--source`s), and later commands on it start from that
+file: a `--source` or `--set` is given once, not at every command. `--preset` names how a
+*new* run starts; naming another preset for an existing run is refused rather than
+replacing its config (and, through the stage keys, its trained work).
+
+`RULES` below gives every key its allowed values (checked with the relations between keys
+before anything runs) and says whether the key changes a stage's *result*. Keys that only
+change how a result is computed or reported (logging, eval and checkpoint intervals, worker
+and thread counts, the device) are *operational*: they never enter a stage key, so changing
+them never makes a finished stage look out of date.
 """
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from zero_chatgpt.console import UserError
 from zero_chatgpt.io import atomic_write_text
 
 PRESET_DIR = Path(__file__).parent / "presets"
+CONFIG_FILE = "config.toml"
+DEFAULT_PRESET = "demo"
 
 
 def preset_names() -> list[str]:
@@ -27,17 +42,210 @@ def _read_toml(path: Path) -> dict:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: invalid TOML: {e}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def defaults() -> dict:
     return _read_toml(PRESET_DIR / "defaults.toml")
 
 
+# ---------------------------------------------------------------- value rules
+
+@dataclass(frozen=True)
+class Rule:
+    """What a key allows. `check(value)` returns None when fine, else what is allowed."""
+    check: Callable[[Any], str | None]
+    operational: bool = False       # True: never part of a stage key (see the module docstring)
+
+
+def _num(lo=None, hi=None, lo_open=False, hi_open=False, integer=False) -> Callable[[Any], str | None]:
+    def check(v):
+        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or \
+              (hi is not None and (v >= hi if hi_open else v > hi))
+        if not bad and not (isinstance(v, float) and v != v):     # NaN is never allowed
+            return None
+        lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+        hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
+        return ("an integer " if integer else "a number ") + " and ".join(s for s in (lo_s, hi_s) if s)
+    return check
+
+
+def Int(lo=None, hi=None, **kw) -> Rule:
+    return Rule(_num(lo, hi, integer=True), **kw)
+
+
+def Float(lo=None, hi=None, lo_open=False, hi_open=False, **kw) -> Rule:
+    return Rule(_num(lo, hi, lo_open, hi_open), **kw)
+
+
+def Frac(lo_open=False, hi_open=False, **kw) -> Rule:
+    return Float(0.0, 1.0, lo_open, hi_open, **kw)
+
+
+def Choice(*allowed, **kw) -> Rule:
+    return Rule(lambda v: None if v in allowed else "one of " + ", ".join(repr(a) for a in allowed), **kw)
+
+
+def Any_(**kw) -> Rule:
+    return Rule(lambda v: None, **kw)
+
+
+def Each(inner: Callable[[Any], str | None], what: str, nonempty: bool = False, **kw) -> Rule:
+    def check(v):
+        if nonempty and not v:
+            return f"a non-empty list of {what}"
+        for x in v:
+            why = inner(x)
+            if why is not None:
+                return f"a list of {what}; {x!r} is not" + (f" ({why})" if why else "")
+        return None
+    return Rule(check, **kw)
+
+
+def _device(v: str) -> str | None:
+    return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+def _source(v) -> str | None:
+    from zero_chatgpt.data.sources import FORMATS
+    fmt, sep, path = str(v).partition(":")
+    return None if sep and fmt in FORMATS and path else f"FORMAT:PATH with FORMAT one of {', '.join(FORMATS)}"
+
+
+def _loop_rules(checkpoint_every: bool = True) -> dict[str, Rule]:
+    """The training loop's keys, shared by every training section (train/loop.py)."""
+    return {
+        "max_steps": Int(1), "lr": Float(0.0, lo_open=True), "min_lr_ratio": Frac(), "warmup_steps": Int(0),
+        "schedule": Choice("cosine", "wsd", "constant"), "decay_fraction": Frac(),
+        "weight_decay": Float(0.0), "beta1": Frac(hi_open=True), "beta2": Frac(hi_open=True),
+        "grad_clip": Float(0.0), "precision": Choice("auto", "fp32", "bf16"), "init_from": Any_(),
+        # how it runs and what it reports, not what it computes: operational
+        "compile": Any_(operational=True), "fsdp": Any_(operational=True),
+        "checkpoint_every": Int(0, operational=True), "keep_last": Int(1, operational=True),
+        "eval_every": Int(0, operational=True), "log_every": Int(1, operational=True),
+        "tensorboard": Any_(operational=True),
+    }
+
+
+_LEN = _num(1, integer=True)
+RULES: dict[str, dict[str, Rule]] = {
+    "run": {"preset": Any_(operational=True), "seed": Int(0), "device": Rule(_device, operational=True)},
+    "data": {
+        "sources": Each(_source, "FORMAT:PATH strings"), "val_fraction": Frac(hi_open=True),
+        "builtin_parts": Each(lambda v: None if v in ("peoples-daily", "reviews", "idioms") else "",
+                              "'peoples-daily', 'reviews', 'idioms'", nonempty=True),
+        "text_field": Rule(lambda v: None if v else "a non-empty field name"),
+        "text_unit": Choice("line", "block"), "max_record_bytes": Int(1),
+        "workers": Int(0, operational=True), "shard_docs": Int(1), "drop_samples": Int(0, operational=True),
+        "nfkc": Any_(), "t2s": Any_(), "remove_citations": Any_(), "collapse_punct": Any_(), "mask_pii": Any_(),
+        "min_chars": Int(0), "min_cjk_chars": Int(0), "min_cjk_ratio": Frac(), "min_line_punct_ratio": Frac(),
+        "max_dup_line_frac": Frac(),
+        "top_ngram_n": Each(_LEN, "integers >= 1"), "top_ngram_max": Each(_num(0, 1), "numbers in [0, 1]"),
+        "dup_ngram_n": Each(_LEN, "integers >= 1"), "dup_ngram_max": Each(_num(0, 1), "numbers in [0, 1]"),
+        "drop_section_titles": Any_(), "exact_dedup": Any_(), "near_dedup": Any_(),
+        "near_threshold": Frac(lo_open=True), "shingle_chars": Int(1), "minhash_perm": Int(1), "lsh_bands": Int(0),
+        "minhash_seed": Int(0),
+    },
+    "tokenizer": {
+        "vocab_size": Int(257), "train_chars": Int(1), "max_doc_chars": Int(1), "reserved_tokens": Int(0),
+        "pattern": Any_(), "default_system_prompt": Any_(), "num_threads": Int(0, operational=True),
+    },
+    "model": {
+        "hidden_size": Int(2), "intermediate_size": Int(1), "num_hidden_layers": Int(1),
+        "num_attention_heads": Int(1), "num_key_value_heads": Int(0), "max_position_embeddings": Int(2),
+        "rope_theta": Float(0.0, lo_open=True), "rms_norm_eps": Float(0.0, lo_open=True),
+        "tie_word_embeddings": Any_(), "initializer_range": Float(0.0, lo_open=True),
+    },
+    "pretrain": {
+        **_loop_rules(), "seq_len": Int(1), "batch_tokens": Int(1), "micro_batch_size": Int(1),
+        "eval_tokens": Int(0, operational=True), "samples": Int(0, operational=True),
+        "sample_tokens": Int(1, operational=True),
+    },
+    "sft": {
+        **_loop_rules(), "sources": Each(_source, "FORMAT:PATH strings"), "eval_fraction": Frac(hi_open=True),
+        "rl_fraction": Frac(hi_open=True), "val_fraction": Frac(hi_open=True), "multi_turn_fraction": Frac(),
+        "identity_fraction": Frac(hi_open=True), "min_prompt_chars": Int(0), "max_prompt_chars": Int(1),
+        "dedup_threshold": Frac(lo_open=True), "max_seq_len": Int(8), "max_train_samples": Int(0),
+        "val_samples": Int(0, operational=True), "batch_tokens": Int(1), "micro_batch_tokens": Int(8),
+        "unlikelihood": Float(0.0),
+    },
+    "eval": {
+        "num_prompts": Int(1), "max_new_tokens": Int(1), "batch_size": Int(1, operational=True),
+        "repetition_penalty": Float(0.0, lo_open=True), "num_samples": Int(0, operational=True),
+        "val_samples": Int(0),
+    },
+    "chat": {
+        "temperature": Float(0.0), "top_k": Int(0), "top_p": Frac(lo_open=True),
+        "repetition_penalty": Float(0.0, lo_open=True),
+    },
+}
+
+
+def _relations(cfg: dict) -> list[tuple[str, str]]:
+    """(keys, what is wrong) for every relation between keys that does not hold."""
+    out = []
+    m, p, s, d, t = cfg["model"], cfg["pretrain"], cfg["sft"], cfg["data"], cfg["tokenizer"]
+    heads, kv = m["num_attention_heads"], m["num_key_value_heads"] or m["num_attention_heads"]
+    if m["hidden_size"] % heads:
+        out.append(("model.hidden_size", f"{m['hidden_size']} is not divisible by model.num_attention_heads = {heads}"))
+    elif (m["hidden_size"] // heads) % 2:
+        out.append(("model.hidden_size", f"gives an odd head size {m['hidden_size'] // heads} (hidden_size / "
+                                         f"num_attention_heads); RoPE rotates pairs, so it must be even"))
+    if heads % kv:
+        out.append(("model.num_key_value_heads", f"{kv} does not divide model.num_attention_heads = {heads}"))
+    if p["seq_len"] > m["max_position_embeddings"]:
+        out.append(("pretrain.seq_len", f"{p['seq_len']} > model.max_position_embeddings = "
+                                        f"{m['max_position_embeddings']}"))
+    per_pass = p["micro_batch_size"] * p["seq_len"]
+    if p["batch_tokens"] % per_pass:
+        out.append(("pretrain.batch_tokens", f"{p['batch_tokens']} is not a multiple of micro_batch_size x seq_len "
+                                             f"= {per_pass}"))
+    if s["eval_fraction"] + s["rl_fraction"] + s["val_fraction"] >= 1:
+        out.append(("sft.eval_fraction", "eval_fraction + rl_fraction + val_fraction must leave a share for "
+                                         f"training (they sum to {s['eval_fraction'] + s['rl_fraction'] + s['val_fraction']:g})"))
+    if s["min_prompt_chars"] > s["max_prompt_chars"]:
+        out.append(("sft.min_prompt_chars", f"{s['min_prompt_chars']} > sft.max_prompt_chars = {s['max_prompt_chars']}"))
+    for n, mx in (("top_ngram_n", "top_ngram_max"), ("dup_ngram_n", "dup_ngram_max")):
+        if len(d[n]) != len(d[mx]):
+            out.append((f"data.{n}", f"has {len(d[n])} sizes but data.{mx} has {len(d[mx])} limits; give one per size"))
+    if d["lsh_bands"] and d["minhash_perm"] % d["lsh_bands"]:
+        out.append(("data.lsh_bands", f"{d['lsh_bands']} does not divide data.minhash_perm = {d['minhash_perm']}"))
+    specials = 4 + t["reserved_tokens"]
+    if t["vocab_size"] < 256 + specials + 1:
+        out.append(("tokenizer.vocab_size", f"{t['vocab_size']} leaves no merge to learn: it needs 256 byte tokens + "
+                                            f"{specials} special tokens + at least one merge"))
+    for sec in ("pretrain", "sft"):
+        if cfg[sec]["warmup_steps"] > cfg[sec]["max_steps"]:
+            out.append((f"{sec}.warmup_steps", f"{cfg[sec]['warmup_steps']} > {sec}.max_steps = {cfg[sec]['max_steps']}"))
+    return out
+
+
+def validate(cfg: dict) -> dict:
+    """Check every value against RULES and the relations between them; one-line UserError on the first problem."""
+    for section, rules in RULES.items():
+        for key, rule in rules.items():
+            v = cfg[section][key]
+            problem = rule.check(v)
+            if problem is not None:
+                raise UserError(f"config key '{section}.{key}' = {_toml_value(v)}: must be {problem}")
+    for key, problem in _relations(cfg):
+        raise UserError(f"config key '{key}' {problem}; change it with --set {key}=...")
+    return cfg
+
+
+def result_items(cfg: dict, sections) -> dict:
+    """{"section.key": value} of the keys that change a stage's result (not the operational ones)."""
+    return {f"{s}.{k}": v for s in sections for k, v in cfg[s].items() if not RULES[s][k].operational}
+
+
+# ---------------------------------------------------------------- merging, presets, overrides
+
 def _type_name(v) -> str:
     return {bool: "bool", int: "int", float: "float", str: "string", list: "list"}.get(type(v), type(v).__name__)
 
 
-def _check_value(section: str, key: str, value, default):
+def _check_type(section: str, key: str, value, default):
     """Return value coerced to the default's type, or raise a one-line UserError."""
     where = f"{section}.{key}"
     if isinstance(default, bool) or isinstance(value, bool):
@@ -51,7 +259,7 @@ def _check_value(section: str, key: str, value, default):
 
 
 def merge(base: dict, override: dict, schema: dict, origin: str) -> dict:
-    """Deep-merge `override` into a copy of `base`, checking every key against `schema`."""
+    """Deep-merge `override` into a copy of `base`, checking every key and type against `schema`."""
     out = copy.deepcopy(base)
     for section, values in override.items():
         if section not in schema or not isinstance(values, dict):
@@ -60,7 +268,7 @@ def merge(base: dict, override: dict, schema: dict, origin: str) -> dict:
             if key not in schema[section]:
                 raise UserError(f"{origin}: unknown config key '{section}.{key}'; valid keys in [{section}]: "
                                 f"{', '.join(schema[section])}")
-            out[section][key] = _check_value(section, key, value, schema[section][key])
+            out[section][key] = _check_type(section, key, value, schema[section][key])
     return out
 
 
@@ -111,7 +319,8 @@ def _toml_value(v) -> str:
 
 
 def dumps(cfg: dict) -> str:
-    lines = ["# The resolved configuration of this run (preset + overrides). Edit with --set.", ""]
+    lines = ["# The resolved configuration of this run (preset + overrides + sources). Later commands on this",
+             "# run directory start from it; change it with --set section.key=value.", ""]
     for section, values in cfg.items():
         lines.append(f"[{section}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
@@ -119,18 +328,47 @@ def dumps(cfg: dict) -> str:
     return "\n".join(lines)
 
 
-def resolve(run_dir: Path, preset: str | None, overrides: list[str]) -> dict:
-    """The config for a command on `run_dir`, written back to run_dir/config.toml.
+def saved_preset(run_dir: Path) -> str | None:
+    """The preset an existing run directory was started from, or None for a new one."""
+    saved = Path(run_dir) / CONFIG_FILE
+    if not saved.exists():
+        return None
+    return str(_read_toml(saved).get("run", {}).get("preset", DEFAULT_PRESET))
 
-    An existing run directory keeps its config unless --preset is given again;
-    --set changes apply on top either way.
+
+def resolve(run_dir: Path, preset: str | None, overrides: list[str], sources: dict[str, list[str]] | None = None) -> dict:
+    """The validated config for a command on `run_dir` (nothing is written; see `save`).
+
+    An existing run starts from its config.toml (keys it lacks come from its preset), a new
+    one from `preset` (default demo); then `overrides` (--set) and `sources` ({section: specs},
+    from --source) apply on top.
     """
-    saved = run_dir / "config.toml"
-    if preset is None and saved.exists():
-        cfg = merge(defaults(), _read_toml(saved), defaults(), str(saved))
+    saved = Path(run_dir) / CONFIG_FILE
+    if saved.exists():
+        data = _read_toml(saved)
+        name = str(data.get("run", {}).get("preset", DEFAULT_PRESET))
+        if preset and preset != name:
+            raise UserError(f"{run_dir} is a run of preset '{name}': --preset {preset} would replace its config. "
+                            f"Use another --run-dir (the default for this preset is runs/{preset}), or leave out "
+                            f"--preset to continue this run")
+        base = load_preset(name) if name in preset_names() else defaults()
+        cfg = merge(base, data, defaults(), str(saved))
     else:
-        cfg = load_preset(preset or "demo")
+        cfg = load_preset(preset or DEFAULT_PRESET)
     cfg = apply_overrides(cfg, overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, dumps(cfg))
-    return cfg
+    for section, specs in (sources or {}).items():
+        cfg[section]["sources"] = list(specs)
+    return validate(cfg)
+
+
+def save(run_dir: Path, cfg: dict) -> None:
+    """Write cfg to RUN_DIR/config.toml (atomically), if it differs from what is there."""
+    path = Path(run_dir) / CONFIG_FILE
+    text = dumps(cfg)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except OSError:
+        pass
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)

@@ -5,7 +5,7 @@ in the `zero_chatgpt.tokens` format (each document's ids followed by <|endoftext
 uint16 when the vocabulary fits). Encoding runs on every core: with few shards, tiktoken's
 Rust encoder (which releases the GIL) runs in a thread pool while the main thread
 decompresses and parses the next batch and writes the last one; with many shards, whole
-shards go to worker processes (see `_run_jobs`).
+shards go to worker processes (see `run_jobs`). The tokenizer stage (data/tokenize.py) drives it.
 
 Resumable: `tokens/manifest.json` records each finished shard with the tokenizer and
 the source file it came from; a rerun skips shards whose record still matches and whose
@@ -14,7 +14,6 @@ file opens cleanly, and redoes the rest (a killed writer leaves only a .tmp file
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,15 +23,16 @@ import numpy as np
 import zstandard
 
 from zero_chatgpt import tokens as tokens_mod
-from zero_chatgpt.console import UserError, info, progress
-from zero_chatgpt.io import atomic_write_json, corpus_shards
+from zero_chatgpt.console import info
+from zero_chatgpt.tokenizer import load_tokenizer, shard_texts
+from zero_chatgpt.workers import process_pool
 
 MANIFEST = "manifest.json"
 BATCH_CHARS = 4 << 20     # characters handed to the thread pool at a time
 CHUNK_DOCS = 64           # documents per task inside a batch
 
 
-def _file_sha(path: Path) -> str:
+def file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
@@ -46,7 +46,6 @@ def count_lines(path: Path) -> int:
 
 
 def _batches(path: Path) -> Iterator[list[str]]:
-    from zero_chatgpt.tokenizer import shard_texts
     batch, size = [], 0
     for text in shard_texts(path):
         batch.append(text)
@@ -122,7 +121,6 @@ class _NoBar:
 
 def _encode_in_process(tokenizer_dir: str, src: Path, dst: Path) -> dict:
     """One shard in a worker process (single-threaded: the processes are the parallelism)."""
-    from zero_chatgpt.tokenizer import load_tokenizer
     tok = load_tokenizer(tokenizer_dir, num_threads=1)
     encoder = ShardEncoder(tok, 1)
     try:
@@ -131,7 +129,7 @@ def _encode_in_process(tokenizer_dir: str, src: Path, dst: Path) -> dict:
         encoder.close()
 
 
-def _run_jobs(jobs: list, tok, tokenizer_dir: Path, bar) -> Iterator[tuple]:
+def run_jobs(jobs: list, tok, tokenizer_dir: Path, bar) -> Iterator[tuple]:
     """Yield (job, stats) as shards finish.
 
     With at least two shards per core, whole shards go to worker processes: each parses its
@@ -142,12 +140,11 @@ def _run_jobs(jobs: list, tok, tokenizer_dir: Path, bar) -> Iterator[tuple]:
     """
     n = tok.num_threads
     if n > 1 and len(jobs) >= 2 * n:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
         from concurrent.futures.process import BrokenProcessPool
         left = list(jobs)
         try:
-            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with process_pool(n, "spawn") as pool:
                 futures = {pool.submit(_encode_in_process, str(tokenizer_dir), job[1], job[2]): job for job in jobs}
                 for fut in as_completed(futures):
                     stats = fut.result()
@@ -167,67 +164,5 @@ def _run_jobs(jobs: list, tok, tokenizer_dir: Path, bar) -> Iterator[tuple]:
         encoder.close()
 
 
-def _token_path(tokens_dir: Path, src: Path) -> Path:
+def token_path(tokens_dir: Path, src: Path) -> Path:
     return tokens_dir / (src.name.split(".", 1)[0] + ".bin")
-
-
-def encode_corpus(ctx, tok, tokenizer_key: str) -> dict:
-    """Encode data/{train,val} into tokens/; returns {split: {docs, tokens, chars}}."""
-    from zero_chatgpt.rundir import mark_complete, read_marker, stage_key
-    rd = ctx.run_dir
-    out = rd.stage_dir("tokens")
-    key = stage_key(ctx.cfg, ["tokenizer"], [rd.tokenizer], extra={"tokenizer": tokenizer_key})
-    if ctx.up_to_date(out, key, "tokens"):
-        return read_marker(out).get("summary", {})
-    tok_sha = _file_sha(rd.tokenizer / "tokenizer.json")
-    manifest_path = out / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        manifest = {}
-    if manifest.get("tokenizer") != tok_sha or ctx.force:
-        manifest = {"tokenizer": tok_sha, "shards": {}}
-    done = manifest["shards"]
-
-    jobs, expected = [], set()
-    for split in ("train", "val"):
-        sources = corpus_shards(rd.data, split)
-        if not sources and split == "train":
-            raise UserError(f"no train corpus shards in {rd.data}; run `zero-chatgpt data` first")
-        for src in sources:
-            dst = _token_path(out, src)
-            expected.add(dst.name)
-            st = src.stat()
-            ident = {"source": src.name, "source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
-            rec = done.get(dst.name)
-            if rec and all(rec.get(k) == v for k, v in ident.items()) and dst.exists():
-                try:
-                    tokens_mod.open_shard(dst)
-                    continue
-                except UserError:
-                    pass
-            jobs.append((split, src, dst, ident))
-    for stale in out.glob("*.bin"):
-        if stale.name not in expected:
-            stale.unlink()
-    for name in [n for n in done if n not in expected]:
-        del done[name]
-    for tmp in out.glob("*.bin.tmp"):     # left by a killed writer
-        tmp.unlink()
-    if len(jobs) < len(expected):
-        info(f"tokens: {len(expected) - len(jobs)} of {len(expected)} shards already encoded, resuming")
-
-    total_docs = sum(count_lines(src) for _, src, _, _ in jobs)
-    with progress(total=total_docs, desc="encoding", unit="doc") as bar:
-        for (split, src, dst, ident), stats in _run_jobs(jobs, tok, rd.tokenizer, bar):
-            done[dst.name] = {**ident, "split": split, **stats}
-            atomic_write_json(manifest_path, manifest)
-
-    summary: dict = {}
-    for rec in done.values():
-        s = summary.setdefault(rec["split"], {"shards": 0, "docs": 0, "tokens": 0, "chars": 0})
-        s["shards"] += 1
-        for k in ("docs", "tokens", "chars"):
-            s[k] += rec[k]
-    mark_complete(out, key, summary)
-    return summary

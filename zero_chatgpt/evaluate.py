@@ -124,10 +124,6 @@ def chain_valid(answer: str, first_char: str, idioms: set[str], asked: str = "")
 
 # ---------------------------------------------------------------- prompts and answers
 
-CHAT_STAGES = ("sft", "ppo", "dpo", "grpo")
-STAGES = ("pretrain",) + CHAT_STAGES
-
-
 def select_prompts(records: list[dict], n: int, seed: int) -> list[dict]:
     """Up to n eval records, the kinds taken in turn (each kind in a seeded order), so every kind is represented."""
     import random
@@ -228,17 +224,24 @@ def question_baseline(records: list[dict]) -> dict:
 
 # ---------------------------------------------------------------- the stage
 
-def trained_stages(run_dir) -> list[str]:
-    from zero_chatgpt.checkpoint import stage_model_path
-    return [s for s in STAGES if (stage_model_path(run_dir, s) / "config.json").exists()]
+def trained_stages(run_dir) -> tuple[list[str], list[str]]:
+    """(model stages that are complete and current, notes on the others that have a folder), pipeline order."""
+    from zero_chatgpt.rundir import stale_reason
+    from zero_chatgpt.stages import model_stages
+    have, notes = [], []
+    for st in model_stages():
+        why = stale_reason(run_dir, st.name)
+        if why is None:
+            have.append(st.name)
+        elif (run_dir / st.out).is_dir():
+            notes.append(f"{st.name}: {why}")
+    return have, notes
 
 
 def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set[str] | None) -> dict:
     """Answer the eval prompts with `stage`'s model, score them, write eval/<stage>.json (merging what is there)."""
     import json
     import time
-
-    import torch
 
     from zero_chatgpt.checkpoint import load_model, stage_model_path
     from zero_chatgpt.io import atomic_write_json
@@ -293,25 +296,33 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
 
 def run_stage(ctx) -> None:
     from zero_chatgpt.console import UserError, info, table
+    import json
+
     from zero_chatgpt.data.chat_data import read_split
-    from zero_chatgpt.rundir import stage_key
+    from zero_chatgpt.io import atomic_write_json
+    from zero_chatgpt.rundir import begin, read_marker, sub_key
+    from zero_chatgpt.stages import model_stages
     from zero_chatgpt.tokenizer import load_tokenizer
     from zero_chatgpt.train.sft import encode_records
 
     rd, e = ctx.run_dir, ctx.cfg["eval"]
     want = ctx.args.get("stage")
-    have = trained_stages(rd)
+    have, notes = trained_stages(rd)
+    for n in notes:
+        info(f"eval: not evaluating {n}")
     if want:
-        if want not in STAGES:
-            raise UserError(f"--stage {want}: unknown stage; valid: {', '.join(STAGES)}")
+        valid = [st.name for st in model_stages()]
+        if want not in valid:
+            raise UserError(f"--stage {want}: unknown stage; valid: {', '.join(valid)}")
         if want not in have:
-            raise UserError(f"no trained {want} model in {rd.root / want / 'final'}: run "
+            raise UserError(f"no current {want} model in {rd.root / want / 'final'}: run "
                             f"`zero-chatgpt {want} --run-dir {rd.root}` first")
         stages = [want]
     else:
         stages = have
     if not stages:
         raise UserError(f"no trained model in {rd.root}: run `zero-chatgpt pretrain --run-dir {rd.root}` first")
+    run = begin(ctx, "eval", reads=tuple(stages))       # skip: every eval/<stage>.json below is up to date
     if not (rd.sft_data / "eval.jsonl").exists():
         from zero_chatgpt.train.sft import ensure_sft_data
         ensure_sft_data(ctx)                                  # the held-out prompts, even before SFT ran
@@ -327,9 +338,9 @@ def run_stage(ctx) -> None:
     results, val = {}, None
     for st in stages:
         path = rd.eval / f"{st}.json"
-        key = stage_key(ctx.cfg, ["eval"], [rd / st, rd.sft_data, rd.tokenizer])
+        key = sub_key({"eval": run.closure["eval"], st: read_marker(rd / st).get("key"),
+                       "sft_data": read_marker(rd.sft_data).get("key")})
         if not ctx.force and path.exists():
-            import json
             try:
                 old = json.loads(path.read_text())
             except json.JSONDecodeError:
@@ -344,7 +355,6 @@ def run_stage(ctx) -> None:
         res = evaluate_stage(ctx, st, tok, eval_recs, val, idioms)
         res.update(base)
         res["eval_key"] = key
-        from zero_chatgpt.io import atomic_write_json
         atomic_write_json(path, res)
         results[st] = res
     cols = ["val_loss", "chat_val_loss", "char_f1", "rouge_l", "eos_rate", "repetition_rate", "chain_valid",
@@ -359,3 +369,5 @@ def run_stage(ctx) -> None:
     how = "greedy" + (f", repetition penalty {penalty:g}" if penalty != 1.0 else "")
     table(["metric", *results], rows,
           title=f"eval: {len(eval_recs)} held-out prompts ({how}) → {rd.eval}/<stage>.json")
+    if not run.skip:
+        run.complete({"stages": stages})

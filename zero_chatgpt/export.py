@@ -18,22 +18,13 @@ from pathlib import Path
 from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt.console import UserError, info, table
 
-# Latest first: the default export is the most trained model of the run.
-STAGE_ORDER = ("grpo", "dpo", "ppo", "sft", "pretrain")
-
-
 def pick_stage(run_dir, stage: str | None) -> tuple[str, Path]:
-    if stage:
-        path = ckpt.stage_model_path(run_dir, stage)
-        if not path.is_dir():
-            raise UserError(f"no trained '{stage}' model at {path}; run `zero-chatgpt {stage} --run-dir "
-                            f"{run_dir.root}` first")
-        return stage, path
-    for s in STAGE_ORDER:
-        path = ckpt.stage_model_path(run_dir, s)
-        if path.is_dir():
-            return s, path
-    raise UserError(f"no trained model in {run_dir.root}; run `zero-chatgpt pretrain --run-dir {run_dir.root}` first")
+    """The stage to export and its final/ folder (see rundir.pick_model), saying why later ones were passed over."""
+    from zero_chatgpt.rundir import pick_model
+    name, path, notes = pick_model(run_dir, stage, chat=False)
+    for n in notes:
+        info(n)
+    return name, path
 
 
 def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, sampling: dict | None = None) -> Path:

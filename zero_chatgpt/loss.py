@@ -123,15 +123,60 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return total
 
 
+# ---------------------------------------------------------------- outputs: what a loss needs from forward
+# Each is passed as Transformer.forward(..., output=...) and runs inside forward on the final
+# normed hidden states, so the heads' weights are used where DDP / FSDP / compile expect them.
+
+class LMLoss:
+    """The summed next-token cross-entropy (+ ul_alpha x unlikelihood) of the lm_head, fused and
+    chunked (chunked_cross_entropy). `labels` are shifted: labels[:, t] follows input_ids[:, t]."""
+
+    def __init__(self, labels: torch.Tensor, ignore_index: int = IGNORE, ul_candidates: torch.Tensor | None = None,
+                 ul_alpha: float = 0.0):
+        self.labels, self.ignore_index = labels, ignore_index
+        self.ul_candidates, self.ul_alpha = ul_candidates, ul_alpha
+
+    def __call__(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return chunked_cross_entropy(hidden, model.lm_head.weight, self.labels, self.ignore_index,
+                                     ul_candidates=self.ul_candidates, ul_alpha=self.ul_alpha)
+
+
+class TokenLogProbs:
+    """(B, T) log-probabilities of `labels` under softmax(logits / temperature), fp32, differentiable;
+    positions where labels == ignore_index get 0. With entropy=True, also the (B, T) entropy of that
+    distribution. RL scores its samples with these: the temperature and precision must be the ones
+    the sampler used, or the ratio of the first update is not 1 (rlhf.md)."""
+
+    def __init__(self, labels: torch.Tensor, temperature: float = 1.0, ignore_index: int = IGNORE,
+                 entropy: bool = False):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
+        self.labels, self.temperature, self.ignore_index, self.entropy = labels, temperature, ignore_index, entropy
+
+    def __call__(self, model: nn.Module, hidden: torch.Tensor):
+        logits = model.lm_head(hidden).float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        valid = self.labels != self.ignore_index
+        picked = logp.gather(-1, torch.where(valid, self.labels, 0).unsqueeze(-1)).squeeze(-1) * valid
+        if not self.entropy:
+            return picked
+        return picked, -(logp.exp() * logp).sum(-1)
+
+
+class ScalarValues:
+    """(B, T) values of a score head (reward model, critic) at every position; a stage reads the
+    positions it needs (the last real token for a reward, every answer token for a critic)."""
+
+    def __call__(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return model.score(hidden).squeeze(-1).float()
+
+
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE,
             ul_candidates: torch.Tensor | None = None, ul_alpha: float = 0.0) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy (+ ul_alpha x unlikelihood) over labels != ignore_index, and how
-    many there were.
-
-    `labels` are already shifted: labels[:, t] is the token that follows input_ids[:, t].
-    Works through DDP / torch.compile wrappers (the loss is computed inside forward).
-    """
+    many there were. Works through DDP / torch.compile wrappers (the loss is computed inside forward)."""
     n = int((labels != ignore_index).sum())
-    kw = {"ul_candidates": ul_candidates, "ul_alpha": ul_alpha} if ul_alpha > 0 else {}
-    total = model(input_ids, labels=labels, **kw)
+    total = model(input_ids, output=LMLoss(labels, ignore_index, ul_candidates, ul_alpha))
     return total / max(n, 1), n

@@ -29,8 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zero_chatgpt.loss import chunked_cross_entropy
-
 
 @dataclass
 class ModelConfig:
@@ -49,6 +47,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    head: str = "lm"      # "lm": lm_head over the vocabulary (LlamaForCausalLM); "score": one scalar per
+                          # position (LlamaForSequenceClassification, num_labels 1: reward models, critics)
 
     @property
     def head_dim(self) -> int:
@@ -60,6 +60,8 @@ class ModelConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
+        if self.head not in ("lm", "score"):
+            raise ValueError(f"head must be 'lm' or 'score', got {self.head!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by "
                              f"num_key_value_heads {self.num_key_value_heads}")
@@ -67,9 +69,13 @@ class ModelConfig:
     def to_hf_dict(self) -> dict:
         """A `config.json` that transformers loads as a LlamaConfig, with no custom code."""
         d = asdict(self)
-        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+        head = d.pop("head")
+        d.update(architectures=["LlamaForCausalLM" if head == "lm" else "LlamaForSequenceClassification"],
+                 model_type="llama", hidden_act="silu",
                  attention_bias=False, attention_dropout=0.0, mlp_bias=False, head_dim=self.head_dim,
                  rope_scaling=None, torch_dtype="float32", use_cache=True, pretraining_tp=1)
+        if head == "score":
+            d.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, tie_word_embeddings=False)
         return {k: v for k, v in d.items() if v is not None or k == "rope_scaling"}
 
     @classmethod
@@ -92,14 +98,17 @@ class ModelConfig:
         kw = {k: v for k, v in d.items() if k in names}
         kw["rope_theta"] = float(theta)
         kw.setdefault("num_key_value_heads", d["num_attention_heads"])
+        kw["head"] = "score" if "LlamaForSequenceClassification" in (d.get("architectures") or []) else "lm"
+        if kw["head"] == "score" and d.get("num_labels", 1) != 1:
+            raise ValueError(f"num_labels {d.get('num_labels')}: only scalar (num_labels 1) score heads are supported")
         return cls(**kw)
 
     def num_params(self, embeddings: bool = True) -> int:
         h, i, L, v = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
         kv = self.num_key_value_heads * self.head_dim
         per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
-        emb = v * h * (1 if self.tie_word_embeddings else 2)
-        return L * per_layer + h + (emb if embeddings else 0)
+        out_head = h if self.head == "score" else 0 if self.tie_word_embeddings else v * h
+        return L * per_layer + h + ((v * h + out_head) if embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x non-embedding matmul params + lm_head + attention
@@ -290,9 +299,12 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.head == "score":
+            self.score = nn.Linear(cfg.hidden_size, 1, bias=False)
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            if cfg.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
         cos, sin = rope_tables(cfg, cfg.max_position_embeddings)
         # Not saved: derived from the config (and absent from HF checkpoints).
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -324,7 +336,8 @@ class Transformer(nn.Module):
         bench/generate.py. The copies are built at entry from the current weights and dropped at
         exit, so they never go stale and cost memory only while generating. Only without
         autograd, and not for sharded (FSDP) parameters; nested use is a no-op."""
-        if torch.is_grad_enabled() or self.head_w is not None or _is_sharded(self.lm_head.weight):
+        if torch.is_grad_enabled() or self.head_w is not None or self.config.head != "lm" or \
+                _is_sharded(self.lm_head.weight):
             yield self
             return
 
@@ -359,11 +372,12 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                return_hidden: bool = False, labels: torch.Tensor | None = None,
-                ul_candidates: torch.Tensor | None = None, ul_alpha: float = 0.0):
-        """Logits (B, T, vocab), or the final normed hidden states (B, T, hidden) with
-        `return_hidden=True`, or with `labels` the summed next-token cross-entropy (see loss.lm_loss;
-        ul_candidates / ul_alpha add the unlikelihood term of loss.unlikelihood_candidates).
+                return_hidden: bool = False, output=None):
+        """Logits (B, T, vocab) (a score model: values (B, T)); the final normed hidden states
+        (B, T, hidden) with `return_hidden=True`; or `output(self, hidden)` — what a stage's loss
+        needs, computed inside forward so that DDP, FSDP and torch.compile see it whole (loss.py:
+        LMLoss, TokenLogProbs, ScalarValues). The model gives hidden states and heads; the stage
+        gives its loss, so no stage's options pass through here.
 
         input_ids (B, T). position_ids (B, T): default kv_cache.pos + arange(T); pass them with
         left padding. attention_mask (B, S): 1 for real tokens, 0 for padding, covering every
@@ -396,8 +410,10 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.model.norm(x)
-        if labels is not None:
-            return chunked_cross_entropy(x, self.lm_head.weight, labels, ul_candidates=ul_candidates, ul_alpha=ul_alpha)
+        if output is not None:
+            return output(self, x)
         if return_hidden:
             return x
+        if self.config.head == "score":
+            return self.score(x).squeeze(-1)
         return self.logits(x)

@@ -1,23 +1,50 @@
-"""The run directory: where every stage reads its inputs and writes its outputs.
+"""The run directory, and the one helper every stage calls to decide skip / resume / refuse.
 
     RUN_DIR/config.toml  data/  sft_data/  tokenizer/  tokens/  pretrain/  sft/ rm/ ppo/ dpo/ grpo/
-            eval/  report/  logs/
+            eval/  report/  logs/  .lock
 
-A stage records what it was built from in `<out>/.stage.json`: a key hashing its
-config sections and the keys of the stages it read. When the key is unchanged the
-stage skips itself; when anything upstream changed, the key changes and it reruns.
+What a stage was built from is its *closure*: for itself and every stage upstream of it,
+the config values that change the result (`config.result_items`: not logging, intervals,
+workers, threads or the device) plus content fingerprints of its external inputs (source
+files, an init_from folder; never their paths or mtimes). The upstream parts come from the
+upstream stages' own records, i.e. from what is really on disk, not from today's config.
+Its key is a hash of the closure. `<out>/.stage.json` records the key, the closure and the
+state (running | complete).
+
+`begin(ctx, name)` compares the closure with the record and decides:
+  skip      complete with the same key (and, for a model stage, an intact final/);
+  start     nothing there yet;
+  resume    interrupted with the same key: the training loop resumes from its last checkpoint;
+  continue  a training stage finished with the same inputs except a raised max_steps;
+  rebuild   a derived stage (data, tokenizer, eval) whose inputs changed: rebuilt, saying why;
+  refuse    a training stage whose inputs changed: a UserError naming the changed keys
+            (old → new) and the choices; trained work is deleted only with --force.
+
+A stage is *current* when it is complete and every stage it read is current and still the
+one it read (same closure). `pick_model` gives chat/export/serve the last current model stage
+in pipeline order and says why the later ones were passed over.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zero_chatgpt import config as config_mod
+from zero_chatgpt import manifest
+from zero_chatgpt.console import UserError, info
 from zero_chatgpt.io import atomic_write_json
+from zero_chatgpt.stages import STAGES, Stage, model_stages
 
 MARKER = ".stage.json"
+FINGERPRINTS = ".fingerprints.json"
+LOCK = ".lock"
 
 
 @dataclass
@@ -53,34 +80,6 @@ class RunDir:
     def logs(self) -> Path: return self.root / "logs"
 
 
-def stage_key(cfg: dict, sections: list[str], upstream: list[Path] = (), extra: dict | None = None) -> str:
-    """Hash of the config sections a stage depends on, plus the keys of its upstream stages."""
-    h = hashlib.sha256()
-    h.update(json.dumps({s: cfg.get(s, {}) for s in sections}, sort_keys=True).encode())
-    h.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
-    for up in upstream:
-        h.update(str(read_marker(up).get("key", "missing")).encode())
-    return h.hexdigest()[:16]
-
-
-def read_marker(out_dir: Path) -> dict:
-    p = Path(out_dir) / MARKER
-    try:
-        return json.loads(p.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def is_complete(out_dir: Path, key: str) -> bool:
-    return read_marker(out_dir).get("key") == key
-
-
-def mark_complete(out_dir: Path, key: str, summary: dict | None = None) -> None:
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(Path(out_dir) / MARKER, {"key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                               "summary": summary or {}})
-
-
 @dataclass
 class Context:
     """What a stage function receives: the run directory, the resolved config, its CLI args."""
@@ -88,10 +87,358 @@ class Context:
     cfg: dict
     force: bool = False
     args: dict = field(default_factory=dict)
+    outcomes: dict = field(default_factory=dict)      # stage -> what begin() decided (for `run`'s summary)
+    read_only: bool = False                           # chat / export / serve: never write the run directory
+    _config_saved: bool = False
 
-    def up_to_date(self, out_dir: Path, key: str, what: str) -> bool:
-        from zero_chatgpt.console import info
-        if not self.force and is_complete(out_dir, key):
-            info(f"{what}: up to date in {out_dir} (use --force to rebuild)")
-            return True
+    def save_config(self) -> None:
+        """Write config.toml once work starts (so a failed validation or a refusal saves nothing)."""
+        if self.read_only or self._config_saved or not _is_rank0():
+            return
+        config_mod.save(self.run_dir.root, self.cfg)
+        self._config_saved = True
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ---------------------------------------------------------------- records
+
+def read_marker(out_dir: Path) -> dict:
+    try:
+        m = json.loads((Path(out_dir) / MARKER).read_text())
+        return m if isinstance(m, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_marker(out_dir: Path, record: dict) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(out_dir) / MARKER, record)
+
+
+def closure_key(closure: dict) -> str:
+    return hashlib.sha256(json.dumps(closure, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sub_key(parts: dict) -> str:
+    """A key for an inner step of a stage (sft_data/), from plain values."""
+    return closure_key(parts)
+
+
+def write_sub_marker(out_dir: Path, key: str, summary: dict | None = None) -> None:
+    """Record that an inner step's output in out_dir is complete for `key` (read back with read_marker)."""
+    _write_marker(out_dir, {"key": key, "state": "complete", "finished": _now(), "summary": summary or {}})
+
+
+# ---------------------------------------------------------------- content fingerprints
+
+def fingerprint_files(files: list[tuple[str, Path]], cache_dir: Path | None) -> str:
+    """One hash over (name, size, content hash) of each file; names are relative, so moving a
+    corpus does not change it, and touching a file (a new mtime) does not either.
+
+    Content hashes are cached by (path, size, mtime, inode) in cache_dir/.fingerprints.json,
+    so an unchanged multi-GB corpus is hashed once, not at every command (git's index does the same)."""
+    cache_path = Path(cache_dir) / FINGERPRINTS if cache_dir else None
+    cache: dict = {}
+    if cache_path is not None:
+        try:
+            cache = json.loads(cache_path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    h = hashlib.sha256()
+    changed = False
+    for name, path in sorted(files, key=lambda x: x[0]):
+        st = path.stat()
+        ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        digest = cache.get(ident)
+        if digest is None:
+            digest = manifest.file_hash(path)
+            cache[ident] = digest
+            changed = True
+        h.update(f"{name}\0{st.st_size}\0{digest}\n".encode())
+    if changed and cache_path is not None and cache_path.parent.is_dir():
+        try:
+            atomic_write_json(cache_path, cache)
+        except OSError:
+            pass    # a cache only
+    return h.hexdigest()[:32]
+
+
+def source_fingerprints(specs: list[str], cache_dir: Path | None) -> list[str]:
+    """`FORMAT:<content fingerprint>` per `FORMAT:PATH` source (what the reader would read)."""
+    from zero_chatgpt.data.sources import parse_source, source_files
+    out = []
+    for spec in specs:
+        src = parse_source(spec)
+        files = source_files(src)
+        base = src.path if src.path.is_dir() else src.path.parent
+        out.append(f"{src.fmt}:{fingerprint_files([(str(p.relative_to(base)), p) for p in files], cache_dir)}")
+    return out
+
+
+def folder_fingerprint(folder: Path, cache_dir: Path | None) -> str:
+    folder = Path(folder)
+    files = [(p.name, p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    return fingerprint_files(files, cache_dir)
+
+
+# ---------------------------------------------------------------- the decision
+
+@dataclass
+class StageRun:
+    """What `begin` decided for a stage; `complete()` records its success."""
+    ctx: Context
+    stage: Stage
+    out: Path
+    key: str
+    closure: dict
+    reads: tuple[str, ...]
+    action: str
+    note: str = ""
+    t0: float = field(default_factory=time.time)
+
+    @property
+    def skip(self) -> bool:
+        return self.action == "skip"
+
+    def complete(self, summary: dict | None = None) -> None:
+        seconds = round(time.time() - self.t0, 2)
+        if _is_rank0():
+            prev = read_marker(self.out)
+            _write_marker(self.out, {"stage": self.stage.name, "state": "complete", "key": self.key,
+                                     "closure": self.closure, "reads": list(self.reads),
+                                     "started": prev.get("started"), "finished": _now(),
+                                     "seconds": seconds, "summary": summary or {}})
+        self.ctx.outcomes[self.stage.name] = {"action": self.action, "seconds": seconds}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def closure_for(ctx: Context, name: str, sections, extra: dict | None, reads) -> dict:
+    """The closure of stage `name`: its own result values and its upstream stages' records."""
+    own = {**config_mod.result_items(ctx.cfg, sections), **(extra or {})}
+    closure: dict = {name: own}
+    rd = ctx.run_dir
+    for up in reads:
+        ust = STAGES[up]
+        m = read_marker(rd / ust.out)
+        if m.get("state") != "complete" or "closure" not in m:
+            raise UserError(f"{name} reads the output of {up}, which is not built in {rd.root / ust.out}: "
+                            f"run `zero-chatgpt {up} --run-dir {rd.root}` first")
+        why = stale_reason(rd, up)
+        if why:
+            raise UserError(f"{name} reads {up}, which is out of date ({why}): rebuild it first "
+                            f"(`zero-chatgpt run --run-dir {rd.root} --until {up}`)")
+        for s, vals in m["closure"].items():
+            if s in closure and closure[s] != vals:
+                raise UserError(f"{name}: its inputs {', '.join(reads)} were built from different versions of "
+                                f"{s}; rebuild them (`zero-chatgpt run --run-dir {rd.root}`)")
+            closure[s] = vals
+    return closure
+
+
+def describe_changes(old: dict, new: dict, limit: int = 6) -> str:
+    """'pretrain.lr 0.0025 → 0.001, data.min_chars 30 → 40' from two closures."""
+    changes: dict[str, tuple] = {}
+    for stage in list(new) + [s for s in old if s not in new]:
+        o, n = old.get(stage, {}), new.get(stage, {})
+        for k in list(n) + [k for k in o if k not in n]:
+            if o.get(k, "∅") != n.get(k, "∅"):
+                changes.setdefault(k, (o.get(k, "(none)"), n.get(k, "(none)")))
+    parts = [f"{k} {_short(a)} → {_short(b)}" for k, (a, b) in changes.items()]
+    more = f" and {len(parts) - limit} more" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more if parts else "(no key changed)"
+
+
+def _short(v) -> str:
+    s = json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _only_steps_raised(stage: Stage, old: dict, new: dict) -> bool:
+    o, n = dict(old.get(stage.name, {})), dict(new.get(stage.name, {}))
+    k = stage.steps_key
+    if k not in o or k not in n or n[k] <= o[k]:
+        return False
+    o.pop(k), n.pop(k)
+    return {**old, stage.name: o} == {**new, stage.name: n}
+
+
+def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[str, ...] | None = None) -> StageRun:
+    """Decide what stage `name` does now (see the module docstring); prints one line when it skips,
+    refuses with a UserError. Call it first in every stage function."""
+    st = STAGES[name]
+    rd = ctx.run_dir
+    reads = tuple(st.reads if reads is None else reads)
+    closure = closure_for(ctx, name, st.sections, extra, reads)
+    key = closure_key(closure)
+    out = rd / st.out
+    m = read_marker(out)
+    old = m.get("closure")
+    same = m.get("key") == key
+    final_ok = True
+    if st.model and m.get("state") == "complete":
+        why = manifest.problem(out / "final", hashes=False)
+        final_ok = why is None
+        if not final_ok:
+            info(f"{name}: {out / 'final'} is damaged ({why}); rebuilding it from the last checkpoint")
+    action, note = "start", ""
+    if ctx.force:
+        action, note = ("rebuild", "--force") if m or _has_work(out) else ("start", "")
+    elif same and m.get("state") == "complete" and final_ok:
+        action = "skip"
+    elif same:
+        action = "resume"
+    elif st.trained and (old is not None or _has_work(out)):
+        if old is not None and m.get("state") == "complete" and _only_steps_raised(st, old, closure):
+            action, note = "continue", describe_changes(old, closure)
+        else:
+            changed = describe_changes(old or {}, closure) if old is not None else \
+                "checkpoints there have no record of what they were trained from"
+            raise UserError(
+                f"{name} in {out} was trained from other inputs: {changed}. To retrain it (this deletes "
+                f"{out}), add --force; to keep it, undo the change. Raising {st.steps_key} continues a finished "
+                f"stage from its last checkpoint")
+    elif old is not None:
+        action, note = "rebuild", describe_changes(old, closure)
+    run = StageRun(ctx, st, out, key, closure, reads, action, note)
+    ctx.outcomes[name] = {"action": action, "seconds": 0.0}
+    if action == "skip":
+        info(f"{name}: up to date in {out} (use --force to rebuild)")
+        return run
+    ctx.save_config()
+    if action == "rebuild" and st.trained and _is_rank0():
+        info(f"{name}: --force: deleting {out} and training again")
+        _remove_trained(out)
+    elif action == "rebuild":
+        info(f"{name}: rebuilding ({note})")
+    elif action == "continue":
+        info(f"{name}: continuing from its last checkpoint ({note})")
+    _barrier()
+    if _is_rank0():
+        _write_marker(out, {"stage": name, "state": "running", "key": key, "closure": closure, "reads": list(reads),
+                            "started": _now()})
+    _barrier()
+    return run
+
+
+def _has_work(out: Path) -> bool:
+    return out.is_dir() and any(p.name.startswith("step-") or p.name == "final" for p in out.iterdir())
+
+
+def _remove_trained(out: Path) -> None:
+    for p in list(out.iterdir()) if out.is_dir() else []:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.name != MARKER:
+            p.unlink()
+
+
+def _barrier() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "torch" in sys.modules:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()
+
+
+# ---------------------------------------------------------------- what is current
+
+def stale_reason(rd: RunDir, name: str, _depth: int = 0) -> str | None:
+    """None if stage `name` is complete and current, else why not (for a message)."""
+    st = STAGES[name]
+    m = read_marker(rd / st.out)
+    if not m:
+        return "not built"
+    if m.get("state") != "complete" or "closure" not in m:
+        return "not finished"
+    if st.model:
+        why = manifest.problem(rd / st.out / "final", hashes=False)
+        if why:
+            return f"its final checkpoint is damaged: {why}"
+    for up in m.get("reads", []):
+        um = read_marker(rd / STAGES[up].out)
+        if um.get("state") != "complete" or any(m["closure"].get(s) != v for s, v in um.get("closure", {}).items()):
+            return f"{up} was rebuilt after it" + (f" ({um['finished']})" if um.get("finished") else "")
+        why = stale_reason(rd, up, _depth + 1)
+        if why:
+            return f"{up} is out of date: {why}"
+    return None
+
+
+def pick_model(rd: RunDir, stage: str | None, chat: bool) -> tuple[str, Path, list[str]]:
+    """(stage, its final/ folder, notes) for chat/export/serve.
+
+    With a stage name: that stage's final model (an unknown name or a missing model is a UserError).
+    Without: the last stage in pipeline order whose model is complete and current; the notes say
+    which later stages were passed over and why. chat=True considers only chat models
+    (SFT and after), falling back to none."""
+    candidates = model_stages(chat_only=chat)
+    valid = [s.name for s in model_stages()]
+    if stage:
+        if stage not in valid:
+            raise UserError(f"--stage {stage}: not a stage with a model; choose one of {', '.join(valid)}")
+        path = rd / STAGES[stage].out / "final"
+        why = manifest.problem(path, hashes=False) if path.is_dir() else "not trained"
+        if why:
+            raise UserError(f"no usable {stage} model in {path} ({why}): run `zero-chatgpt {stage} --run-dir "
+                            f"{rd.root}` first")
+        notes = []
+        stale = stale_reason(rd, stage)
+        if stale:
+            notes.append(f"note: {stage} is not current ({stale})")
+        return stage, path, notes
+    notes = []
+    for st in reversed(candidates):
+        path = rd / st.out / "final"
+        if not path.is_dir() and not (rd / st.out).is_dir():
+            continue
+        why = stale_reason(rd, st.name)
+        if why is None:
+            return st.name, path, notes
+        notes.append(f"{st.name} passed over: {why}")
+    if chat and (rd / "pretrain" / "final").is_dir():
+        raise UserError(f"no current chat model in {rd.root}" + (f" ({'; '.join(notes)})" if notes else "") +
+                        f": run `zero-chatgpt sft --run-dir {rd.root}` (or talk to the pretrained model with "
+                        f"--stage pretrain)")
+    raise UserError(f"no trained model in {rd.root}" + (f" ({'; '.join(notes)})" if notes else "") +
+                    f": run `zero-chatgpt run --run-dir {rd.root}` (or the stages up to `zero-chatgpt sft`)")
+
+
+# ---------------------------------------------------------------- one writer at a time
+
+class RunLock:
+    """An exclusive lock on a run directory for a command that writes it (flock: released by the
+    kernel when the process dies, so a killed command never leaves a stale lock)."""
+
+    def __init__(self, root: Path, command: str):
+        self.path = Path(root) / LOCK
+        self.command = command
+        self.fh = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise UserError(f"{self.path.parent} is in use by {holder}; wait for it to finish or stop it, "
+                            f"then run this again") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()} (zero-chatgpt {self.command}, started {_now()})\n")
+        fh.flush()
+        self.fh = fh
+        return self
+
+    def __exit__(self, *exc):
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
         return False

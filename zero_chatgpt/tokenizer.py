@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from zero_chatgpt.console import UserError, info, progress, table
+from zero_chatgpt.console import UserError
 from zero_chatgpt.io import atomic_write_json, atomic_write_text
 
 # The pre-tokenization regex (Llama 3's, which is GPT-4's with possessive quantifiers
@@ -382,53 +381,3 @@ class CorpusSample:
 
 def sample_texts(data_dir: Path, split: str, max_chars: int, max_doc_chars: int) -> CorpusSample:
     return CorpusSample(Path(data_dir), split, max_chars, max_doc_chars)
-
-
-def _peak_rss_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run_stage(ctx) -> None:
-    """`zero-chatgpt tokenizer`: train on a sample of data/, save tokenizer/, encode tokens/."""
-    from zero_chatgpt.encode import encode_corpus
-    from zero_chatgpt.rundir import mark_complete, read_marker, stage_key
-    c = ctx.cfg["tokenizer"]
-    rd = ctx.run_dir
-    out = rd.tokenizer
-    key = stage_key(ctx.cfg, ["tokenizer"], [rd.data])
-    train_s = float(read_marker(out).get("summary", {}).get("train_s", 0.0))
-    if not ctx.up_to_date(out, key, "tokenizer"):
-        t0 = time.perf_counter()
-        sample = sample_texts(rd.data, "train", c["train_chars"], c["max_doc_chars"])
-        info(f"training a {c['vocab_size']}-token byte-level BPE on ~{sample.expected_chars:,} characters of {rd.data}")
-        chars = 0
-
-        def counted(texts):
-            # rustbpe pulls the sample in buffers and counts pre-tokens, then learns merges.
-            nonlocal chars
-            with progress(total=sample.expected_chars, desc="counting pre-tokens", unit="char") as bar:
-                for t in texts:
-                    chars += len(t)
-                    bar.update(len(t))
-                    yield t
-            info(f"learning {c['vocab_size'] - 256 - len(special_tokens(c['reserved_tokens'])):,} merges ...")
-
-        tok = train_bpe(counted(sample), c["vocab_size"], c["pattern"] or DEFAULT_PATTERN, c["reserved_tokens"],
-                        c["default_system_prompt"])
-        tok.save(out)
-        train_s = time.perf_counter() - t0
-        mark_complete(out, key, {"vocab_size": tok.vocab_size, "train_chars": chars, "train_s": round(train_s, 2)})
-    tok = load_tokenizer(out, c["num_threads"])
-    t1 = time.perf_counter()
-    summary = encode_corpus(ctx, tok, key)
-    enc_s = time.perf_counter() - t1
-    rows = [["vocabulary size", tok.vocab_size], ["learned tokens (bytes + merges)", tok.n_learned]]
-    for split, s in summary.items():
-        rows.append([f"{split} documents", s["docs"]])
-        rows.append([f"{split} tokens", s["tokens"]])
-    val = summary.get("val", {})
-    if val.get("tokens", 0) > val.get("docs", 0):   # not counting the <|endoftext|> after each document
-        rows.append(["chars/token (val)", val["chars"] / (val["tokens"] - val["docs"])])
-    rows += [["train time (s)", train_s], ["encode time (s)", enc_s], ["peak memory (MB)", _peak_rss_mb()]]
-    table(["tokenizer", "value"], rows, title=f"tokenizer: {out}  tokens: {rd.tokens}")

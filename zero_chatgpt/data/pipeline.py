@@ -18,12 +18,11 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, wait
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -36,25 +35,15 @@ from zero_chatgpt.data.clean import REASONS, Cleaner, CleanConfig
 from zero_chatgpt.data.dedup import MinHasher, ShingleJaccard, candidate_pairs, cluster_pairs, exact_hash
 from zero_chatgpt.data.sources import BadRecords, iter_records, parse_source
 from zero_chatgpt.io import JsonlZstWriter, atomic_write_json, iter_jsonl
-from zero_chatgpt.rundir import Context, mark_complete, stage_key
+from zero_chatgpt.rundir import Context, begin, source_fingerprints
+from zero_chatgpt.workers import process_pool
 
-SECTIONS = ["data"]
 DEDUP_REASONS = ("exact_dup", "near_dup")
 
 
 def _workers(cfg: dict) -> int:
     n = int(cfg.get("workers", 0))
     return n if n > 0 else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-def _input_fingerprint(cfg: dict) -> dict:
-    """What the inputs are, for the stage key: paths with sizes and mtimes (not contents)."""
-    out = []
-    for spec in cfg["sources"]:
-        src = parse_source(spec)
-        files = [src.path] if src.path.is_file() else sorted(p for p in src.path.rglob("*") if p.is_file())
-        out.append([spec, [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in files]])
-    return {"sources": out}
 
 
 def iter_input(cfg: dict, bad: BadRecords) -> Iterator[dict]:
@@ -231,15 +220,16 @@ def _batches(it: Iterator[dict], size: int) -> Iterator[list[dict]]:
 def run_stage(ctx: Context) -> dict:
     cfg = ctx.cfg["data"]
     out_dir = ctx.run_dir.data
-    key = stage_key(ctx.cfg, SECTIONS, extra=_input_fingerprint(cfg))
-    if ctx.up_to_date(out_dir, key, "data"):
+    # the sources enter the key by content (format + fingerprint), not by path or mtime
+    run = begin(ctx, "data", extra={"data.sources": source_fingerprints(cfg["sources"], ctx.run_dir.root)})
+    if run.skip:
         return json.loads((out_dir / "stats.json").read_text())
+    key = run.key
     work = out_dir / "work"
     # a different key (config or inputs changed) invalidates finished parts
     marker = work / "key"
     if work.exists() and (ctx.force or not marker.exists() or marker.read_text() != key):
-        for p in work.iterdir():
-            p.unlink()
+        shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     marker.write_text(key)
     for old in list(out_dir.glob("train-*.jsonl.zst")) + list(out_dir.glob("val-*.jsonl.zst")):
@@ -253,9 +243,7 @@ def run_stage(ctx: Context) -> dict:
     part_stats: dict[int, dict] = {}
     resumed = 0
     bar = progress(desc="clean", unit="doc")
-    # forkserver, not fork: the parent may hold threads (torch's pools when stages run in one
-    # process, e.g. under `zero-chatgpt run` or pytest), and forking a threaded process can deadlock
-    with ProcessPoolExecutor(max_workers=nworkers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+    with process_pool(nworkers) as pool:
         pending = {}
 
         def collect(block: bool) -> None:
@@ -335,7 +323,7 @@ def run_stage(ctx: Context) -> dict:
     if docs_out == 0:
         raise UserError(f"data: no document was kept from {what}; see the funnel above and "
                         f"{out_dir / 'stats.json'} (bad records, dropped samples), then fix the sources or the filters")
-    mark_complete(out_dir, key, {"docs_out": docs_out, "chars_out": stats["chars_out"]})
+    run.complete({"docs_out": docs_out, "chars_out": stats["chars_out"]})
     shutil.rmtree(work, ignore_errors=True)  # the parts are a second copy of the corpus: free the disk
     return stats
 

@@ -1,6 +1,6 @@
-"""THE training loop: every stage that trains weights (pretrain, SFT, reward model, DPO) runs here.
+"""THE training loop: every stage that trains weights (pretrain, SFT, reward model, DPO, PPO, GRPO) runs here.
 
-A stage is a thin recipe that builds a model and hands the loop three seams:
+A stage is a thin recipe that builds its model(s) and hands the loop three seams:
 
 * ``batches(step, micro, rank, world) -> batch``: the batch source. It must be a *pure
   function* of its arguments (plus the stage's seed), so a resumed run sees exactly the
@@ -14,7 +14,11 @@ A stage is a thin recipe that builds a model and hands the loop three seams:
   tensors) to log, averaged over micro-batches weighted by ``n``. The loop weighs each
   micro-batch by ``n`` across micro-batches *and ranks*, so the step optimizes the exact
   mean over every target of the global batch, whatever the padding (see ``_scale_grads``).
-  ``model`` is the wrapped model (DDP / compiled): call it, do not reach into it.
+  ``model`` is the wrapped model (DDP / compiled): call it, do not reach into it; what the loss
+  needs comes back through ``model(ids, output=...)`` (loss.py: LMLoss, TokenLogProbs,
+  ScalarValues). With ``extra_models`` (e.g. a PPO critic), ``loss_fn`` gets a dict
+  ``{"model": primary, name: ...}`` of wrapped models instead; one backward fills every
+  model's gradients, and each has its own optimizer, learning rate and clipping.
 * ``eval_fn(model) -> dict`` (optional): called every ``eval_every`` steps and at the end,
   on every rank, under ``torch.no_grad()`` with the unwrapped model in eval mode; rank 0's
   result is logged (keys as given, e.g. ``val_loss``).
@@ -30,18 +34,25 @@ warmup-stable-decay to a floor, gradient accumulation, norm clipping, fp32 or bf
 optional torch.compile, DDP (or FSDP2) under torchrun with only rank 0 writing, logs
 (console progress bar, ``logs/<stage>.jsonl``, TensorBoard ``logs/tb/<stage>/``), atomic
 checkpoints every ``checkpoint_every`` steps keeping the last K, and automatic resume from
-the newest complete checkpoint: batches are pure functions of the step, and the weights,
-optimizer moments, step and RNG states are restored, so the resumed losses are bitwise
-those of an uninterrupted run (on CPU in fp32; tests/test_loop_resume.py kills a run with
-SIGKILL to check).
+the newest intact checkpoint: batches are pure functions of the step, and the weights,
+optimizer moments, step and every rank's RNG state (and data position) are restored, so the
+resumed losses are bitwise those of an uninterrupted run (on CPU in fp32;
+tests/test_loop_resume.py kills a run with SIGKILL to check). A raised ``max_steps`` resumes
+a finished run from its last checkpoint the same way.
+
+The loop is four named parts around one ``TrainState``: ``_restore`` (weights, optimizers,
+RNG, counters from the newest checkpoint), ``_wrap`` (device, FSDP / compile / DDP,
+optimizers), ``_step`` (one optimizer step over the accumulation micro-batches and ranks)
+and ``_save`` (a checkpoint; ``final`` holds the models only).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,6 +61,9 @@ import torch.distributed as dist
 
 from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt.console import UserError, info, progress, table
+from zero_chatgpt.train.runtime import (Dist, cpu_has_amx, cpu_peak_flops, gather_to_all,  # noqa: F401 (re-exported)
+                                        on_rank0_while_others_wait, peak_flops, resolve_precision,
+                                        setup_distributed)
 
 BatchSource = Callable[[int, int, int, int], Any]
 LossFn = Callable[[torch.nn.Module, Any], tuple]
@@ -110,102 +124,6 @@ def lr_at(step: int, s: LoopSettings) -> float:
         return s.lr - (s.lr - floor) * min(1.0, frac)
     frac = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
     return floor + 0.5 * (s.lr - floor) * (1 + math.cos(math.pi * min(1.0, frac)))
-
-
-# ---------------------------------------------------------------- device, precision, distributed
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> Dist:
-    """Read torchrun's environment; start the process group (gloo on CPU, NCCL on GPU) once."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("run.device = cuda but no CUDA device is available; use --set run.device=\"cpu\"")
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, world, local, dev)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 where it is measured to be faster, fp32 elsewhere.
-
-    CUDA with bf16 support: bf16. CPU: bf16 only with AMX tile units (Sapphire Rapids and
-    later), where bench/train_speed.py measured bf16 autocast faster than fp32 for our
-    models; without AMX, bf16 autocast on CPU is emulated and slower.
-    """
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_amx() else "fp32"
-
-
-def cpu_has_amx() -> bool:
-    try:
-        return "AMX" in torch.backends.cpu.get_cpu_capability()
-    except Exception:
-        return False
-
-
-_PEAK_CACHE: dict = {}
-
-
-def peak_flops(device: torch.device, precision: str) -> float:
-    """Peak FLOP/s for the MFU estimate: datasheet dense figures for known GPUs; on CPU the
-    theoretical vector peak (cpu_peak_flops)."""
-    key = (device.type, precision)
-    if key in _PEAK_CACHE:
-        return _PEAK_CACHE[key]
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        table_ = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A40": 150e12, "L40": 181e12, "4090": 165e12}
-        peak = next((v for k, v in table_.items() if k in name), 100e12)
-        if precision == "fp32":
-            peak /= 2   # TF32 tensor cores
-    else:
-        peak = cpu_peak_flops(precision)
-    _PEAK_CACHE[key] = peak
-    return peak
-
-
-def cpu_peak_flops(precision: str) -> float:
-    """Theoretical CPU peak: threads x clock x FLOPs per cycle per core (two FMA units of
-    the widest vector ISA; AMX tiles for bf16). A measured matmul rate would be lower
-    whenever other processes share the cores, and make MFU read above 100%."""
-    mhz = 0.0
-    try:
-        with open("/proc/cpuinfo") as fh:
-            mhz = max(float(line.split(":")[1]) for line in fh if line.startswith("cpu MHz"))
-    except (OSError, ValueError):
-        pass
-    cap = ""
-    try:
-        cap = torch.backends.cpu.get_cpu_capability()
-    except Exception:
-        pass
-    per_cycle = 64 if "AVX512" in cap else 32 if "AVX2" in cap else 16   # fp32: 2 FMA x lanes x 2
-    if precision == "bf16":
-        per_cycle = 1024 if "AMX" in cap else per_cycle * 2
-    return torch.get_num_threads() * (mhz or 2000.0) * 1e6 * per_cycle
 
 
 def _to_device(batch, device):
@@ -281,7 +199,10 @@ class Logger:
                 self.tb.close()
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the state and its parts
+
+PRIMARY = "model"     # the primary model's name in loss_fn's dict and in the trainer state
+
 
 @dataclass
 class TrainResult:
@@ -295,25 +216,43 @@ class TrainResult:
     resumed_from: int
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+@dataclass
+class Member:
+    """One model the loop trains: its module, its settings (lr, clipping, decay), and once wrapped
+    its DDP / compiled form and optimizer. The primary is saved at the checkpoint's root."""
+    name: str
+    raw: torch.nn.Module
+    settings: LoopSettings
+    wrapped: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
 
 
-def _full_state(raw: torch.nn.Module, optimizer, s: LoopSettings):
+@dataclass
+class TrainState:
+    """Everything that moves during training besides the weights, saved with every checkpoint."""
+    step: int = 0
+    tokens: int = 0
+    seconds_before: float = 0.0      # training time of earlier segments
+    evals: list = field(default_factory=list)
+    last_loss: float = float("nan")
+    resumed_from: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+
+
+def _full_state(m: Member):
     """Full (unsharded) model and optimizer state dicts on CPU."""
-    if s.fsdp and dist.is_initialized():
+    if m.settings.fsdp and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        return get_state_dict(raw, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return raw.state_dict(), (optimizer.state_dict() if optimizer is not None else None)
+        return get_state_dict(m.raw, m.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return m.raw.state_dict(), (m.optimizer.state_dict() if m.optimizer is not None else None)
 
 
-def _load_optimizer_state(raw, optimizer, optim_state, s: LoopSettings) -> None:
-    if s.fsdp and dist.is_initialized():
+def _load_optimizer_state(m: Member, optim_state) -> None:
+    if m.settings.fsdp and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(raw, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(m.raw, m.optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
         return
-    optimizer.load_state_dict(optim_state)
+    m.optimizer.load_state_dict(optim_state)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -329,72 +268,201 @@ def _set_rng_state(st: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
+def plain(obj, where: str = "trainer state"):
+    """`obj` with numpy arrays and scalars turned into tensors and Python numbers, so that
+    torch.load(weights_only=True) reads it back; anything else that is not plain data is an error
+    here, at save time, rather than an unloadable checkpoint later."""
+    import numpy as np
+    if isinstance(obj, torch.Tensor) or obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    raise TypeError(f"{where}: {type(obj).__name__} cannot be saved in a trainer state (tensors and plain values only)")
+
+
+def _restore(stage: str, stage_dir: Path, members: list[Member], d: Dist) -> tuple[TrainState, dict | None]:
+    """Weights from the newest intact checkpoint (else init_from, else as built), and its state."""
+    primary = members[0]
+    latest = ckpt.latest_checkpoint(stage_dir, report=d.main)
+    if latest is None:
+        if primary.settings.init_from:
+            try:
+                ckpt.load_weights(primary.raw, primary.settings.init_from)
+            except RuntimeError as e:
+                raise UserError(f"init_from {primary.settings.init_from}: weights do not fit the model: "
+                                f"{str(e)[:300]}") from None
+            info(f"{stage}: initialized from {primary.settings.init_from}")
+        torch.manual_seed(primary.settings.seed + d.rank)
+        return TrainState(), None
+    for m in members:
+        folder = latest if m.name == PRIMARY else latest / m.name
+        if ckpt.read_model_config(folder) != m.raw.config:
+            raise UserError(f"{folder}: checkpoint was trained with a different model config; "
+                            f"rerun with --force to start over (this deletes {stage_dir})")
+        ckpt.load_weights(m.raw, folder)
+    state = ckpt.load_trainer_state(latest)
+    step = int(state["step"])
+    info(f"{stage}: resuming from {latest} (step {step})")
+    ts = TrainState(step=step, tokens=int(state.get("tokens", 0)), seconds_before=float(state.get("seconds", 0.0)),
+                    evals=list(state.get("evals", [])), resumed_from=step)
+    return ts, state
+
+
+def _wrap(members: list[Member], state: dict | None, batches, d: Dist) -> None:
+    """Device, FSDP2 / compile / DDP, optimizers; then the saved optimizer, RNG and data state."""
+    device = d.device
+    for m in members:
+        s = m.settings
+        m.raw.to(device)
+        if s.fsdp:
+            if d.world == 1:
+                info("fsdp=true with one process: plain training")
+            else:
+                from torch.distributed.fsdp import fully_shard
+                for layer in m.raw.model.layers:
+                    fully_shard(layer)
+                fully_shard(m.raw)
+        if s.compile:
+            m.raw.compile()
+        m.wrapped = m.raw
+        if d.world > 1 and not s.fsdp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            m.wrapped = DDP(m.raw, device_ids=[device.index] if device.type == "cuda" else None)
+        m.optimizer = build_optimizer(m.raw, s, device)
+    if state is None:
+        return
+    optim = state["optimizer"]
+    for m in members:   # one model: the optimizer state itself; several: by name
+        _load_optimizer_state(m, optim if len(members) == 1 else optim[m.name])
+    ranks = state.get("ranks") or [{"rng": state["rng"], "data": state.get("data")}]
+    if len(ranks) != d.world and d.main:
+        info(f"resuming with {d.world} process(es) where the checkpoint had {len(ranks)}: data order is the same, "
+             f"random streams are not those of an uninterrupted run")
+    mine = ranks[d.rank % len(ranks)]
+    _set_rng_state(mine["rng"], device)
+    if hasattr(batches, "load_state_dict") and mine.get("data") is not None:
+        batches.load_state_dict(mine["data"])
+
+
+def _reduce_by_name(sums: torch.Tensor, msums: dict[str, float], d: Dist) -> tuple[float, float, dict]:
+    """Sum (loss x n, n, metrics x n) over ranks; metrics by name (ranks may log different ones)."""
+    if d.world == 1:
+        return float(sums[0]), float(sums[1]), msums
+    names = sorted(set().union(*gather_to_all(sorted(msums), d)))
+    packed = torch.tensor([float(sums[0]), float(sums[1]), *[msums.get(k, 0.0) for k in names]],
+                          dtype=torch.float64, device=d.device)
+    dist.all_reduce(packed)
+    vals = packed.tolist()
+    return vals[0], vals[1], dict(zip(names, vals[2:]))
+
+
+def _step(step: int, members: list[Member], batches, loss_fn, autocast, d: Dist) -> tuple[float, float, dict, dict]:
+    """One optimizer step: accumulate over micro-batches, weigh by targets across ranks, clip each
+    model, step each optimizer. Returns (mean loss, targets, mean metrics, grad norms)."""
+    primary = members[0]
+    accum = primary.settings.grad_accum
+    for m in members:
+        lr = lr_at(step, m.settings)
+        for g in m.optimizer.param_groups:
+            g["lr"] = lr
+    target = primary.wrapped if len(members) == 1 else {m.name: m.wrapped for m in members}
+    sums = torch.zeros(2, dtype=torch.float64)   # loss * n, n
+    msums: dict[str, float] = {}
+    for micro in range(accum):
+        batch = _to_device(batches(step, micro, d.rank, d.world), d.device)
+        sync = micro == accum - 1 or d.world == 1 or primary.settings.fsdp
+        ctxs = [m.wrapped.no_sync() for m in members if not sync and hasattr(m.wrapped, "no_sync")]
+        with contextlib.ExitStack() as stack:
+            for c in ctxs:
+                stack.enter_context(c)
+            with autocast:
+                loss, metrics, n = loss_fn(target, batch)
+            (loss * n).backward()
+        sums[0] += float(loss.detach()) * n
+        sums[1] += n
+        for k, v in (metrics or {}).items():
+            msums[k] = msums.get(k, 0.0) + float(v) * n
+    loss_sum, n_sum, msums = _reduce_by_name(sums, msums, d)
+    n_total = max(n_sum, 1.0)
+    norms = {}
+    for m in members:
+        _scale_grads(m.raw, d.world / n_total)
+        clip = m.settings.grad_clip if m.settings.grad_clip > 0 else 1e30
+        norms[m.name] = float(torch.nn.utils.clip_grad_norm_(m.raw.parameters(), clip))
+        m.optimizer.step()
+        m.optimizer.zero_grad(set_to_none=True)
+    return loss_sum / n_total, n_total, {k: v / n_total for k, v in msums.items()}, norms
+
+
+def _save(ts: TrainState, name: str, members: list[Member], batches, stage: str, stage_dir: Path, d: Dist,
+          meta: dict | None) -> None:
+    """Checkpoint `name`: step-N holds the models and the trainer state; final the primary model only,
+    hard-linked from step-N (saved just before it with the same weights)."""
+    is_step = name.startswith("step-")
+    full, per_rank = [({}, None)] * len(members), None
+    if is_step:   # every rank takes part (FSDP gathers the full state)
+        full = [_full_state(m) for m in members]
+        per_rank = gather_to_all(plain({"rng": _rng_state(d.device),
+                                        "data": batches.state_dict() if hasattr(batches, "state_dict") else None}), d)
+    if d.main:
+        primary = members[0]
+        trainer_state = None
+        if is_step:
+            optim = full[0][1] if len(members) == 1 else {m.name: f[1] for m, f in zip(members, full)}
+            trainer_state = plain({"step": ts.step, "optimizer": optim, "tokens": ts.tokens,
+                                   "seconds": ts.seconds_before + time.perf_counter() - ts.t_start,
+                                   "evals": ts.evals, "ranks": per_rank,
+                                   "rng": per_rank[0]["rng"], "data": per_rank[0]["data"]})
+        last = stage_dir / f"step-{ts.step}"
+        ckpt.save_checkpoint(
+            stage_dir, name, model_state=full[0][0], cfg=primary.raw.config, trainer_state=trainer_state,
+            extra_models={m.name: (f[0], m.raw.config) for m, f in zip(members[1:], full[1:])} if is_step else None,
+            meta={"stage": stage, "step": ts.step, "loss": ts.last_loss, "tokens": ts.tokens,
+                  "evals": ts.evals[-1:], **(meta or {})},
+            keep_last=primary.settings.keep_last if is_step else 0,
+            link_from=None if is_step else last)
+    if d.world > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- the loop
+
 def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_dir: Path, log_dir: Path,
           batches: BatchSource, loss_fn: LossFn, eval_fn: EvalFn | None = None, dist_info: Dist | None = None,
-          tokens_per_step: int = 0, flops_per_token: float = 0.0, meta: dict | None = None) -> TrainResult:
+          tokens_per_step: int = 0, flops_per_token: float = 0.0, meta: dict | None = None,
+          extra_models: dict[str, tuple[torch.nn.Module, dict]] | None = None) -> TrainResult:
     """Train `model` (built on CPU, fp32) for settings.max_steps optimizer steps; resume if a
-    checkpoint exists in stage_dir; write stage_dir/final. Returns a TrainResult."""
+    checkpoint exists in stage_dir; write stage_dir/final. Returns a TrainResult.
+
+    extra_models: {name: (module, overrides)} trained beside it (e.g. a PPO critic), each with
+    its own optimizer and the primary's settings changed by `overrides` (lr, grad_clip,
+    weight_decay, ...); saved in step-N/<name>/."""
     s = settings
     d = dist_info or setup_distributed()
-    device = d.device
-    precision = resolve_precision(s.precision, device)
+    precision = resolve_precision(s.precision, d.device)
     stage_dir = Path(stage_dir)
     if d.main:
         ckpt.clean_partial(stage_dir)
     if d.world > 1:
         dist.barrier()
+    members = [Member(PRIMARY, model, s)]
+    for name, (module, overrides) in (extra_models or {}).items():
+        if name == PRIMARY or "/" in name:
+            raise ValueError(f"extra model name {name!r} is reserved or not a folder name")
+        members.append(Member(name, module, replace(s, **overrides)))
 
-    # --- weights: resume > init_from > the model as built
-    latest = ckpt.latest_checkpoint(stage_dir)
-    start_step, state = 0, None
-    if latest is not None:
-        saved_cfg = ckpt.read_model_config(latest)
-        if saved_cfg != model.config:
-            raise UserError(f"{latest}: checkpoint was trained with a different model config; "
-                            f"rerun with --force to start over (this deletes {stage_dir})")
-        ckpt.load_weights(model, latest)
-        state = ckpt.load_trainer_state(latest)
-        start_step = int(state["step"])
-        info(f"{stage}: resuming from {latest} (step {start_step})")
-    elif s.init_from:
-        try:
-            ckpt.load_weights(model, s.init_from)
-        except RuntimeError as e:
-            raise UserError(f"init_from {s.init_from}: weights do not fit the model: {str(e)[:300]}") from None
-        info(f"{stage}: initialized from {s.init_from}")
-    if state is None:
-        torch.manual_seed(s.seed + d.rank)
-
-    model.to(device)
+    ts, state = _restore(stage, stage_dir, members, d)
+    _wrap(members, state, batches, d)
     raw = model
-    if s.fsdp:
-        if d.world == 1:
-            info("fsdp=true with one process: plain training")
-        else:
-            from torch.distributed.fsdp import fully_shard
-            for layer in raw.model.layers:
-                fully_shard(layer)
-            fully_shard(raw)
-    if s.compile:
-        raw.compile()
-    wrapped = raw
-    if d.world > 1 and not s.fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        wrapped = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(raw, s, device)
-    if state is not None:
-        _load_optimizer_state(raw, optimizer, state["optimizer"], s)
-        _set_rng_state(state["rng"], device)
-        if hasattr(batches, "load_state_dict") and state.get("data") is not None:
-            batches.load_state_dict(state["data"])
-
-    logger = Logger(log_dir, stage, start_step, d.main, s.tensorboard)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    peak = peak_flops(device, precision) if (flops_per_token and d.main) else 0.0
-    evals: list[dict] = [] if state is None else list(state.get("evals", []))
-    last_loss = float("nan")
-    tokens_seen = int(state.get("tokens", 0)) if state else 0
-    seconds_before = float(state.get("seconds", 0.0)) if state else 0.0   # training time of earlier segments
+    logger = Logger(log_dir, stage, ts.step, d.main, s.tensorboard)
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    peak = peak_flops(d.device, precision) if (flops_per_token and d.main) else 0.0
 
     def run_eval(step: int) -> None:
         if eval_fn is None:
@@ -404,97 +472,48 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
             res = eval_fn(raw)
         raw.train()
         rec = {"step": step, **{k: float(v) for k, v in res.items()}}
-        evals.append(rec)
+        ts.evals.append(rec)
         logger.write({"kind": "eval", **rec})
 
-    def save(step: int, name: str) -> None:
-        model_state, optim_state = _full_state(raw, optimizer, s)
-        if d.main:
-            trainer_state = {"step": step, "optimizer": optim_state, "rng": _rng_state(device), "tokens": tokens_seen,
-                             "seconds": seconds_before + time.perf_counter() - t_start,
-                             "data": batches.state_dict() if hasattr(batches, "state_dict") else None,
-                             "evals": evals}
-            ckpt.save_checkpoint(stage_dir, name, model_state=model_state, cfg=raw.config,
-                                 trainer_state=trainer_state,
-                                 meta={"stage": stage, "step": step, "loss": last_loss, "tokens": tokens_seen,
-                                       "evals": evals[-1:], **(meta or {})},
-                                 keep_last=s.keep_last if name.startswith("step-") else 0)
-        if d.world > 1:
-            dist.barrier()
-
-    raw.train()
-    t_start = time.perf_counter()
-    bar = progress(total=s.max_steps, initial=start_step, desc=stage, unit="step")
-    step = start_step
-    t_last, tok_last = time.perf_counter(), tokens_seen
+    for m in members:
+        m.raw.train()
+    ts.t_start = time.perf_counter()
+    start = ts.step
+    bar = progress(total=s.max_steps, initial=start, desc=stage, unit="step")
+    t_last, tok_last = time.perf_counter(), ts.tokens
     try:
-        for step in range(start_step, s.max_steps):
-            lr = lr_at(step, s)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            sums = torch.zeros(2, dtype=torch.float64)   # loss * n, n
-            msums: dict[str, float] = {}
-            for micro in range(s.grad_accum):
-                batch = _to_device(batches(step, micro, d.rank, d.world), device)
-                sync = micro == s.grad_accum - 1 or d.world == 1 or s.fsdp
-                ctx = wrapped.no_sync() if not sync else _nullcontext()
-                with ctx:
-                    with autocast:
-                        loss, metrics, n = loss_fn(wrapped, batch)
-                    (loss * n).backward()
-                sums[0] += float(loss.detach()) * n
-                sums[1] += n
-                for k, v in (metrics or {}).items():
-                    msums[k] = msums.get(k, 0.0) + float(v) * n
-            if d.world > 1:
-                packed = torch.tensor([sums[0].item(), sums[1].item(), *msums.values()], dtype=torch.float64,
-                                      device=device)
-                dist.all_reduce(packed)
-                sums[0], sums[1] = packed[0].item(), packed[1].item()
-                msums = dict(zip(msums, packed[2:].tolist()))
-            n_total = max(float(sums[1]), 1.0)
-            _scale_grads(raw, d.world / n_total)
-            gnorm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), s.grad_clip if s.grad_clip > 0 else 1e30))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_loss = float(sums[0]) / n_total
-            tokens_seen += tokens_per_step
-            done = step + 1
+        for step in range(start, s.max_steps):
+            loss, _, metrics, norms = _step(step, members, batches, loss_fn, autocast, d)
+            ts.last_loss, ts.step = loss, step + 1
+            ts.tokens += tokens_per_step
+            done = ts.step
             bar.update(1)
-            if done % s.log_every == 0 or done == s.max_steps or done == start_step + 1:
+            if done % s.log_every == 0 or done == s.max_steps or done == start + 1:
                 now = time.perf_counter()
-                tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
-                t_last, tok_last = now, tokens_seen
-                rec = {"kind": "train", "step": done, "loss": last_loss, "lr": lr, "grad_norm": gnorm,
-                       "tokens": tokens_seen, "tokens_per_s": tps,
-                       **{k: v / n_total for k, v in msums.items()}}
+                tps = (ts.tokens - tok_last) / max(now - t_last, 1e-9)
+                t_last, tok_last = now, ts.tokens
+                rec = {"kind": "train", "step": done, "loss": loss, "lr": lr_at(step, s),
+                       "grad_norm": norms[PRIMARY], **{f"grad_norm_{k}": v for k, v in norms.items() if k != PRIMARY},
+                       "tokens": ts.tokens, "tokens_per_s": tps, **metrics}
                 if peak:
                     rec["mfu"] = flops_per_token * tps / peak
                 logger.write(rec)
-                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{tps:,.0f}")
             if s.eval_every and done % s.eval_every == 0 and done < s.max_steps:
                 run_eval(done)
             if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.max_steps:
-                save(done, f"step-{done}")
-        step = s.max_steps
-        if not evals or evals[-1]["step"] != step:
-            run_eval(step)
-        save(step, f"step-{step}")
-        save(step, "final")
+                _save(ts, f"step-{done}", members, batches, stage, stage_dir, d, meta)
+        ts.step = max(ts.step, s.max_steps)
+        if not ts.evals or ts.evals[-1]["step"] != ts.step:
+            run_eval(ts.step)
+        _save(ts, f"step-{ts.step}", members, batches, stage, stage_dir, d, meta)
+        _save(ts, "final", members, batches, stage, stage_dir, d, meta)
     finally:
         bar.close()
         logger.close()
-    seconds = seconds_before + time.perf_counter() - t_start
-    return TrainResult(step=step, final=stage_dir / "final", last_loss=last_loss, evals=evals,
-                       tokens=tokens_seen, seconds=seconds, precision=precision, resumed_from=start_step)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
+    seconds = ts.seconds_before + time.perf_counter() - ts.t_start
+    return TrainResult(step=ts.step, final=stage_dir / "final", last_loss=ts.last_loss, evals=ts.evals,
+                       tokens=ts.tokens, seconds=seconds, precision=precision, resumed_from=ts.resumed_from)
 
 
 def _scale_grads(model: torch.nn.Module, factor: float) -> None:

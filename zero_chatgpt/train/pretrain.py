@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,9 +25,9 @@ from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt import tokens as tokens_mod
 from zero_chatgpt.console import UserError, info
 from zero_chatgpt.io import atomic_write_json
-from zero_chatgpt.loss import lm_loss
+from zero_chatgpt.loss import LMLoss, lm_loss
 from zero_chatgpt.model import Transformer, model_config_from
-from zero_chatgpt.rundir import Context, mark_complete, stage_key
+from zero_chatgpt.rundir import Context, begin, folder_fingerprint
 from zero_chatgpt.train import loop
 
 
@@ -103,7 +103,7 @@ class ValEval:
         total = 0.0
         for i in range(0, len(self.blocks), self.batch_size):
             x = torch.from_numpy(np.stack(self.blocks[i:i + self.batch_size])).to(device)
-            total += float(model(x[:, :-1], labels=x[:, 1:]))
+            total += float(model(x[:, :-1], output=LMLoss(x[:, 1:])))
         loss = total / self.n_tokens
         out = {"val_loss": loss}
         if self.n_chars:
@@ -138,10 +138,11 @@ def run_stage(ctx: Context) -> None:
     cfg, rd = ctx.cfg, ctx.run_dir
     sec, mcfg = cfg["pretrain"], cfg["model"]
     out = rd.stage_dir("pretrain")
-    key = stage_key(cfg, ["model", "pretrain"], [rd.tokenizer, rd.tokens], extra={"seed": cfg["run"]["seed"]})
-    if ctx.up_to_date(out, key, "pretrain"):
-        return
+    extra = {"pretrain.init_from": folder_fingerprint(Path(sec["init_from"]), rd.root)} if sec["init_from"] else {}
     d = loop.setup_distributed(cfg["run"]["device"])
+    run = begin(ctx, "pretrain", extra=extra)
+    if run.skip:
+        return
     tok = load_tokenizer(rd.tokenizer)
     train_shards = tokens_mod.load_split(rd.tokens, "train")
     try:
@@ -149,16 +150,6 @@ def run_stage(ctx: Context) -> None:
     except UserError:
         val_shards = []
         info("pretrain: no val token shards; validation loss is skipped")
-
-    # A config change (or --force) starts over; otherwise an interrupted run resumes.
-    latest = ckpt.latest_checkpoint(out)
-    if latest is not None and (ctx.force or _meta(latest).get("stage_key") != key) and d.main:
-        info(f"pretrain: {'--force' if ctx.force else 'config or data changed'}: starting over "
-             f"(removing checkpoints in {out})")
-        for p in ckpt.list_checkpoints(out) + [out / "final"]:
-            shutil.rmtree(p, ignore_errors=True)
-    if d.world > 1:
-        torch.distributed.barrier()
 
     special = dict(bos_token_id=None, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id)
     if sec["init_from"]:
@@ -186,7 +177,7 @@ def run_stage(ctx: Context) -> None:
     result = loop.train(settings, model=model, stage="pretrain", stage_dir=out, log_dir=rd.logs, batches=batches,
                         loss_fn=lm_loss_fn, eval_fn=evaluator if evaluator.blocks else None, dist_info=d,
                         tokens_per_step=step_tokens, flops_per_token=mc.flops_per_token(sec["seq_len"]),
-                        meta={"stage_key": key})
+                        meta={"stage_key": run.key})
     if not d.main:
         return
     model = ckpt.load_model(out / "final", device=d.device)
@@ -206,11 +197,7 @@ def run_stage(ctx: Context) -> None:
     loop.print_summary("pretrain", result)
     for s_ in samples[:3]:
         info(f"  sample: {s_['text'][:80]!r}")
-    mark_complete(out, key, {k: report[k] for k in ("val_loss", "val_bpc", "train_loss", "steps", "tokens")})
-
-
-def _meta(path) -> dict:
-    return _read_json(path / ckpt.META_FILE)
+    run.complete({k: report[k] for k in ("val_loss", "val_bpc", "train_loss", "steps", "tokens")})
 
 
 def _read_json(path) -> dict:

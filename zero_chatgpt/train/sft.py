@@ -26,10 +26,8 @@ so the padding is the only waste; the pad fraction is measured on the plan and r
 """
 from __future__ import annotations
 
-import bisect
 import functools
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +35,7 @@ import numpy as np
 import torch
 
 from zero_chatgpt.console import UserError, info, progress, table
-from zero_chatgpt.rundir import mark_complete, stage_key
+from zero_chatgpt.rundir import begin, folder_fingerprint, read_marker, source_fingerprints, sub_key, write_sub_marker
 
 IGNORE = -100
 
@@ -250,16 +248,28 @@ DATA_KEYS = ("sources", "eval_fraction", "rl_fraction", "val_fraction", "multi_t
              "min_prompt_chars", "max_prompt_chars", "dedup_threshold")
 
 
-def ensure_sft_data(ctx) -> dict:
-    """Build RUN_DIR/sft_data/ unless it is up to date with the data keys of [sft] and run.seed."""
+def sft_inputs(ctx) -> dict:
+    """What of [sft] besides the config goes into its keys: the --source files and the init_from
+    folder by content (an edited source file is noticed; a moved one is not a change)."""
+    s, root = ctx.cfg["sft"], ctx.run_dir.root
+    out = {"sft.sources": source_fingerprints(s["sources"], root)}
+    if s.get("init_from"):
+        out["sft.init_from"] = folder_fingerprint(Path(s["init_from"]), root)
+    return out
+
+
+def ensure_sft_data(ctx, inputs: dict | None = None) -> dict:
+    """Build RUN_DIR/sft_data/ unless it is up to date with the data keys of [sft], its sources and run.seed."""
     from zero_chatgpt.data import chat_data
     out = ctx.run_dir.sft_data
-    key = stage_key({"sft": {k: ctx.cfg["sft"].get(k) for k in DATA_KEYS}, "seed": ctx.cfg["run"]["seed"]},
-                    ["sft", "seed"])
-    if ctx.up_to_date(out, key, "sft data"):
+    inputs = inputs or sft_inputs(ctx)
+    key = sub_key({"sft": {k: ctx.cfg["sft"].get(k) for k in DATA_KEYS if k != "sources"},
+                   "sources": inputs["sft.sources"], "seed": ctx.cfg["run"]["seed"]})
+    done = read_marker(out)
+    if not ctx.force and done.get("key") == key and (out / "stats.json").exists():
         return json.loads((out / "stats.json").read_text())
     stats = chat_data.build(ctx.cfg, out)
-    mark_complete(out, key, {"records": stats["records"]})
+    write_sub_marker(out, key, {"records": stats["records"]})
     return stats
 
 
@@ -275,13 +285,6 @@ def init_path(ctx) -> Path:
     return path
 
 
-def _checkpoint_key(path: Path) -> str | None:
-    try:
-        return json.loads((Path(path) / "meta.json").read_text()).get("stage_key")
-    except (OSError, ValueError):
-        return None
-
-
 def run_stage(ctx) -> None:
     import time
 
@@ -294,27 +297,17 @@ def run_stage(ctx) -> None:
     t0 = time.perf_counter()
     cfg, rd, s = ctx.cfg, ctx.run_dir, ctx.cfg["sft"]
     d = loop.setup_distributed(cfg["run"]["device"])
+    src = init_path(ctx)
+    inputs = sft_inputs(ctx)
+    run = begin(ctx, "sft", extra=inputs, reads=("tokenizer",) if s.get("init_from") else None)
+    if run.skip:
+        return
     if d.main:                      # one process writes sft_data/; the others wait, then read it
-        ensure_sft_data(ctx)
+        ensure_sft_data(ctx, inputs)
     if d.world > 1:
         torch.distributed.barrier()
     stats = json.loads((rd.sft_data / "stats.json").read_text())
-    src = init_path(ctx)
-    if not (rd.tokenizer / "tokenizer.json").exists():
-        raise UserError(f"no tokenizer in {rd.tokenizer}: run `zero-chatgpt tokenizer --run-dir {rd.root}` first")
-    out = rd.stage_dir("sft", create=False)
-    upstream = [rd.sft_data, rd.tokenizer] + ([src.parent] if not s.get("init_from") else [])
-    key = stage_key(cfg, ["sft", "run"], upstream, extra={"init_from": str(src)})
-    if ctx.up_to_date(out, key, "sft"):
-        return
-    # A config/input change (or --force) starts over; an interrupted run with the same inputs resumes.
-    latest = ckpt.latest_checkpoint(out) if out.exists() else None
-    if latest is not None and d.main and (ctx.force or _checkpoint_key(latest) != key):
-        info(f"sft: {'--force' if ctx.force else 'config or inputs changed'}: starting over (removing {out})")
-        shutil.rmtree(out, ignore_errors=True)
-    if d.world > 1:
-        torch.distributed.barrier()
-    out.mkdir(parents=True, exist_ok=True)
+    out = rd.stage_dir("sft")
 
     tok = load_tokenizer(rd.tokenizer)
     model_cfg = ckpt.read_model_config(src)
@@ -347,14 +340,14 @@ def run_stage(ctx) -> None:
     result = loop.train(settings, model=model, stage="sft", stage_dir=out, log_dir=rd.logs, batches=batches,
                         loss_fn=functools.partial(sft_loss, unlikelihood=ul), eval_fn=eval_fn, dist_info=d,
                         tokens_per_step=int((train.lengths() - 1).sum() / len(batches.plan(0))) * grad_accum * d.world,
-                        meta={"init_from": str(src), "stage_key": key})
+                        meta={"init_from": str(src), "stage_key": run.key})
     summary = {"records": stats["records"], "dropped_records": stats.get("dropped", {}),
                "conversations": len(train), "truncated": train.n_truncated, "dropped_no_target": train.n_dropped,
                "pad_fraction": pad, "epochs": settings.max_steps / max(steps_per_epoch, 1e-9),
                "final_loss": result.last_loss, "val_loss": result.evals[-1].get("val_loss") if result.evals else None,
                "seconds": time.perf_counter() - t0}
     if d.main:
-        mark_complete(out, key, summary)
+        run.complete(summary)
         rows = [["sft_data train / val / eval / rl", " / ".join(f"{stats['records'][k]:,}"
                                                               for k in ("train", "val", "eval", "rl"))]]
         rows += [[f"dropped: {k}", v] for k, v in stats.get("dropped", {}).items()]

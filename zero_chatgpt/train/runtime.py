@@ -1,0 +1,150 @@
+"""Where and how training runs: device, precision, the process group under torchrun, peak FLOP/s.
+
+Shared by the training loop and by stages that only need a device or a rank (the generator,
+eval, the data stages under torchrun).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from zero_chatgpt.console import UserError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Read torchrun's environment; start the process group (gloo on CPU, NCCL on GPU) once, and a
+    gloo group beside it (cpu_group) for waits and Python objects."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("run.device = cuda but no CUDA device is available; use --set run.device=\"cpu\"")
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if world > 1 and "cpu" not in _GROUPS:
+        # Long: rank 0 may run the data stage for hours while the others wait in it.
+        _GROUPS["cpu"] = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+    return Dist(rank, world, local, dev)
+
+
+_GROUPS: dict = {}
+
+
+def cpu_group():
+    """The gloo group of setup_distributed (None in a single process)."""
+    return _GROUPS.get("cpu")
+
+
+def gather_to_all(obj, d: Dist) -> list:
+    """Every rank's `obj` (plain values and CPU tensors), in rank order, on every rank."""
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj, group=cpu_group())
+    return out
+
+
+def on_rank0_while_others_wait(ctx, name: str, fn) -> None:
+    """Under torchrun, run a stage that is not distributed (data, tokenizer, eval, report) on rank 0
+    alone; the other ranks wait for it, then go on, or stop with one line if it failed. Never N
+    processes writing the same files."""
+    d = setup_distributed(ctx.cfg["run"]["device"])
+    failed, error = torch.zeros(1, dtype=torch.int64), None
+    if d.main:
+        try:
+            fn()
+        except BaseException as e:   # noqa: BLE001 - re-raised below, after telling the others
+            failed[0], error = 1, e
+    dist.broadcast(failed, 0, group=cpu_group())
+    if error is not None:
+        raise error
+    if int(failed):
+        raise UserError(f"{name} failed on rank 0 (its message is above); this rank stops too")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 where it is measured to be faster, fp32 elsewhere.
+
+    CUDA with bf16 support: bf16. CPU: bf16 only with AMX tile units (Sapphire Rapids and
+    later), where bench/train_speed.py measured bf16 autocast faster than fp32 for our
+    models; without AMX, bf16 autocast on CPU is emulated and slower.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_amx() else "fp32"
+
+
+def cpu_has_amx() -> bool:
+    try:
+        return "AMX" in torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        return False
+
+
+_PEAK_CACHE: dict = {}
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """Peak FLOP/s for the MFU estimate: datasheet dense figures for known GPUs; on CPU the
+    theoretical vector peak (cpu_peak_flops)."""
+    key = (device.type, precision)
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table_ = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A40": 150e12, "L40": 181e12, "4090": 165e12}
+        peak = next((v for k, v in table_.items() if k in name), 100e12)
+        if precision == "fp32":
+            peak /= 2   # TF32 tensor cores
+    else:
+        peak = cpu_peak_flops(precision)
+    _PEAK_CACHE[key] = peak
+    return peak
+
+
+def cpu_peak_flops(precision: str) -> float:
+    """Theoretical CPU peak: threads x clock x FLOPs per cycle per core (two FMA units of
+    the widest vector ISA; AMX tiles for bf16). A measured matmul rate would be lower
+    whenever other processes share the cores, and make MFU read above 100%."""
+    mhz = 0.0
+    try:
+        with open("/proc/cpuinfo") as fh:
+            mhz = max(float(line.split(":")[1]) for line in fh if line.startswith("cpu MHz"))
+    except (OSError, ValueError):
+        pass
+    cap = ""
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        pass
+    per_cycle = 64 if "AVX512" in cap else 32 if "AVX2" in cap else 16   # fp32: 2 FMA x lanes x 2
+    if precision == "bf16":
+        per_cycle = 1024 if "AMX" in cap else per_cycle * 2
+    return torch.get_num_threads() * (mhz or 2000.0) * 1e6 * per_cycle
+
+
