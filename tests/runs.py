@@ -4,7 +4,7 @@ functions would, so that the commands that read a run (chat, export, eval, later
 from pathlib import Path
 
 from zero_chatgpt.io import atomic_write_json
-from zero_chatgpt.rundir import MARKER, closure_key, read_marker
+from zero_chatgpt.rundir import MARKER, closure_key, output_id, read_marker
 from zero_chatgpt.stages import STAGES
 
 
@@ -13,10 +13,72 @@ def record_stage(root, name: str, reads=(), inputs: dict | None = None) -> dict:
     root = Path(root)
     closure = {name: dict(inputs or {"built by": "test"})}
     for up in reads:
-        closure.update(read_marker(root / STAGES[up].out)["closure"])
-    record = {"stage": name, "state": "complete", "key": closure_key(closure), "closure": closure,
-              "reads": list(reads), "finished": "test", "summary": {}}
+        m = read_marker(root / STAGES[up].out)
+        closure[name][f"@{up}"] = m.get("output") or m["key"]
+        closure.update(m["closure"])
+    key = closure_key(closure)
     out = root / STAGES[name].out
+    record = {"stage": name, "state": "complete", "key": key, "closure": closure, "reads": list(reads),
+              "output": output_id(STAGES[name], out, key), "finished": "test", "summary": {}}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / MARKER, record)
     return record
+
+
+# ---------------------------------------------------------------- a whole tiny pipeline, in seconds
+
+def write_sources(folder) -> tuple[Path, Path]:
+    """A pretraining corpus (jsonl, ~2,400 real review and news texts) and instruction data (messages
+    jsonl, idiom meanings) in `folder`, small enough for every stage to run in seconds."""
+    import itertools
+    import json
+
+    from zero_chatgpt.data.builtin import iter_peoples_daily, iter_reviews, load_idioms
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.jsonl"
+    texts = [r["text"] for r in itertools.islice(iter_reviews(), 1200)]
+    texts += [r["text"] for r in itertools.islice(iter_peoples_daily(), 1200)]
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    chat = folder / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"“{d['word']}”是什么意思？"},
+                          {"role": "assistant", "content": d["explanation"][:60]}]}
+            for d in load_idioms()[:400] if d["explanation"]]
+    chat.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return corpus, chat
+
+
+TINY = {
+    "data.shard_docs": 300, "data.workers": 2,
+    "tokenizer.vocab_size": 512, "tokenizer.num_threads": 1,
+    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_hidden_layers": 2,
+    "model.num_attention_heads": 2, "model.max_position_embeddings": 64,
+    "pretrain.seq_len": 32, "pretrain.micro_batch_size": 4, "pretrain.batch_tokens": 128, "pretrain.max_steps": 12,
+    "pretrain.warmup_steps": 2, "pretrain.checkpoint_every": 4, "pretrain.eval_every": 4,
+    "pretrain.eval_tokens": 512, "pretrain.samples": 0, "pretrain.tensorboard": False, "pretrain.log_every": 1,
+    "pretrain.precision": "fp32",
+    "sft.eval_fraction": 0.1, "sft.rl_fraction": 0.1, "sft.val_fraction": 0.1, "sft.max_steps": 9,
+    "sft.warmup_steps": 2, "sft.batch_tokens": 256, "sft.micro_batch_tokens": 128, "sft.max_seq_len": 48,
+    "sft.checkpoint_every": 3, "sft.eval_every": 3, "sft.tensorboard": False, "sft.log_every": 1,
+    "sft.val_samples": 8, "sft.precision": "fp32",
+    "eval.num_prompts": 4, "eval.max_new_tokens": 4, "eval.val_samples": 4,
+}
+
+
+def tiny_args(corpus=None, chat=None, **more) -> list[str]:
+    """`--set` (and `--source`) arguments of the tiny pipeline, for cli.main or a subprocess."""
+    import json
+    args = []
+    for k, v in {**TINY, **more}.items():
+        args += ["--set", f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"]
+    return args
+
+
+def zc(*args, env=None, timeout=300, **kw):
+    """`python -m zero_chatgpt ARGS` in a subprocess, progress bars off, one thread."""
+    import os
+    import subprocess
+    import sys
+    e = {**os.environ, "ZC_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "zero_chatgpt", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=e, **kw)

@@ -114,7 +114,7 @@ def test_resume_after_kill(tmp_path):
     assert "resumed" in err
     stats = json.loads((killed / "data" / "stats.json").read_text())
     check_invariant(stats)
-    assert stats["resumed_parts"] >= finished - 1 and stats["docs_in"] == 2 * len(texts)
+    assert len(stats["resumed_parts"]) >= finished - 1 and stats["docs_in"] == 2 * len(texts)
     assert stats["dropped"]["exact_dup"] >= 0.9 * len(texts) and stats["docs_out"] <= len(texts)
 
     fresh = tmp_path / "fresh"

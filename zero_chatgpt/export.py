@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from zero_chatgpt import checkpoint as ckpt
+from zero_chatgpt import manifest
 from zero_chatgpt.console import UserError, info, table
 
 def pick_stage(run_dir, stage: str | None) -> tuple[str, Path]:
@@ -27,35 +28,76 @@ def pick_stage(run_dir, stage: str | None) -> tuple[str, Path]:
     return name, path
 
 
+EXPORT_MARKER = ".zero-chatgpt-export.json"   # what an export wrote: names, sizes, hashes
+
+
+def _replaceable(out: Path) -> str | None:
+    """None if `out` may be replaced by an export: absent, an empty folder, or a folder holding exactly
+    what an earlier export wrote there (its marker lists every file, unchanged); else why not."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        return f"{out} is a file, not a folder; give --out a new or empty folder"
+    present = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    if not present and not any(out.iterdir()):
+        return None
+    m = manifest.read(out, EXPORT_MARKER)
+    if m is None:
+        return (f"{out} is not empty and was not written by `zero-chatgpt export` (it holds "
+                f"{', '.join(present[:4])}{' ...' if len(present) > 4 else ''}); nothing was changed: choose a new "
+                f"or empty --out folder")
+    foreign = [p for p in present if p != EXPORT_MARKER and p not in m["files"]]
+    changed = manifest.problem(out, name=EXPORT_MARKER)
+    if foreign or changed:
+        what = f"files export did not write: {', '.join(foreign[:4])}" if foreign else f"a file changed since: {changed}"
+        return f"{out} holds an earlier export plus {what}; nothing was changed: choose a new or empty --out folder"
+    return None
+
+
 def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, sampling: dict | None = None) -> Path:
-    """Write the HF folder `out` (replaced atomically if it is a previous export). `sampling`: the [chat]
-    config section, written as generation_config.json so HF `generate` samples as `zero-chatgpt chat` does."""
+    """Write the HF folder `out`. `sampling`: the [chat] config section, written as generation_config.json
+    so HF `generate` samples as `zero-chatgpt chat` does.
+
+    Never deletes what export did not write: the folder is built beside `out` and moved into place,
+    and only an empty `out` or an earlier export (unchanged, by its marker) is replaced."""
     from zero_chatgpt.tokenizer import load_tokenizer
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
-        raise UserError(f"{out} exists and is not an exported model; choose an empty or new --out folder")
+    why = _replaceable(out)
+    if why:
+        raise UserError(why)
     tok = load_tokenizer(tokenizer_dir)
-    tmp = out.with_name(out.name + ".tmp-export")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    shutil.copy2(model_dir / ckpt.MODEL_FILE, tmp / ckpt.MODEL_FILE)
     cfg = json.loads((model_dir / ckpt.CONFIG_FILE).read_text())
-    cfg.update(eos_token_id=tok.eot_id, pad_token_id=tok.pad_id, bos_token_id=None)
     if cfg["vocab_size"] < tok.vocab_size:
         raise UserError(f"{model_dir}: model vocabulary {cfg['vocab_size']} < tokenizer's {tok.vocab_size}")
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    c = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.1, **(sampling or {})}
-    gen = {"eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id, "do_sample": c["temperature"] > 0,
-           **({k: c[k] for k in ("temperature", "top_k", "top_p")} if c["temperature"] > 0 else {}),
-           "repetition_penalty": c["repetition_penalty"]}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    for f in Path(tokenizer_dir).iterdir():
-        if f.is_file() and not f.name.startswith("."):
-            shutil.copy2(f, tmp / f.name)
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-export-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        shutil.copyfile(model_dir / ckpt.MODEL_FILE, tmp / ckpt.MODEL_FILE)
+        cfg.update(eos_token_id=tok.eot_id, pad_token_id=tok.pad_id, bos_token_id=None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        c = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.1, **(sampling or {})}
+        gen = {"eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id, "do_sample": c["temperature"] > 0,
+               **({k: c[k] for k in ("temperature", "top_k", "top_p")} if c["temperature"] > 0 else {}),
+               "repetition_penalty": c["repetition_penalty"]}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                shutil.copyfile(f, tmp / f.name)
+        names = [p.name for p in tmp.iterdir() if p.is_file()]
+        manifest.write(tmp, manifest.describe(tmp, names), name=EXPORT_MARKER)
+        if out.exists():       # empty, or our own earlier export: aside, then the new one in, then drop it
+            old = out.with_name(f".{out.name}.old-export-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -65,6 +107,10 @@ def run_command(ctx) -> None:
     if out is None:
         raise UserError("export needs --out PATH")
     stage, model_dir = pick_stage(ctx.run_dir, ctx.args.get("stage"))
+    damaged = manifest.problem(model_dir) if manifest.read(model_dir) is not None else None
+    if damaged:
+        raise UserError(f"{model_dir}: damaged checkpoint ({damaged}); rerun `zero-chatgpt {stage} --run-dir "
+                        f"{ctx.run_dir.root}` to rebuild it from its last checkpoint")
     if fmt == "gguf":
         raise UserError("--format gguf is not built yet; export with --format hf and convert that folder with "
                         "llama.cpp's convert_hf_to_gguf.py")

@@ -30,9 +30,9 @@ def describe(folder: Path, names) -> dict:
     return {n: {"size": (folder / n).stat().st_size, "xxh3_128": file_hash(folder / n)} for n in sorted(names)}
 
 
-def write(folder: Path, files: dict, extra: dict | None = None) -> None:
-    """Write folder/manifest.json listing `files` (from `describe`), fsync'ed."""
-    path = Path(folder) / MANIFEST
+def write(folder: Path, files: dict, extra: dict | None = None, name: str = MANIFEST) -> None:
+    """Write folder/manifest.json (or `name`) listing `files` (from `describe`), fsync'ed."""
+    path = Path(folder) / name
     with open(path, "w", encoding="utf-8") as fh:
         json.dump({"files": files, **(extra or {})}, fh, indent=1)
         fh.write("\n")
@@ -40,19 +40,19 @@ def write(folder: Path, files: dict, extra: dict | None = None) -> None:
         os.fsync(fh.fileno())
 
 
-def read(folder: Path) -> dict | None:
+def read(folder: Path, name: str = MANIFEST) -> dict | None:
     try:
-        return json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+        return json.loads((Path(folder) / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
 
-def problem(folder: Path, hashes: bool = True) -> str | None:
+def problem(folder: Path, hashes: bool = True, name: str = MANIFEST) -> str | None:
     """None if `folder` is complete and intact, else what is wrong with it (for a message)."""
     folder = Path(folder)
-    m = read(folder)
+    m = read(folder, name)
     if m is None or not isinstance(m.get("files"), dict):
-        return f"no {MANIFEST} (the save did not finish)"
+        return f"no {name} (the save did not finish)"
     for name, want in m["files"].items():
         p = folder / name
         try:

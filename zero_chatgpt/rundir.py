@@ -209,6 +209,7 @@ class StageRun:
             prev = read_marker(self.out)
             _write_marker(self.out, {"stage": self.stage.name, "state": "complete", "key": self.key,
                                      "closure": self.closure, "reads": list(self.reads),
+                                     "output": output_id(self.stage, self.out, self.key),
                                      "started": prev.get("started"), "finished": _now(),
                                      "seconds": seconds, "summary": summary or {}})
         self.ctx.outcomes[self.stage.name] = {"action": self.action, "seconds": seconds}
@@ -218,10 +219,26 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
+def output_id(stage: Stage, out: Path, key: str) -> str:
+    """What a stage's output is, for the stages that read it: a model stage's weights hash (a retrain
+    that gives other weights is another output, an identical one is not), else its key (the derived
+    stages are deterministic functions of their inputs)."""
+    if stage.model:
+        m = manifest.read(Path(out) / "final") or {}
+        digest = m.get("files", {}).get("model.safetensors", {}).get("xxh3_128")
+        if digest:
+            return digest
+    return key
+
+
+def _output_of(m: dict) -> str:
+    return m.get("output") or m.get("key", "")
+
+
 def closure_for(ctx: Context, name: str, sections, extra: dict | None, reads) -> dict:
     """The closure of stage `name`: its own result values and its upstream stages' records."""
     own = {**config_mod.result_items(ctx.cfg, sections), **(extra or {})}
-    closure: dict = {name: own}
+    closure: dict = {name: own}      # own["@up"]: the output of each upstream stage it reads
     rd = ctx.run_dir
     for up in reads:
         ust = STAGES[up]
@@ -233,6 +250,7 @@ def closure_for(ctx: Context, name: str, sections, extra: dict | None, reads) ->
         if why:
             raise UserError(f"{name} reads {up}, which is out of date ({why}): rebuild it first "
                             f"(`zero-chatgpt run --run-dir {rd.root} --until {up}`)")
+        own[f"@{up}"] = _output_of(m)
         for s, vals in m["closure"].items():
             if s in closure and closure[s] != vals:
                 raise UserError(f"{name}: its inputs {', '.join(reads)} were built from different versions of "
@@ -361,7 +379,8 @@ def stale_reason(rd: RunDir, name: str, _depth: int = 0) -> str | None:
             return f"its final checkpoint is damaged: {why}"
     for up in m.get("reads", []):
         um = read_marker(rd / STAGES[up].out)
-        if um.get("state") != "complete" or any(m["closure"].get(s) != v for s, v in um.get("closure", {}).items()):
+        if um.get("state") != "complete" or m["closure"].get(name, {}).get(f"@{up}") != _output_of(um) or \
+                any(m["closure"].get(s) != v for s, v in um.get("closure", {}).items()):
             return f"{up} was rebuilt after it" + (f" ({um['finished']})" if um.get("finished") else "")
         why = stale_reason(rd, up, _depth + 1)
         if why:

@@ -36,7 +36,7 @@ from zero_chatgpt.data.dedup import MinHasher, ShingleJaccard, candidate_pairs, 
 from zero_chatgpt.data.sources import BadRecords, iter_records, parse_source
 from zero_chatgpt.io import JsonlZstWriter, atomic_write_json, iter_jsonl
 from zero_chatgpt.rundir import Context, begin, source_fingerprints
-from zero_chatgpt.workers import process_pool
+from zero_chatgpt.workers import command_alive, process_pool
 
 DEDUP_REASONS = ("exact_dup", "near_dup")
 
@@ -73,8 +73,12 @@ def _hasher(cfg: dict) -> MinHasher:
                      cfg["near_threshold"])
 
 
-def clean_part(cfg: dict, work: Path, i: int, records: list[dict]) -> dict:
-    """Clean one part and write its kept documents, index arrays and counts (the .json last)."""
+def clean_part(cfg: dict, work: Path, i: int, records: list[dict], command_pid: int) -> dict:
+    """Clean one part and write its kept documents, index arrays and counts (the .json last).
+
+    The .json is what makes a part count as finished (a rerun after a kill reuses it), so it is
+    published only while the command that asked for it still runs: a worker that outlived a
+    killed command (for the few milliseconds its watchdog allows) never publishes a part."""
     cleaner = Cleaner(CleanConfig.from_cfg(cfg))
     paths = _part_paths(work, i)
     dropped: Counter = Counter()
@@ -98,8 +102,12 @@ def clean_part(cfg: dict, work: Path, i: int, records: list[dict]) -> dict:
         kept.append(out)
     texts = [d["text"] for d in kept]
     exact = np.fromiter((exact_hash(t) for t in texts), dtype=np.uint64, count=len(texts))
-    keys = (_hasher(cfg).keys_for(texts) if cfg["near_dedup"] and texts
-            else np.zeros((len(texts), 0), dtype=np.uint64))
+    if cfg["near_dedup"]:
+        hasher = _hasher(cfg)
+        # a part whose documents were all dropped still has one column per band (it is concatenated)
+        keys = hasher.keys_for(texts) if texts else np.zeros((0, hasher.bands), dtype=np.uint64)
+    else:
+        keys = np.zeros((len(texts), 0), dtype=np.uint64)
     with JsonlZstWriter(paths["docs"]) as w:
         for d in kept:
             w.write(d)
@@ -108,7 +116,10 @@ def clean_part(cfg: dict, work: Path, i: int, records: list[dict]) -> dict:
     os.replace(tmp, paths["index"])
     stats = {"part": i, "docs_in": len(records), "chars_in": chars_in, "kept": len(kept),
              "dropped": dict(dropped), "samples": samples, "pii_masked": dict(cleaner.pii),
-             "sources": sorted(by_source), "source_in": {k: v[0] for k, v in by_source.items()}}
+             "sources": sorted(by_source), "source_in": {k: v[0] for k, v in by_source.items()},
+             "command_pid": command_pid, "written": time.time()}
+    if not command_alive(command_pid):
+        os._exit(1)
     atomic_write_json(paths["stats"], stats)
     return stats
 
@@ -241,7 +252,7 @@ def run_stage(ctx: Context) -> dict:
     what = "the built-in corpus" if not cfg["sources"] else ", ".join(cfg["sources"])
     info(f"data: reading {what}; cleaning with {nworkers} processes")
     part_stats: dict[int, dict] = {}
-    resumed = 0
+    resumed: list[dict] = []     # parts finished by an earlier, killed run: which, by whom, when
     bar = progress(desc="clean", unit="doc")
     with process_pool(nworkers) as pool:
         pending = {}
@@ -260,15 +271,15 @@ def run_stage(ctx: Context) -> dict:
             if stats_path.exists():  # finished by an earlier, interrupted run
                 part_stats[i] = json.loads(stats_path.read_text())
                 bar.update(part_stats[i]["docs_in"])
-                resumed += 1
+                resumed.append({k: part_stats[i].get(k) for k in ("part", "command_pid", "written")})
                 continue
-            pending[i] = pool.submit(clean_part, cfg, work, i, records)
+            pending[i] = pool.submit(clean_part, cfg, work, i, records, os.getpid())
             if len(pending) >= 2 * nworkers:  # bounded memory: a few parts in flight
                 collect(block=False)
         collect(block=True)
         bar.close()
         if resumed:
-            info(f"data: resumed {resumed} finished part(s) from {work}")
+            info(f"data: resumed {len(resumed)} finished part(s) from {work}")
         parts = sorted(part_stats)
         t_clean = time.time() - t0
         keep, offsets, dd = deduplicate(cfg, work, parts)
