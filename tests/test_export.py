@@ -106,3 +106,41 @@ def test_export_errors_are_one_line(run, tmp_path):
     assert r.returncode == 2 and "not built yet" in r.stderr
     r = cli("export", "--run-dir", str(tmp_path), "--out", str(tmp_path / "x"), check=False)
     assert r.returncode == 2 and "no trained model" in r.stderr
+
+
+def test_export_never_deletes_what_it_did_not_write(run, tmp_path):
+    rd, _ = run
+    # a folder of the user's that happens to hold a config.json: refused, untouched (before: deleted, exit 0)
+    mine = tmp_path / "my_model"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    (mine / "notes.txt").write_text("my notes")
+    r = cli("export", "--run-dir", str(rd), "--out", str(mine), check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not written by `zero-chatgpt export`" in r.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "notes.txt"]
+    # an earlier export is replaced; an export with a file added to it is not
+    out = tmp_path / "hf"
+    cli("export", "--run-dir", str(rd), "--out", str(out))
+    first = (out / ".zero-chatgpt-export.json").read_text()
+    cli("export", "--run-dir", str(rd), "--out", str(out))
+    assert (out / "model.safetensors").exists() and (out / ".zero-chatgpt-export.json").read_text() == first
+    (out / "README.md").write_text("my model card")
+    r = cli("export", "--run-dir", str(rd), "--out", str(out), check=False)
+    assert r.returncode == 2 and "files export did not write: README.md" in r.stderr
+    assert (out / "README.md").read_text() == "my model card"
+    # an empty folder is fine; a file is one line; nothing is left beside
+    (tmp_path / "empty").mkdir()
+    cli("export", "--run-dir", str(rd), "--out", str(tmp_path / "empty"))
+    (tmp_path / "file.bin").write_text("x")
+    r = cli("export", "--run-dir", str(rd), "--out", str(tmp_path / "file.bin"), check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a file" in r.stderr
+    assert not [p for p in tmp_path.iterdir() if "tmp-export" in p.name or "old-export" in p.name]
+
+
+def test_stage_names_and_limits_are_checked(run):
+    rd, _ = run
+    for args in (["export", "--stage", "nosuch", "--out", "x"], ["chat", "--stage", "nosuch"],
+                 ["chat", "--max-new-tokens", "-1"], ["chat", "--max-new-tokens", "0"]):
+        r = cli(args[0], "--run-dir", str(rd), *args[1:], check=False)
+        assert r.returncode == 2 and "zero-chatgpt nosuch" not in r.stderr, r.stderr
+        assert "invalid choice: 'nosuch'" in r.stderr or "must be >= 1" in r.stderr

@@ -74,10 +74,15 @@ def _fsync_dir(path: Path) -> None:
 
 def write_file(path: Path, data: bytes) -> None:
     """Write and fsync `data` (an OSError names the path: ENOSPC, EFBIG, EROFS, EACCES...)."""
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def model_state_for_saving(model_state: dict, cfg: ModelConfig) -> dict:

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                 _dispatch(args, ctx)
                 ctx.save_config()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume where it stopped", file=sys.stderr)
@@ -184,8 +184,13 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         if os.environ.get("ZC_DEBUG"):
             raise
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {os_error_line(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _rank_prefix() -> str:
+    """Under torchrun every process reports its own error; say which one it is."""
+    return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 def os_error_line(e: OSError) -> str:

@@ -18,6 +18,7 @@ them never makes a finished stage look out of date.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -197,10 +198,12 @@ def _relations(cfg: dict) -> list[tuple[str, str]]:
     if p["seq_len"] > m["max_position_embeddings"]:
         out.append(("pretrain.seq_len", f"{p['seq_len']} > model.max_position_embeddings = "
                                         f"{m['max_position_embeddings']}"))
-    per_pass = p["micro_batch_size"] * p["seq_len"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))      # under torchrun: the number of processes
+    per_pass = p["micro_batch_size"] * p["seq_len"] * world
     if p["batch_tokens"] % per_pass:
-        out.append(("pretrain.batch_tokens", f"{p['batch_tokens']} is not a multiple of micro_batch_size x seq_len "
-                                             f"= {per_pass}"))
+        ranks = f" x {world} processes" if world > 1 else ""
+        out.append(("pretrain.batch_tokens", f"{p['batch_tokens']} is not a multiple of micro_batch_size x seq_len"
+                                             f"{ranks} = {per_pass}"))
     if s["eval_fraction"] + s["rl_fraction"] + s["val_fraction"] >= 1:
         out.append(("sft.eval_fraction", "eval_fraction + rl_fraction + val_fraction must leave a share for "
                                          f"training (they sum to {s['eval_fraction'] + s['rl_fraction'] + s['val_fraction']:g})"))

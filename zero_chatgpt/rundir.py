@@ -113,6 +113,15 @@ def read_marker(out_dir: Path) -> dict:
         return {}
 
 
+def finished_record(out_dir: Path) -> dict:
+    """The record of the output that is on disk now: the marker, or while a training stage continues
+    with more steps (its final/ not yet replaced), the finished run's record kept in it."""
+    m = read_marker(out_dir)
+    if m.get("state") == "running" and isinstance(m.get("previous"), dict):
+        return m["previous"]
+    return m
+
+
 def _write_marker(out_dir: Path, record: dict) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(out_dir) / MARKER, record)
@@ -242,7 +251,7 @@ def closure_for(ctx: Context, name: str, sections, extra: dict | None, reads) ->
     rd = ctx.run_dir
     for up in reads:
         ust = STAGES[up]
-        m = read_marker(rd / ust.out)
+        m = finished_record(rd / ust.out)
         if m.get("state") != "complete" or "closure" not in m:
             raise UserError(f"{name} reads the output of {up}, which is not built in {rd.root / ust.out}: "
                             f"run `zero-chatgpt {up} --run-dir {rd.root}` first")
@@ -296,6 +305,9 @@ def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[st
     key = closure_key(closure)
     out = rd / st.out
     m = read_marker(out)
+    restored = False
+    if m.get("state") == "running" and m.get("previous", {}).get("key") == key and not ctx.force:
+        m, restored = m["previous"], True      # an interrupted continue, asked for the finished run again
     old = m.get("closure")
     same = m.get("key") == key
     final_ok = True
@@ -312,7 +324,7 @@ def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[st
     elif same:
         action = "resume"
     elif st.trained and (old is not None or _has_work(out)):
-        if old is not None and m.get("state") == "complete" and _only_steps_raised(st, old, closure):
+        if old is not None and _only_steps_raised(st, old, closure):
             action, note = "continue", describe_changes(old, closure)
         else:
             changed = describe_changes(old or {}, closure) if old is not None else \
@@ -326,6 +338,8 @@ def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[st
     run = StageRun(ctx, st, out, key, closure, reads, action, note)
     ctx.outcomes[name] = {"action": action, "seconds": 0.0}
     if action == "skip":
+        if restored and _is_rank0():
+            _write_marker(out, m)
         info(f"{name}: up to date in {out} (use --force to rebuild)")
         return run
     ctx.save_config()
@@ -336,11 +350,16 @@ def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[st
         info(f"{name}: rebuilding ({note})")
     elif action == "continue":
         info(f"{name}: continuing from its last checkpoint ({note})")
-    _barrier()
+    _barrier(st)
     if _is_rank0():
-        _write_marker(out, {"stage": name, "state": "running", "key": key, "closure": closure, "reads": list(reads),
-                            "started": _now()})
-    _barrier()
+        record = {"stage": name, "state": "running", "key": key, "closure": closure, "reads": list(reads),
+                  "started": _now()}
+        if action == "continue":
+            # final/ stays the finished run's until the continued one replaces it: keep its record,
+            # so readers still see it and a return to the old inputs finds it complete
+            record["previous"] = m if m.get("state") == "complete" else m.get("previous")
+        _write_marker(out, record)
+    _barrier(st)
     return run
 
 
@@ -356,8 +375,10 @@ def _remove_trained(out: Path) -> None:
             p.unlink()
 
 
-def _barrier() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "torch" in sys.modules:
+def _barrier(st: Stage) -> None:
+    """Under torchrun, the ranks of a distributed stage meet (rank 0 decided and wrote); a stage that is
+    not distributed runs on rank 0 alone (cli.run_stage), so there is nobody to meet."""
+    if st.distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "torch" in sys.modules:
         import torch.distributed as dist
         if dist.is_initialized():
             dist.barrier()
@@ -368,7 +389,7 @@ def _barrier() -> None:
 def stale_reason(rd: RunDir, name: str, _depth: int = 0) -> str | None:
     """None if stage `name` is complete and current, else why not (for a message)."""
     st = STAGES[name]
-    m = read_marker(rd / st.out)
+    m = finished_record(rd / st.out)
     if not m:
         return "not built"
     if m.get("state") != "complete" or "closure" not in m:
@@ -378,7 +399,7 @@ def stale_reason(rd: RunDir, name: str, _depth: int = 0) -> str | None:
         if why:
             return f"its final checkpoint is damaged: {why}"
     for up in m.get("reads", []):
-        um = read_marker(rd / STAGES[up].out)
+        um = finished_record(rd / STAGES[up].out)
         if um.get("state") != "complete" or m["closure"].get(name, {}).get(f"@{up}") != _output_of(um) or \
                 any(m["closure"].get(s) != v for s, v in um.get("closure", {}).items()):
             return f"{up} was rebuilt after it" + (f" ({um['finished']})" if um.get("finished") else "")

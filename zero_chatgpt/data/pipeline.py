@@ -323,6 +323,7 @@ def run_stage(ctx: Context) -> dict:
         "dedup": dd,
         "parts": len(parts),
         "resumed_parts": resumed,
+        "part_commands": sorted({st.get("command_pid") for st in part_stats.values()}),   # pids that cleaned parts
         "seconds": {"clean": round(t_clean, 2), "dedup": round(t_dedup, 2), "total": round(time.time() - t0, 2)},
     }
     assert stats["docs_in"] == stats["docs_out"] + sum(stats["dropped"].values()) + bad.count, "accounting"
