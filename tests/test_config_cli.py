@@ -55,3 +55,16 @@ def test_every_subcommand_has_help(capsys):
             main([cmd, "--help"])
         assert e.value.code == 0
         assert "--run-dir" in capsys.readouterr().out
+
+
+def test_help_lists_the_registry_and_marks_what_is_not_built(capsys):
+    from zero_chatgpt.stages import PIPELINE, is_built
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert " → ".join(s.name for s in PIPELINE) in out           # the order, from the one registry
+    for st in PIPELINE:
+        with pytest.raises(SystemExit):
+            main([st.name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert ("[not built yet in this version]" in text) == (not is_built(st)), st.name

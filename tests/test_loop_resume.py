@@ -43,6 +43,9 @@ def main(argv=None) -> None:
     ap.add_argument("--slow-save", type=float, default=0.0, help="sleep this long per file synced (test hook)")
     ap.add_argument("--step-sleep", type=float, default=0.0, help="sleep this long per batch (test hook)")
     ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP")
+    ap.add_argument("--constant", action="store_true", help="constant learning rate (a raised --steps continues exactly)")
+    ap.add_argument("--noisy", action="store_true", help="a loss that draws from each rank's RNG (dropout-like)")
+    ap.add_argument("--metrics", action="store_true", help="log per-rank metrics, named in a per-rank order")
     a = ap.parse_args(argv)
 
     import torch
@@ -69,15 +72,26 @@ def main(argv=None) -> None:
     model = Transformer(cfg)
     s = loop.LoopSettings(max_steps=a.steps, lr=3e-3, warmup_steps=2, precision="fp32", grad_accum=a.accum,
                           checkpoint_every=a.ckpt_every, keep_last=2, eval_every=4, log_every=1, tensorboard=False,
-                          seed=7, fsdp=a.fsdp)
+                          seed=7, fsdp=a.fsdp, schedule="constant" if a.constant else "cosine")
     blocks = PackedBlocks(train, 32, seed=7, micro_batch_size=a.micro, grad_accum=a.accum)
     inner = blocks
     if a.step_sleep:
         def inner(step, micro, rank, world):
             time.sleep(a.step_sleep)
             return blocks(step, micro, rank, world)
+    loss_fn = lm_loss_fn
+    if a.noisy or a.metrics:
+        def loss_fn(m, batch):
+            loss, metrics, n = lm_loss_fn(m, batch)
+            if a.noisy:     # each rank's own random stream scales its loss (and gradients)
+                loss = loss * (1 + 0.05 * torch.rand(()))
+            if a.metrics:   # ranks name their metrics in different orders; rank 1 has one more
+                metrics = {"a": float(d.rank + 1), "b": 10.0 * (d.rank + 1)}
+                if d.rank == 1:
+                    metrics = {"c": 5.0, **dict(reversed(list(metrics.items())))}
+            return loss, metrics, n
     loop.train(s, model=model, stage="pretrain", stage_dir=a.run_dir / "pretrain", log_dir=a.run_dir / "logs",
-               batches=inner, loss_fn=lm_loss_fn, eval_fn=ValEval(val, 32, 256, 4, None), dist_info=d,
+               batches=inner, loss_fn=loss_fn, eval_fn=ValEval(val, 32, 256, 4, None), dist_info=d,
                tokens_per_step=32 * a.micro * a.accum * d.world)
 
 

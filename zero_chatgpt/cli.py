@@ -129,7 +129,7 @@ def run_stage(ctx: Context, st: Stage) -> str:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     t0 = time.time()
     if world > 1 and not st.distributed:
-        from zero_chatgpt.train.loop import on_rank0_while_others_wait
+        from zero_chatgpt.train.runtime import on_rank0_while_others_wait
         on_rank0_while_others_wait(ctx, st.name, lambda: fn(ctx))
     else:
         fn(ctx)

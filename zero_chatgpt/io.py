@@ -168,7 +168,8 @@ class JsonlZstWriter:
 
     def __init__(self, path: str | os.PathLike, level: int = 3):
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        # the writer's pid in the name: two writers (a rerun and a dying worker) never share a file
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
         self._fh = open(self.tmp, "wb")
         self._z = zstandard.ZstdCompressor(level=level).stream_writer(self._fh, closefd=False)
         self.count = 0
@@ -217,8 +218,12 @@ def iter_corpus_texts(data_dir: str | os.PathLike, split: str) -> Iterator[str]:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+    except OSError as e:          # a failed write names no file by itself (a full disk, a size limit)
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.replace(tmp, path)
 
 

@@ -45,7 +45,7 @@ class ShardWriter:
     def __init__(self, path: str | os.PathLike, vocab_size: int):
         self.path = Path(path)
         self.dtype = dtype_for_vocab(vocab_size)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")   # one writer per file name
         self._fh = open(self.tmp, "wb")
         self._fh.write(b"\0" * HEADER.size)
         self._hash = xxhash.xxh3_64()

@@ -111,7 +111,7 @@ def clean_part(cfg: dict, work: Path, i: int, records: list[dict], command_pid: 
     with JsonlZstWriter(paths["docs"]) as w:
         for d in kept:
             w.write(d)
-    tmp = paths["index"].with_name(paths["index"].name + ".tmp.npz")
+    tmp = paths["index"].with_name(f"{paths['index'].name}.tmp{os.getpid()}.npz")
     np.savez(tmp, exact=exact, keys=keys)
     os.replace(tmp, paths["index"])
     stats = {"part": i, "docs_in": len(records), "chars_in": chars_in, "kept": len(kept),

@@ -61,9 +61,7 @@ import torch.distributed as dist
 
 from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt.console import UserError, info, progress, table
-from zero_chatgpt.train.runtime import (Dist, cpu_has_amx, cpu_peak_flops, gather_to_all,  # noqa: F401 (re-exported)
-                                        on_rank0_while_others_wait, peak_flops, resolve_precision,
-                                        setup_distributed)
+from zero_chatgpt.train.runtime import Dist, gather_to_all, peak_flops, resolve_precision, setup_distributed
 
 BatchSource = Callable[[int, int, int, int], Any]
 LossFn = Callable[[torch.nn.Module, Any], tuple]

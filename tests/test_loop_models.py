@@ -1,0 +1,156 @@
+"""The one loop, ready for several models: output heads instead of loss options in forward, a score head
+that transformers loads as LlamaForSequenceClassification, several models with their own optimizers in one
+checkpoint, every rank's RNG restored on resume, trainer states of plain values, metrics reduced by name."""
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from test_loop_resume import HERE, read_log, run_env
+from zero_chatgpt import checkpoint as ckpt
+from zero_chatgpt.loss import LMLoss, ScalarValues, TokenLogProbs, chunked_cross_entropy
+from zero_chatgpt.model import ModelConfig, Transformer
+from zero_chatgpt.train import loop
+
+CFG = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=32)
+
+
+def _model(head="lm", seed=0):
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**CFG, head=head, pad_token_id=0))
+
+
+def test_forward_takes_outputs_not_loss_options():
+    params = inspect.signature(Transformer.forward).parameters
+    assert "output" in params and not {"labels", "ul_candidates", "ul_alpha"} & set(params)
+    m = _model()
+    x = torch.randint(1, 97, (3, 10))
+    y = torch.randint(1, 97, (3, 10))
+    y[0, :4] = -100
+    logits = m(x)
+    # per-token log-probs at a temperature, 0 where ignored; with the entropy of that distribution
+    lp, ent = m(x, output=TokenLogProbs(y, temperature=0.7, entropy=True))
+    ref = torch.log_softmax(logits / 0.7, -1)
+    want = ref.gather(-1, y.clamp(min=0)[..., None])[..., 0] * (y != -100)
+    assert torch.allclose(lp, want, atol=1e-6) and (lp[0, :4] == 0).all()
+    assert torch.allclose(ent, -(ref.exp() * ref).sum(-1), atol=1e-5)
+    # the fused LM loss is the summed cross-entropy of the same logits
+    total = m(x, output=LMLoss(y))
+    assert torch.allclose(total, F.cross_entropy(logits.reshape(-1, 97), y.reshape(-1), reduction="sum"), atol=1e-4)
+    h = m(x, return_hidden=True)
+    assert torch.allclose(total, chunked_cross_entropy(h, m.lm_head.weight, y), atol=1e-6)
+    # a score head gives one value per position
+    v = _model("score")(x, output=ScalarValues())
+    assert v.shape == (3, 10) and v.dtype == torch.float32
+
+
+def test_a_score_model_loads_in_transformers_as_sequence_classification(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    m = _model("score", seed=3)
+    ckpt.save_checkpoint(tmp_path, "final", model_state=m.state_dict(), cfg=m.config)
+    cfg = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["num_labels"] == 1
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "final", torch_dtype=torch.float32).eval()
+    x = torch.randint(1, 97, (2, 12))
+    with torch.no_grad():
+        theirs = hf(x).logits[:, 0]                      # pooled at the last real token
+        ours = m.eval()(x)[:, -1]
+    assert torch.allclose(theirs, ours, atol=1e-5)
+    back = ckpt.load_model(tmp_path / "final")
+    assert back.config.head == "score" and torch.equal(back.score.weight, m.score.weight)
+
+
+class _Toy:
+    """A pure batch source over random token rows (the same rows for any resume)."""
+
+    def __call__(self, step, micro, rank, world):
+        g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
+        x = torch.randint(1, 97, (4, 17), generator=g)
+        return {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+
+def _actor_critic_loss(models, batch):
+    """LM loss of the actor + a value loss of the critic toward a noisy target (uses the RNG)."""
+    actor, critic = models["model"], models["critic"]
+    n = batch["labels"].numel()
+    lm = actor(batch["input_ids"], output=LMLoss(batch["labels"])) / n
+    v = critic(batch["input_ids"], output=ScalarValues())
+    target = torch.rand(v.shape)
+    vloss = ((v - target) ** 2).mean()
+    return lm + vloss, {"value_loss": vloss.detach()}, n
+
+
+def _train_actor_critic(stage_dir, steps):
+    s = loop.LoopSettings(max_steps=steps, lr=3e-3, warmup_steps=0, schedule="constant", checkpoint_every=2,
+                          eval_every=0, log_every=1, precision="fp32", tensorboard=False, seed=5, keep_last=5)
+    return loop.train(s, model=_model(), stage="ac", stage_dir=stage_dir, log_dir=stage_dir / "logs",
+                      batches=_Toy(), loss_fn=_actor_critic_loss, dist_info=loop.Dist(),
+                      extra_models={"critic": (_model("score", seed=1), {"lr": 1e-2, "grad_clip": 0.5})})
+
+
+def _log(d):
+    return [json.loads(x) for x in (d / "logs" / "ac.jsonl").read_text().splitlines()]
+
+
+def test_two_models_with_their_own_optimizers_resume_exactly(tmp_path):
+    _train_actor_critic(tmp_path / "one", 6)
+    _train_actor_critic(tmp_path / "two", 3)            # stopped at step 3 (checkpoints step-2, step-3) ...
+    _train_actor_critic(tmp_path / "two", 6)            # ... and continued: the same steps as one run
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("tokens_per_s",)} for r in recs]  # noqa: E731
+    assert strip(_log(tmp_path / "one")) == strip(_log(tmp_path / "two"))
+    rec = _log(tmp_path / "one")[-1]
+    assert {"loss", "grad_norm", "grad_norm_critic", "value_loss"} <= set(rec)
+    step = tmp_path / "one" / "step-6"
+    assert (step / "critic" / "model.safetensors").exists() and (step / "critic" / "config.json").exists()
+    state = ckpt.load_trainer_state(step)
+    assert set(state["optimizer"]) == {"model", "critic"}
+    assert [g["lr"] for g in state["optimizer"]["critic"]["param_groups"]] == [1e-2, 1e-2]
+    assert [g["lr"] for g in state["optimizer"]["model"]["param_groups"]] == [3e-3, 3e-3]
+    # final/ holds the actor alone, at the root: what chat / export / eval read
+    final = tmp_path / "one" / "final"
+    assert not (final / "critic").exists() and ckpt.load_model(final).config.head == "lm"
+    assert ckpt.read_model_config(step / "critic").head == "score"
+
+
+def test_trainer_state_holds_plain_values_only():
+    import numpy as np
+    st = loop.plain({"data": {"pos": np.int64(3), "perm": np.arange(4)}, "x": [np.float32(0.5)]})
+    assert st["data"]["pos"] == 3 and type(st["data"]["pos"]) is int and torch.equal(st["data"]["perm"],
+                                                                                         torch.arange(4))
+    with pytest.raises(TypeError, match="trainer state.data.bad: set"):
+        loop.plain({"data": {"bad": {1, 2}}})
+
+
+def test_ddp_resume_restores_every_ranks_random_state(tmp_path):
+    """Each rank draws from its own RNG in the loss; a job stopped at step 3 and continued must log what
+    the uninterrupted job logs (before: rank 0's RNG state was restored on every rank)."""
+    def job(d, steps):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(HERE), str(d), "--steps", str(steps), "--ckpt-every", "3", "--noisy", "--constant",
+                            "--metrics"], env=run_env(), capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+    job(tmp_path / "one", 6)
+    job(tmp_path / "two", 3)
+    job(tmp_path / "two", 6)
+    assert read_log(tmp_path / "one")[0] == read_log(tmp_path / "two")[0]      # train losses, bitwise
+    # metrics are summed by name across ranks (rank 1 names them in another order and has one more)
+    rec = [json.loads(x) for x in (tmp_path / "one" / "logs" / "pretrain.jsonl").read_text().splitlines()][0]
+    assert (rec["a"], rec["b"], rec["c"]) == (1.5, 15.0, 2.5)
+
+
+def test_tokenizer_and_encoder_import_no_stage():
+    code = ("import sys, zero_chatgpt.tokenizer, zero_chatgpt.encode\n"
+            "assert not any(m in sys.modules for m in ('zero_chatgpt.data.tokenize', 'zero_chatgpt.rundir')), "
+            "sorted(m for m in sys.modules if m.startswith('zero_chatgpt'))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import ast
+    import zero_chatgpt.tokenizer as t
+    tree = ast.parse(open(t.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {"zero_chatgpt.encode", "zero_chatgpt.data.tokenize"} & imported
