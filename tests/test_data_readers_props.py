@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from zero_chatgpt import config
 from zero_chatgpt.console import UserError
-from zero_chatgpt.data import sources
+from zero_chatgpt.data import streams
 from zero_chatgpt.data.pipeline import run_stage
 from zero_chatgpt.data.sources import FORMATS, BadRecords, Source, iter_records
 from zero_chatgpt.rundir import Context, RunDir
@@ -175,11 +175,11 @@ def test_readers_never_raise_and_lose_nothing(fmt, data):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / ("in" + SUFFIX.get(fmt, ".jsonl") + comp)
         path.write_bytes(blob)
-        old, sources._CHUNK = sources._CHUNK, chunk
+        old, streams._CHUNK = streams._CHUNK, chunk
         try:
             recs, bad = read_all(fmt, path, text_unit=text_unit)
         finally:
-            sources._CHUNK = old
+            streams._CHUNK = old
     assert len(recs) + bad.count >= 1, "a file gave neither a record nor a bad record"
     if how == "mislabeled":  # one "unreadable" (or one "empty file" for no bytes at all)
         assert recs == [] and bad.count == 1, bad.samples

@@ -212,7 +212,7 @@ def test_json_array_reader_matches_json_loads_at_any_chunk_size(tmp_path, monkey
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from zero_chatgpt.data import sources
+    from zero_chatgpt.data import streams
 
     text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
     elem = st.fixed_dictionaries({"completion": text}, optional={"source": text, "n": st.integers()})
@@ -220,7 +220,7 @@ def test_json_array_reader_matches_json_loads_at_any_chunk_size(tmp_path, monkey
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(st.lists(elem, max_size=12), st.sampled_from([None, 0, 2]), st.booleans(), st.integers(1, 64))
     def check(elems, indent, ascii_only, chunk):
-        monkeypatch.setattr(sources, "_CHUNK", chunk)
+        monkeypatch.setattr(streams, "_CHUNK", chunk)
         p = tmp_path / "a.json"
         p.write_text(json.dumps(elems, indent=indent, ensure_ascii=ascii_only), encoding="utf-8")
         bad = BadRecords()
@@ -344,13 +344,13 @@ def test_non_compressed_data_named_gz_or_zst_is_one_unreadable_record(tmp_path):
 
 
 def test_json_array_element_cap_counts_utf8_bytes(tmp_path, monkeypatch):
-    from zero_chatgpt.data import sources
+    from zero_chatgpt.data import streams
 
     elems = [{"completion": "短"}, {"completion": "长" * 600}, {"completion": "后"}]   # 1,800 bytes, 600 chars
     p = tmp_path / "w.json"
     p.write_text(json.dumps(elems, ensure_ascii=False, indent=1), encoding="utf-8")
     for chunk in (1 << 20, 64):  # the element in the buffer, or running past it
-        monkeypatch.setattr(sources, "_CHUNK", chunk)
+        monkeypatch.setattr(streams, "_CHUNK", chunk)
         recs, bad = read(f"wikipedia-cn:{p}", max_record_bytes=1000)
         assert [r["text"] for r in recs] == ["短", "后"] and bad.count == 1, chunk
         assert bad.samples[0]["reason"].startswith("element too long") and "1,000" in bad.samples[0]["reason"]
@@ -454,12 +454,12 @@ def test_damaged_or_compressed_parquet_is_a_bad_record(tmp_path):
 
 
 def test_json_array_scalar_cut_by_a_read_is_one_element(tmp_path, monkeypatch):
-    from zero_chatgpt.data import sources
+    from zero_chatgpt.data import streams
 
     p = tmp_path / "n.json"
     p.write_text('[1.5e+3, {"completion": "x"}, -12, true, null]')
     for chunk in range(1, 12):  # wherever a read ends: `1.` | `5e+3` used to be two bad elements
-        monkeypatch.setattr(sources, "_CHUNK", chunk)
+        monkeypatch.setattr(streams, "_CHUNK", chunk)
         recs, bad = read(f"wikipedia-cn:{p}")
         assert [r["text"] for r in recs] == ["x"] and bad.count == 4, (chunk, bad.samples)
 
