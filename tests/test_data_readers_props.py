@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from zero_chatgpt import config
 from zero_chatgpt.console import UserError
 from zero_chatgpt.data import streams
+from zero_chatgpt.data.streams import has_surrogates
 from zero_chatgpt.data.pipeline import run_stage
 from zero_chatgpt.data.sources import FORMATS, BadRecords, Source, iter_records
 from zero_chatgpt.rundir import Context, RunDir
@@ -120,14 +121,6 @@ def content_lines(data: bytes) -> int:
 
 
 # ── checks ──────────────────────────────────────────────────────────────────────────────────────
-
-def has_surrogates(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
-
 
 def check_shape(fmt: str, path: Path, rec: dict) -> None:
     assert rec["source"] == fmt and rec["where"].startswith(f"{path}:")
