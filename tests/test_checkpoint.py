@@ -92,6 +92,12 @@ def test_no_intact_checkpoint_left_offers_force(run):
     for p in (run / "pretrain").glob("step-*"):
         (p / "manifest.json").unlink()
     r = zc("pretrain", "--run-dir", run, "--set", "pretrain.max_steps=16")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "has no intact step-N checkpoint left" in r.stderr and "--force" in r.stderr
+    # manifests there but wrong: the loop passes over each, then one line offering --force
+    for p in (run / "pretrain").glob("step-*"):
+        (p / "manifest.json").write_text("{}")
+    r = zc("pretrain", "--run-dir", run, "--set", "pretrain.max_steps=16")
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert last.startswith("error: no intact checkpoint in") and "--force" in last
@@ -138,3 +144,16 @@ def test_a_write_that_fails_says_where_and_why_and_keeps_the_last_checkpoint(run
     # without the limit, the same command goes on from there
     r = zc("pretrain", "--run-dir", run, "--set", "pretrain.max_steps=16")
     assert r.returncode == 0 and "(step 12)" in r.stderr
+
+
+def test_a_bit_flip_in_final_is_found_by_its_hash_and_rebuilt(run):
+    final = run / "pretrain" / "final"          # a copy: not a hard link of step-12's file here
+    data = bytearray((final / "model.safetensors").read_bytes())
+    data[len(data) // 3] ^= 0x01
+    (final / "model.safetensors").write_bytes(bytes(data))
+    r = zc("pretrain", "--run-dir", run)
+    assert r.returncode == 0 and "final is damaged" in r.stderr and "hash differs" in r.stderr
+    assert (final / "model.safetensors").read_bytes() == (run / "pretrain" / "step-12" / "model.safetensors").read_bytes()
+    ckpt.load_model(final)
+    r = zc("pretrain", "--run-dir", run)
+    assert r.returncode == 0 and "pretrain: up to date" in r.stderr

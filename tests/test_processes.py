@@ -103,17 +103,20 @@ def test_ctrl_c_is_one_line(sources, tmp_path):
 
 
 def test_under_torchrun_only_rank_0_runs_the_data_stages(sources, tmp_path):
-    corpus, _ = sources
+    """`torchrun -m zero_chatgpt run`: data and tokenizer on rank 0 alone, pretraining and SFT on both, and
+    no rank reads a stage's output before rank 0 has recorded it (SFT starts right after pretraining)."""
+    corpus, chat = sources
     env = {**os.environ, "ZC_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "zero_chatgpt", "run",
-                        "--run-dir", str(tmp_path), "--until", "pretrain", *tiny_args(**{"pretrain.batch_tokens": 256}),
-                        "--set", f'data.sources=["jsonl:{corpus}"]'],
+                        "--run-dir", str(tmp_path), "--until", "sft", *tiny_args(**{"pretrain.batch_tokens": 256}),
+                        "--set", f'data.sources=["jsonl:{corpus}"]', "--set", f'sft.sources=["messages:{chat}"]'],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     # every part and the tokenizer came from one process; pretraining ran on both (DDP)
     stats = json.loads((tmp_path / "data" / "stats.json").read_text())
     assert stats["parts"] > 1 and len(stats["part_commands"]) == 1
-    assert r.stderr.count("data: reading") == 1 and r.stderr.count("training a 512-token") == 1
+    assert r.stderr.count("\ndata: reading jsonl") == 1 and r.stderr.count("training a 512-token") == 1
     assert "2 process(es) on cpu" in r.stderr
     assert (tmp_path / "pretrain" / "final" / "model.safetensors").exists()
+    assert r.stderr.count("sft: done") == 1 and (tmp_path / "sft" / "final" / "model.safetensors").exists()

@@ -104,11 +104,17 @@ def test_changed_inputs_of_a_trained_stage_refuse_with_the_keys(run, capsys):
     assert "pretrain.lr 0.0025 → 0.01" in err and "--force" in err and "max_steps" in err
     assert tree(run / "pretrain") == ckpts                  # nothing deleted
     assert (run / "config.toml").read_text() == saved      # a refused command saves nothing
-    # an upstream change names the upstream key
+    # a data or tokenizer change would replace what pretrain and sft were trained on: refused too
     code, err = cli(capsys, "data", "--run-dir", run, "--set", "data.min_chars=40")
-    assert code == 0 and "data: rebuilding (data.min_chars 30 → 40)" in err
-    code, err = cli(capsys, "tokenizer", "--run-dir", run)
-    assert code == 0
+    assert code == 2 and "data: its inputs changed (data.min_chars 30 → 40), but pretrain, sft were trained" in err
+    code, err = cli(capsys, "tokenizer", "--run-dir", run, "--set", "tokenizer.vocab_size=600")
+    assert code == 2 and "pretrain, sft were trained on its current output" in err
+    assert tree(run / "pretrain") == ckpts and (run / "config.toml").read_text() == saved
+    # rebuilt anyway (--force): the trained stages then name the upstream key that changed
+    code, err = cli(capsys, "data", "--run-dir", run, "--set", "data.min_chars=40", "--force")
+    assert code == 0, err
+    code, err = cli(capsys, "tokenizer", "--run-dir", run, "--force")
+    assert code == 0, err
     code, err = cli(capsys, "pretrain", "--run-dir", run)
     assert code == 2 and "data.min_chars 30 → 40" in err and tree(run / "pretrain") == ckpts
     # --force retrains it
@@ -117,14 +123,38 @@ def test_changed_inputs_of_a_trained_stage_refuse_with_the_keys(run, capsys):
     assert read_marker(run / "pretrain")["closure"]["data"]["data.min_chars"] == 40
 
 
+def test_an_attempt_that_trained_nothing_is_no_reason_to_refuse(run, capsys):
+    marker = run / "pretrain" / ".stage.json"
+    rec = json.loads(marker.read_text())
+    shutil.rmtree(run / "pretrain")
+    (run / "pretrain").mkdir()
+    rec["closure"]["pretrain"]["pretrain.lr"] = 0.5                 # killed at step 0 with other inputs
+    marker.write_text(json.dumps({**rec, "state": "running", "key": "0123456789abcdef"}))
+    code, err = cli(capsys, "pretrain", "--run-dir", run)
+    assert code == 0 and "trained from other inputs" not in err, err
+
+
+def test_a_deleted_source_does_not_block_a_finished_run(run, capsys):
+    (run.parent / "src" / "corpus.jsonl").unlink()
+    (run.parent / "src" / "chat.jsonl").unlink()
+    code, err = cli(capsys, "run", "--run-dir", run, "--until", "sft")
+    assert code == 0, err
+    assert "does not exist; keeping what was built from it" in err and err.count("skipped (up to date)") == 4
+
+
 def test_raising_max_steps_continues_from_the_last_checkpoint(run, capsys):
     code, err = cli(capsys, "pretrain", "--run-dir", run, "--set", "pretrain.max_steps=16")
     assert code == 0, err
     assert "continuing from its last checkpoint (pretrain.max_steps 12 → 16)" in err and "(step 12)" in err
-    steps = [json.loads(x)["step"] for x in (run / "logs" / "pretrain.jsonl").read_text().splitlines()
-             if json.loads(x)["kind"] == "train"]
-    assert steps == list(range(1, 17))                      # one run: steps 1..12, then 13..16
+    recs = [json.loads(x) for x in (run / "logs" / "pretrain.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in recs if r["kind"] == "train"}
+    assert sorted(train) == list(range(1, 17))              # one run: steps 1..12, then 13..16
+    # the added steps keep the first run's schedule, at its floor (lr x min_lr_ratio), not back up the curve
+    assert all(abs(train[s]["lr"] - 0.0025 * 0.1) < 1e-12 for s in range(13, 17))
     assert json.loads((run / "pretrain" / "final" / "meta.json").read_text())["step"] == 16
+    assert read_marker(run / "pretrain")["closure"]["pretrain"]["pretrain.schedule_steps"] == 12
+    code, err = cli(capsys, "pretrain", "--run-dir", run)      # up to date as continued
+    assert code == 0 and "pretrain: up to date" in err
     # SFT was trained on the 12-step model: it is not silently retrained
     code, err = cli(capsys, "sft", "--run-dir", run)
     assert code == 2 and "pretrain.max_steps 12 → 16" in err
@@ -234,3 +264,41 @@ def test_every_key_has_a_rule_and_demo_uses_the_gpu_when_there_is_one():
     assert config.load_preset("demo")["run"]["device"] == "auto"
     for name in config.preset_names():
         config.validate(config.load_preset(name))
+
+
+LEGACY = "979da15"     # the version before stage records
+
+
+def test_runs_of_the_previous_version_are_adopted_not_redone(tmp_path, capsys):
+    """A run made by the previous version's real code: its records are adopted where the saved
+    config reproduces them, nothing is rebuilt or retrained, and what it cannot tell is refused."""
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    old = tmp_path / "old"
+    old.mkdir()
+    got = subprocess.run(f"git -C {root} archive {LEGACY} zero_chatgpt | tar -x -C {old}", shell=True,
+                         capture_output=True, text=True)
+    if got.returncode != 0:
+        pytest.skip(f"the previous version ({LEGACY}) is not in this clone's history: {got.stderr.strip()[:200]}")
+    corpus, chat = write_sources(tmp_path / "src")
+    run = tmp_path / "run"
+    env = {"PYTHONPATH": str(old)}
+    for args in (["data", "--source", f"jsonl:{corpus}", *tiny_args()], ["tokenizer"], ["pretrain"],
+                 ["sft", "--source", f"messages:{chat}"]):
+        r = zc(args[0], "--run-dir", run, *args[1:], env=env, cwd=tmp_path)    # cwd: not this checkout's package
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "closure" not in json.loads((run / "pretrain" / ".stage.json").read_text())     # the old format
+    before = tree(run)
+    outputs = lambda t: {k: v for k, v in t.items() if not k.endswith((".json", "config.toml", ".lock"))}  # noqa: E731
+    # that version did not remember --source: the data it built is not replaced by the built-in corpus
+    code, err = cli(capsys, "run", "--run-dir", run, "--until", "sft")
+    assert code == 2 and "data in" in err and "built by an earlier version" in err and "--source" in err, err
+    assert tree(run) == {**before, ".lock": tree(run)[".lock"]}
+    # given again, everything is adopted as it is
+    code, err = cli(capsys, "data", "--run-dir", run, "--source", f"jsonl:{corpus}")
+    assert code == 0 and "data: adopted the record" in err
+    code, err = cli(capsys, "run", "--run-dir", run, "--until", "pretrain")
+    assert code == 0 and "tokenizer: adopted" in err and "pretrain: adopted" in err
+    code, err = cli(capsys, "sft", "--run-dir", run, "--source", f"messages:{chat}")
+    assert code == 0 and "sft: adopted" in err and "sft: up to date" in err
+    assert outputs(tree(run)) == outputs(before)          # no shard, token file or weight rewritten
+    assert pick_model(RunDir(run), None, chat=True)[0] == "sft"

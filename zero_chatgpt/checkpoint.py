@@ -186,12 +186,15 @@ def checkpoint_problem(path: Path) -> str | None:
     return why
 
 
-def latest_checkpoint(stage_dir: str | os.PathLike, report: bool = True) -> Path | None:
-    """The newest intact step-N checkpoint; damaged ones are reported and passed over.
+def latest_checkpoint(stage_dir: str | os.PathLike, report: bool = True, max_step: int | None = None) -> Path | None:
+    """The newest intact step-N checkpoint (at or below max_step); damaged ones are reported and passed over.
 
     A UserError when there are checkpoints but none is intact (the only way on is --force)."""
     damaged = []
-    for p in reversed(list_checkpoints(stage_dir)):
+    ckpts = list_checkpoints(stage_dir)
+    if max_step is not None:
+        ckpts = [p for p in ckpts if int(p.name.split("-")[1]) <= max_step]
+    for p in reversed(ckpts):
         why = checkpoint_problem(p)
         if why is None:
             if damaged and report:

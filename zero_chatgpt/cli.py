@@ -120,17 +120,16 @@ def make_context(args: argparse.Namespace) -> Context:
 
 
 def run_stage(ctx: Context, st: Stage) -> str:
-    """Run one stage (rank 0 only for a stage that is not distributed, under torchrun); returns
-    'not built' or what the stage did."""
+    """Run one stage (under torchrun: on every rank if it is distributed, else on rank 0 while the
+    others wait); returns 'not built' or what the stage did."""
     fn = st.load()
     if fn is None:
         ctx.outcomes[st.name] = {"action": "not built", "seconds": 0.0}
         return "not built"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     t0 = time.time()
-    if world > 1 and not st.distributed:
-        from zero_chatgpt.train.runtime import on_rank0_while_others_wait
-        on_rank0_while_others_wait(ctx, st.name, lambda: fn(ctx))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from zero_chatgpt.train.runtime import run_under_torchrun
+        run_under_torchrun(ctx, st.name, lambda: fn(ctx), everywhere=st.distributed)
     else:
         fn(ctx)
     rec = ctx.outcomes.setdefault(st.name, {"action": "ran"})
@@ -200,6 +199,7 @@ def os_error_line(e: OSError) -> str:
     cause = e.strerror or str(e)
     hint = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (quota)",
             errno.EFBIG: "the file size limit (ulimit -f) is too small for it", errno.EROFS: "the file system is read-only",
-            errno.EACCES: "check the permissions", errno.EPERM: "check the permissions"}.get(e.errno, "")
+            errno.EACCES: "check the permissions", errno.EPERM: "check the permissions",
+            errno.ENOENT: "it does not exist"}.get(e.errno, "")
     return (f"cannot write or read {where}: {cause}" + (f" ({hint})" if hint else "") +
-            "; fix that and run the same command again: it resumes from the last complete checkpoint")
+            "; fix that and run the same command again (finished work and checkpoints are kept)")

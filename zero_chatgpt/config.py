@@ -18,8 +18,6 @@ them never makes a finished stage look out of date.
 from __future__ import annotations
 
 import copy
-import os
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +103,8 @@ def Each(inner: Callable[[Any], str | None], what: str, nonempty: bool = False, 
 
 
 def _device(v: str) -> str | None:
-    return None if re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) else "'auto', 'cpu', 'cuda' or 'cuda:N'"
+    # "cuda" means each process's own GPU (LOCAL_RANK under torchrun); pick GPUs with CUDA_VISIBLE_DEVICES
+    return None if v in ("auto", "cpu", "cuda") else "'auto', 'cpu' or 'cuda' (choose GPUs with CUDA_VISIBLE_DEVICES)"
 
 
 def _source(v) -> str | None:
@@ -121,8 +120,9 @@ def _loop_rules(checkpoint_every: bool = True) -> dict[str, Rule]:
         "schedule": Choice("cosine", "wsd", "constant"), "decay_fraction": Frac(),
         "weight_decay": Float(0.0), "beta1": Frac(hi_open=True), "beta2": Frac(hi_open=True),
         "grad_clip": Float(0.0), "precision": Choice("auto", "fp32", "bf16"), "init_from": Any_(),
-        # how it runs and what it reports, not what it computes: operational
-        "compile": Any_(operational=True), "fsdp": Any_(operational=True),
+        # how it runs and what it reports, not what it computes: operational. (fsdp is not: its
+        # optimizer state is saved by parameter name, DDP's by index, so a run cannot switch midway.)
+        "compile": Any_(operational=True), "fsdp": Any_(),
         "checkpoint_every": Int(0, operational=True), "keep_last": Int(1, operational=True),
         "eval_every": Int(0, operational=True), "log_every": Int(1, operational=True),
         "tensorboard": Any_(operational=True),
@@ -173,7 +173,7 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "eval": {
         "num_prompts": Int(1), "max_new_tokens": Int(1), "batch_size": Int(1, operational=True),
-        "repetition_penalty": Float(0.0, lo_open=True), "num_samples": Int(0, operational=True),
+        "repetition_penalty": Float(0.0, lo_open=True), "num_samples": Int(0),
         "val_samples": Int(0),
     },
     "chat": {
@@ -198,12 +198,10 @@ def _relations(cfg: dict) -> list[tuple[str, str]]:
     if p["seq_len"] > m["max_position_embeddings"]:
         out.append(("pretrain.seq_len", f"{p['seq_len']} > model.max_position_embeddings = "
                                         f"{m['max_position_embeddings']}"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))      # under torchrun: the number of processes
-    per_pass = p["micro_batch_size"] * p["seq_len"] * world
+    per_pass = p["micro_batch_size"] * p["seq_len"]     # x the processes, checked when pretraining starts
     if p["batch_tokens"] % per_pass:
-        ranks = f" x {world} processes" if world > 1 else ""
-        out.append(("pretrain.batch_tokens", f"{p['batch_tokens']} is not a multiple of micro_batch_size x seq_len"
-                                             f"{ranks} = {per_pass}"))
+        out.append(("pretrain.batch_tokens", f"{p['batch_tokens']} is not a multiple of micro_batch_size x seq_len "
+                                             f"= {per_pass}"))
     if s["eval_fraction"] + s["rl_fraction"] + s["val_fraction"] >= 1:
         out.append(("sft.eval_fraction", "eval_fraction + rl_fraction + val_fraction must leave a share for "
                                          f"training (they sum to {s['eval_fraction'] + s['rl_fraction'] + s['val_fraction']:g})"))

@@ -322,7 +322,7 @@ def run_stage(ctx) -> None:
         stages = have
     if not stages:
         raise UserError(f"no trained model in {rd.root}: run `zero-chatgpt pretrain --run-dir {rd.root}` first")
-    run = begin(ctx, "eval", reads=tuple(stages))       # skip: every eval/<stage>.json below is up to date
+    run = begin(ctx, "eval", reads=tuple(stages))   # on skip, the loop below finds every eval/<stage>.json current
     if not (rd.sft_data / "eval.jsonl").exists():
         from zero_chatgpt.train.sft import ensure_sft_data
         ensure_sft_data(ctx)                                  # the held-out prompts, even before SFT ran
@@ -338,7 +338,8 @@ def run_stage(ctx) -> None:
     results, val = {}, None
     for st in stages:
         path = rd.eval / f"{st}.json"
-        key = sub_key({"eval": run.closure["eval"], st: read_marker(rd / st).get("key"),
+        # the model by its weights (a retrain that changed them is another model), the prompts by sft_data's key
+        key = sub_key({"eval": run.closure["eval"], st: run.closure["eval"][f"@{st}"],
                        "sft_data": read_marker(rd.sft_data).get("key")})
         if not ctx.force and path.exists():
             try:

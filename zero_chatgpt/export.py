@@ -29,6 +29,8 @@ def pick_stage(run_dir, stage: str | None) -> tuple[str, Path]:
 
 
 EXPORT_MARKER = ".zero-chatgpt-export.json"   # what an export wrote: names, sizes, hashes
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "zero_chatgpt.json")
 
 
 def _replaceable(out: Path) -> str | None:
@@ -83,9 +85,9 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, sampling: dict | 
                **({k: c[k] for k in ("temperature", "top_k", "top_p")} if c["temperature"] > 0 else {}),
                "repetition_penalty": c["repetition_penalty"]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        for f in Path(tokenizer_dir).iterdir():
-            if f.is_file() and not f.name.startswith("."):
-                shutil.copyfile(f, tmp / f.name)
+        for name in TOKENIZER_FILES:     # what Tokenizer.save writes; never a leftover .tmp
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
         names = [p.name for p in tmp.iterdir() if p.is_file()]
         manifest.write(tmp, manifest.describe(tmp, names), name=EXPORT_MARKER)
         if out.exists():       # empty, or our own earlier export: aside, then the new one in, then drop it

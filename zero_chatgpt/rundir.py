@@ -12,17 +12,24 @@ Its key is a hash of the closure. `<out>/.stage.json` records the key, the closu
 state (running | complete).
 
 `begin(ctx, name)` compares the closure with the record and decides:
-  skip      complete with the same key (and, for a model stage, an intact final/);
-  start     nothing there yet;
-  resume    interrupted with the same key: the training loop resumes from its last checkpoint;
-  continue  a training stage finished with the same inputs except a raised max_steps;
+  skip      complete with the same key (for a model stage: final/ intact, hashes checked);
+  start     nothing there yet (or an earlier attempt that trained nothing);
+  resume    interrupted with the same key (or final/ damaged): the training loop resumes from
+            its newest intact checkpoint, a derived stage from its finished parts;
+  continue  a training stage with the same inputs except a raised max_steps: it resumes from its
+            last checkpoint and keeps its first run's learning-rate schedule (the added steps
+            train at the schedule's floor), recorded as `<stage>.schedule_steps`;
   rebuild   a derived stage (data, tokenizer, eval) whose inputs changed: rebuilt, saying why;
-  refuse    a training stage whose inputs changed: a UserError naming the changed keys
-            (old → new) and the choices; trained work is deleted only with --force.
+  refuse    a UserError naming the changed keys (old → new) and the choices, for a training stage
+            whose inputs changed, and for a derived stage that a trained stage was built from
+            (rebuilding it would replace what those models were trained on, e.g. the tokenizer
+            they need). Trained work is deleted, and a depended-on stage rebuilt, only with --force.
 
-A stage is *current* when it is complete and every stage it read is current and still the
-one it read (same closure). `pick_model` gives chat/export/serve the last current model stage
-in pipeline order and says why the later ones were passed over.
+A stage is *current* when it is complete, final/ holds the weights its record names, and every
+stage it read is current and still the one it read (same closure, same output). `pick_model`
+gives chat/export/serve the last current model stage in pipeline order and says why the later
+ones were passed over. Records written by the version before these records are adopted when
+they still fit the saved config (legacy.py).
 """
 from __future__ import annotations
 
@@ -92,7 +99,8 @@ class Context:
     _config_saved: bool = False
 
     def save_config(self) -> None:
-        """Write config.toml once work starts (so a failed validation or a refusal saves nothing)."""
+        """Write config.toml once work starts: a command that fails validation, or is refused before any
+        stage starts work, saves nothing (under `run`, stages that did start before a refusal saved it)."""
         if self.read_only or self._config_saved or not _is_rank0():
             return
         config_mod.save(self.run_dir.root, self.cfg)
@@ -113,13 +121,25 @@ def read_marker(out_dir: Path) -> dict:
         return {}
 
 
-def finished_record(out_dir: Path) -> dict:
-    """The record of the output that is on disk now: the marker, or while a training stage continues
-    with more steps (its final/ not yet replaced), the finished run's record kept in it."""
+def finished_record(out_dir: Path, stage: Stage | None = None) -> dict:
+    """The record of the finished output on disk now, or {}: a complete marker; while a training
+    stage continues with more steps, the finished run's record kept in its marker. For a model
+    stage, only while final/ holds the weights that record names (a continue that replaced
+    final/ but was killed before recording it leaves no finished record)."""
     m = read_marker(out_dir)
     if m.get("state") == "running" and isinstance(m.get("previous"), dict):
-        return m["previous"]
+        m = m["previous"]
+    if m.get("state") != "complete" or "closure" not in m:
+        return {}
+    if stage is not None and stage.model and m.get("output") != final_digest(out_dir):
+        return {}
     return m
+
+
+def final_digest(out_dir: Path) -> str | None:
+    """The weights hash final/'s manifest records (None without one)."""
+    m = manifest.read(Path(out_dir) / "final") or {}
+    return m.get("files", {}).get("model.safetensors", {}).get("xxh3_128")
 
 
 def _write_marker(out_dir: Path, record: dict) -> None:
@@ -187,8 +207,26 @@ def source_fingerprints(specs: list[str], cache_dir: Path | None) -> list[str]:
     return out
 
 
+def inputs_or_recorded(ctx: "Context", name: str, keys: list[str], compute) -> dict:
+    """`compute()`: the content fingerprints of a stage's external inputs ({key: value} for `keys`).
+    Where an input is gone (a corpus deleted to free the disk) but the stage finished from it, the
+    values its record holds: the stage is then up to date and keeps its output, instead of every
+    later command stopping on the missing file."""
+    try:
+        return compute()
+    except UserError as e:
+        st = STAGES[name]
+        rec = finished_record(ctx.run_dir / st.out, st)
+        if not rec or any(k not in rec["closure"][name] for k in keys):
+            raise
+        info(f"{name}: {e}; keeping what was built from it")
+        return {k: rec["closure"][name][k] for k in keys}
+
+
 def folder_fingerprint(folder: Path, cache_dir: Path | None) -> str:
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder (expected a model checkpoint or an HF Llama folder)")
     files = [(p.name, p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
     return fingerprint_files(files, cache_dir)
 
@@ -206,6 +244,7 @@ class StageRun:
     reads: tuple[str, ...]
     action: str
     note: str = ""
+    schedule_steps: int = 0       # a continued training stage keeps its first run's schedule (loop.lr_at)
     t0: float = field(default_factory=time.time)
 
     @property
@@ -219,6 +258,7 @@ class StageRun:
             _write_marker(self.out, {"stage": self.stage.name, "state": "complete", "key": self.key,
                                      "closure": self.closure, "reads": list(self.reads),
                                      "output": output_id(self.stage, self.out, self.key),
+                                     "schedule_steps": self.schedule_steps,
                                      "started": prev.get("started"), "finished": _now(),
                                      "seconds": seconds, "summary": summary or {}})
         self.ctx.outcomes[self.stage.name] = {"action": self.action, "seconds": seconds}
@@ -232,12 +272,7 @@ def output_id(stage: Stage, out: Path, key: str) -> str:
     """What a stage's output is, for the stages that read it: a model stage's weights hash (a retrain
     that gives other weights is another output, an identical one is not), else its key (the derived
     stages are deterministic functions of their inputs)."""
-    if stage.model:
-        m = manifest.read(Path(out) / "final") or {}
-        digest = m.get("files", {}).get("model.safetensors", {}).get("xxh3_128")
-        if digest:
-            return digest
-    return key
+    return (final_digest(out) if stage.model else None) or key
 
 
 def _output_of(m: dict) -> str:
@@ -251,11 +286,11 @@ def closure_for(ctx: Context, name: str, sections, extra: dict | None, reads) ->
     rd = ctx.run_dir
     for up in reads:
         ust = STAGES[up]
-        m = finished_record(rd / ust.out)
-        if m.get("state") != "complete" or "closure" not in m:
-            raise UserError(f"{name} reads the output of {up}, which is not built in {rd.root / ust.out}: "
-                            f"run `zero-chatgpt {up} --run-dir {rd.root}` first")
+        m = finished_record(rd / ust.out, ust)
         why = stale_reason(rd, up)
+        if not m:
+            raise UserError(f"{name} reads the output of {up}, which is not built in {rd.root / ust.out} ({why}): "
+                            f"run `zero-chatgpt {up} --run-dir {rd.root}` first")
         if why:
             raise UserError(f"{name} reads {up}, which is out of date ({why}): rebuild it first "
                             f"(`zero-chatgpt run --run-dir {rd.root} --until {up}`)")
@@ -292,54 +327,92 @@ def _only_steps_raised(stage: Stage, old: dict, new: dict) -> bool:
     if k not in o or k not in n or n[k] <= o[k]:
         return False
     o.pop(k), n.pop(k)
+    o.pop(f"{stage.name}.schedule_steps", None), n.pop(f"{stage.name}.schedule_steps", None)
     return {**old, stage.name: o} == {**new, stage.name: n}
+
+
+def dependents(rd: RunDir, name: str) -> list[str]:
+    """Trained stages whose finished output was built from stage `name`'s current output (or that an
+    earlier version recorded, which cannot tell)."""
+    out = []
+    for st in STAGES.values():
+        if not st.trained or st.name == name:
+            continue
+        m = read_marker(rd / st.out)
+        rec = finished_record(rd / st.out, st)
+        if (rec and name in rec["closure"]) or ("key" in m and "closure" not in m and (rd / st.out / "final").is_dir()):
+            out.append(st.name)
+    return out
 
 
 def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[str, ...] | None = None) -> StageRun:
     """Decide what stage `name` does now (see the module docstring); prints one line when it skips,
-    refuses with a UserError. Call it first in every stage function."""
+    refuses with a UserError. Call it first in every stage function, on every rank."""
+    from zero_chatgpt import legacy
     st = STAGES[name]
     rd = ctx.run_dir
     reads = tuple(st.reads if reads is None else reads)
     closure = closure_for(ctx, name, st.sections, extra, reads)
-    key = closure_key(closure)
     out = rd / st.out
     m = read_marker(out)
-    restored = False
-    if m.get("state") == "running" and m.get("previous", {}).get("key") == key and not ctx.force:
-        m, restored = m["previous"], True      # an interrupted continue, asked for the finished run again
-    old = m.get("closure")
-    same = m.get("key") == key
-    final_ok = True
-    if st.model and m.get("state") == "complete":
-        why = manifest.problem(out / "final", hashes=False)
-        final_ok = why is None
-        if not final_ok:
-            info(f"{name}: {out / 'final'} is damaged ({why}); rebuilding it from the last checkpoint")
+    if "key" in m and "closure" not in m:        # written by an earlier version: adopt it if it still fits
+        adopted = legacy.adopt(ctx, st, m, closure, out)
+        if adopted is None and not ctx.force:
+            _refuse_legacy(rd, st, out)
+        m = adopted or {}
+    rec = finished_record(out, st)               # the finished output on disk, if any
+    running = m if m.get("state") == "running" else {}
+    # a continued run keeps the schedule of its first run: inherit that from the records
+    sched = int((running or rec).get("schedule_steps") or 0)
+    if sched and closure[name].get(st.steps_key, 0) > sched:
+        closure[name][f"{name}.schedule_steps"] = sched
+    key = closure_key(closure)
+    work = _has_work(out)
     action, note = "start", ""
     if ctx.force:
-        action, note = ("rebuild", "--force") if m or _has_work(out) else ("start", "")
-    elif same and m.get("state") == "complete" and final_ok:
-        action = "skip"
-    elif same:
+        action, note = ("rebuild", "--force") if m or work else ("start", "")
+    elif rec and rec.get("key") == key:
+        why = manifest.problem(out / "final") if st.model else None      # hashes: a flipped bit too
+        action = "skip" if why is None else "resume"
+        if why:
+            info(f"{name}: {out / 'final'} is damaged ({why}); rebuilding it from the last checkpoint")
+    elif running.get("key") == key:
         action = "resume"
-    elif st.trained and (old is not None or _has_work(out)):
-        if old is not None and _only_steps_raised(st, old, closure):
+    elif st.trained and work:
+        old = (running or rec or {}).get("closure")
+        more_steps = old is not None and _only_steps_raised(st, old, closure)
+        if more_steps and not _has_checkpoint(out):
+            raise UserError(f"{name}: raising {st.steps_key} continues from the last checkpoint, but {out} has no "
+                            f"intact step-N checkpoint left; add --force to train it again from the start, or undo "
+                            f"the change")
+        if more_steps:
             action, note = "continue", describe_changes(old, closure)
+            if not sched:
+                sched = int(old[name][st.steps_key])
+                closure[name][f"{name}.schedule_steps"] = sched
+                key = closure_key(closure)
         else:
-            changed = describe_changes(old or {}, closure) if old is not None else \
-                "checkpoints there have no record of what they were trained from"
+            changed = describe_changes(old, closure) if old is not None else \
+                "the checkpoints there have no record of what they were trained from"
             raise UserError(
                 f"{name} in {out} was trained from other inputs: {changed}. To retrain it (this deletes "
                 f"{out}), add --force; to keep it, undo the change. Raising {st.steps_key} continues a finished "
                 f"stage from its last checkpoint")
-    elif old is not None:
-        action, note = "rebuild", describe_changes(old, closure)
-    run = StageRun(ctx, st, out, key, closure, reads, action, note)
+    elif not st.trained and (rec or running) and dependents(rd, name):
+        deps = dependents(rd, name)
+        raise UserError(
+            f"{name}: its inputs changed ({describe_changes((rec or running)['closure'], closure)}), but "
+            f"{', '.join(deps)} {'was' if len(deps) == 1 else 'were'} trained on its current output in {out}, which "
+            f"rebuilding would replace. Undo the change, use a new --run-dir for the new inputs, or add --force to "
+            f"rebuild it anyway ({', '.join(deps)} then wait for a retrain with --force)")
+    elif (rec or running).get("closure") is not None:
+        action, note = ("rebuild", describe_changes((rec or running)["closure"], closure)) if not st.trained \
+            else ("start", "")
+    run = StageRun(ctx, st, out, key, closure, reads, action, note, schedule_steps=sched)
     ctx.outcomes[name] = {"action": action, "seconds": 0.0}
     if action == "skip":
-        if restored and _is_rank0():
-            _write_marker(out, m)
+        if m.get("state") == "running" and _is_rank0():
+            _write_marker(out, rec)            # back to the finished run after an interrupted continue
         info(f"{name}: up to date in {out} (use --force to rebuild)")
         return run
     ctx.save_config()
@@ -349,18 +422,35 @@ def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[st
     elif action == "rebuild":
         info(f"{name}: rebuilding ({note})")
     elif action == "continue":
-        info(f"{name}: continuing from its last checkpoint ({note})")
+        info(f"{name}: continuing from its last checkpoint ({note}); the added steps keep the first run's "
+             f"learning-rate schedule, at its final rate")
     _barrier(st)
     if _is_rank0():
         record = {"stage": name, "state": "running", "key": key, "closure": closure, "reads": list(reads),
-                  "started": _now()}
-        if action == "continue":
+                  "schedule_steps": sched, "started": _now()}
+        if action in ("continue", "resume") and (running.get("previous") or (rec if action == "continue" else None)):
             # final/ stays the finished run's until the continued one replaces it: keep its record,
             # so readers still see it and a return to the old inputs finds it complete
-            record["previous"] = m if m.get("state") == "complete" else m.get("previous")
+            record["previous"] = running.get("previous") or rec
         _write_marker(out, record)
     _barrier(st)
     return run
+
+
+def _refuse_legacy(rd: RunDir, st: Stage, out: Path) -> None:
+    """An earlier version's output that today's config does not reproduce: never replaced silently."""
+    deps = dependents(rd, st.name)
+    if not st.trained and not deps:
+        return                                     # nothing was built from it: rebuilt as usual
+    hint = (" That version did not remember --source: give the sources it was built from again (e.g. "
+            f"`zero-chatgpt {st.name} --run-dir {rd.root} --source FORMAT:PATH`)." if st.name in ("data", "sft") else "")
+    raise UserError(f"{st.name} in {out} was built by an earlier version of zero-chatgpt from inputs other than "
+                    f"today's config{' (and ' + ', '.join(deps) + ' from it)' if deps else ''}.{hint} Or add --force "
+                    f"to rebuild it, or use a new --run-dir")
+
+
+def _has_checkpoint(out: Path) -> bool:
+    return any(p.name.startswith("step-") and (p / manifest.MANIFEST).exists() for p in out.iterdir())
 
 
 def _has_work(out: Path) -> bool:
@@ -386,24 +476,29 @@ def _barrier(st: Stage) -> None:
 
 # ---------------------------------------------------------------- what is current
 
-def stale_reason(rd: RunDir, name: str, _depth: int = 0) -> str | None:
+def stale_reason(rd: RunDir, name: str) -> str | None:
     """None if stage `name` is complete and current, else why not (for a message)."""
     st = STAGES[name]
-    m = finished_record(rd / st.out)
+    m = read_marker(rd / st.out)
     if not m:
         return "not built"
-    if m.get("state") != "complete" or "closure" not in m:
-        return "not finished"
+    if "key" in m and "closure" not in m:
+        return (f"recorded by an earlier version of zero-chatgpt; run `zero-chatgpt run --run-dir {rd.root}` once "
+                f"to adopt its records")
+    rec = finished_record(rd / st.out, st)
+    if not rec:
+        return "not finished" if not st.model or m.get("state") == "running" else "its final/ is not the recorded one"
     if st.model:
         why = manifest.problem(rd / st.out / "final", hashes=False)
         if why:
             return f"its final checkpoint is damaged: {why}"
-    for up in m.get("reads", []):
-        um = finished_record(rd / STAGES[up].out)
-        if um.get("state") != "complete" or m["closure"].get(name, {}).get(f"@{up}") != _output_of(um) or \
-                any(m["closure"].get(s) != v for s, v in um.get("closure", {}).items()):
+    for up in rec.get("reads", []):
+        ust = STAGES[up]
+        um = finished_record(rd / ust.out, ust)
+        if not um or rec["closure"].get(name, {}).get(f"@{up}") != _output_of(um) or \
+                any(rec["closure"].get(s) != v for s, v in um.get("closure", {}).items()):
             return f"{up} was rebuilt after it" + (f" ({um['finished']})" if um.get("finished") else "")
-        why = stale_reason(rd, up, _depth + 1)
+        why = stale_reason(rd, up)
         if why:
             return f"{up} is out of date: {why}"
     return None

@@ -23,6 +23,7 @@ import shutil
 import time
 from collections import Counter
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, wait
+from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -35,7 +36,7 @@ from zero_chatgpt.data.clean import REASONS, Cleaner, CleanConfig
 from zero_chatgpt.data.dedup import MinHasher, ShingleJaccard, candidate_pairs, cluster_pairs, exact_hash
 from zero_chatgpt.data.sources import BadRecords, iter_records, parse_source
 from zero_chatgpt.io import JsonlZstWriter, atomic_write_json, iter_jsonl
-from zero_chatgpt.rundir import Context, begin, source_fingerprints
+from zero_chatgpt.rundir import Context, begin, inputs_or_recorded, source_fingerprints
 from zero_chatgpt.workers import command_alive, process_pool
 
 DEDUP_REASONS = ("exact_dup", "near_dup")
@@ -232,7 +233,9 @@ def run_stage(ctx: Context) -> dict:
     cfg = ctx.cfg["data"]
     out_dir = ctx.run_dir.data
     # the sources enter the key by content (format + fingerprint), not by path or mtime
-    run = begin(ctx, "data", extra={"data.sources": source_fingerprints(cfg["sources"], ctx.run_dir.root)})
+    inputs = inputs_or_recorded(ctx, "data", ["data.sources"],
+                                lambda: {"data.sources": source_fingerprints(cfg["sources"], ctx.run_dir.root)})
+    run = begin(ctx, "data", extra=inputs)
     if run.skip:
         return json.loads((out_dir / "stats.json").read_text())
     key = run.key
@@ -246,11 +249,22 @@ def run_stage(ctx: Context) -> dict:
     for old in list(out_dir.glob("train-*.jsonl.zst")) + list(out_dir.glob("val-*.jsonl.zst")):
         old.unlink()
 
-    t0 = time.time()
-    bad = BadRecords()
     nworkers = _workers(cfg)
     what = "the built-in corpus" if not cfg["sources"] else ", ".join(cfg["sources"])
     info(f"data: reading {what}; cleaning with {nworkers} processes")
+    try:
+        return _clean_dedup_write(ctx, cfg, out_dir, work, run, nworkers)
+    except BrokenProcessPool:
+        raise UserError(f"data: a cleaning worker process died (killed, or out of memory?); the parts it finished "
+                        f"are kept in {work}: run the same command again to resume, with fewer "
+                        f"--set data.workers or a smaller data.shard_docs if it happens again") from None
+
+
+def _clean_dedup_write(ctx: Context, cfg: dict, out_dir: Path, work: Path, run, nworkers: int) -> dict:
+    """Phases 1-3 of the module docstring, and the stage's record."""
+    t0 = time.time()
+    bad = BadRecords()
+    what = "the built-in corpus" if not cfg["sources"] else ", ".join(cfg["sources"])
     part_stats: dict[int, dict] = {}
     resumed: list[dict] = []     # parts finished by an earlier, killed run: which, by whom, when
     bar = progress(desc="clean", unit="doc")

@@ -48,6 +48,7 @@ and ``_save`` (a checkpoint; ``final`` holds the models only).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -61,7 +62,7 @@ import torch.distributed as dist
 
 from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt.console import UserError, info, progress, table
-from zero_chatgpt.train.runtime import Dist, gather_to_all, peak_flops, resolve_precision, setup_distributed
+from zero_chatgpt.train.runtime import Dist, cpu_group, gather_to_all, peak_flops, resolve_precision, setup_distributed
 
 BatchSource = Callable[[int, int, int, int], Any]
 LossFn = Callable[[torch.nn.Module, Any], tuple]
@@ -91,6 +92,8 @@ class LoopSettings:
     fsdp: bool = False
     seed: int = 1234
     tensorboard: bool = True
+    schedule_steps: int = 0          # the steps the lr schedule spans (0 = max_steps); a continued run
+                                     # keeps its first run's, and trains the added steps at the floor
 
     @classmethod
     def from_section(cls, section: dict, **overrides) -> "LoopSettings":
@@ -108,19 +111,22 @@ class LoopSettings:
 def lr_at(step: int, s: LoopSettings) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine
     (Loshchilov & Hutter 2016) or warmup-stable-decay (Hu et al. 2024, MiniCPM,
-    arXiv:2404.06395) down to lr * min_lr_ratio."""
+    arXiv:2404.06395) down to lr * min_lr_ratio, over schedule_steps (default max_steps); past
+    them, the floor (a run continued with a raised max_steps goes on at its final rate rather than
+    jumping back up the curve)."""
+    total = s.schedule_steps or s.max_steps
     floor = s.lr * s.min_lr_ratio
     if s.warmup_steps > 0 and step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
     if s.schedule == "constant":
         return s.lr
     if s.schedule == "wsd":
-        decay_start = int(s.max_steps * (1 - s.decay_fraction))
+        decay_start = int(total * (1 - s.decay_fraction))
         if step < decay_start:
             return s.lr
-        frac = (step - decay_start) / max(1, s.max_steps - decay_start)
+        frac = (step - decay_start) / max(1, total - decay_start)
         return s.lr - (s.lr - floor) * min(1.0, frac)
-    frac = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
+    frac = (step - s.warmup_steps) / max(1, total - s.warmup_steps)
     return floor + 0.5 * (s.lr - floor) * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
@@ -287,7 +293,7 @@ def plain(obj, where: str = "trainer state"):
 def _restore(stage: str, stage_dir: Path, members: list[Member], d: Dist) -> tuple[TrainState, dict | None]:
     """Weights from the newest intact checkpoint (else init_from, else as built), and its state."""
     primary = members[0]
-    latest = ckpt.latest_checkpoint(stage_dir, report=d.main)
+    latest = _agreed_checkpoint(stage_dir, primary.settings.max_steps, d)
     if latest is None:
         if primary.settings.init_from:
             try:
@@ -310,6 +316,23 @@ def _restore(stage: str, stage_dir: Path, members: list[Member], d: Dist) -> tup
     ts = TrainState(step=step, tokens=int(state.get("tokens", 0)), seconds_before=float(state.get("seconds", 0.0)),
                     evals=list(state.get("evals", [])), resumed_from=step)
     return ts, state
+
+
+def _agreed_checkpoint(stage_dir: Path, max_steps: int, d: Dist) -> Path | None:
+    """The newest intact checkpoint at or below max_steps, chosen (and hash-checked) by rank 0 alone
+    and told to the others: N ranks reading every checkpoint whole would multiply the I/O by N."""
+    choice = [None]
+    if d.main:
+        try:
+            latest = ckpt.latest_checkpoint(stage_dir, max_step=max_steps)
+            choice = [str(latest) if latest is not None else None]
+        except UserError as e:
+            choice = [e]
+    if d.world > 1:
+        dist.broadcast_object_list(choice, src=0, group=cpu_group())
+    if isinstance(choice[0], UserError):
+        raise choice[0] if d.main else UserError(f"{stage_dir}: no intact checkpoint (see rank 0's message)")
+    return Path(choice[0]) if choice[0] else None
 
 
 def _wrap(members: list[Member], state: dict | None, batches, d: Dist) -> None:
@@ -348,11 +371,25 @@ def _wrap(members: list[Member], state: dict | None, batches, d: Dist) -> None:
         batches.load_state_dict(mine["data"])
 
 
+_NAMES: dict = {}    # the metric names of the last step, agreed by every rank (see _reduce_by_name)
+
+
 def _reduce_by_name(sums: torch.Tensor, msums: dict[str, float], d: Dist) -> tuple[float, float, dict]:
-    """Sum (loss x n, n, metrics x n) over ranks; metrics by name (ranks may log different ones)."""
+    """Sum (loss x n, n, metrics x n) over ranks; metrics by name (ranks may log different ones).
+
+    The union of names is gathered only when some rank's names differ from the last step's: one
+    tiny all-reduce of a hash says so, instead of pickling names through a gather every step."""
     if d.world == 1:
         return float(sums[0]), float(sums[1]), msums
-    names = sorted(set().union(*gather_to_all(sorted(msums), d)))
+    mine = tuple(sorted(msums))
+    h = int.from_bytes(hashlib.blake2b("\0".join(mine).encode(), digest_size=7).digest(), "little")
+    probe = torch.tensor([h, -h], dtype=torch.int64)
+    dist.all_reduce(probe, op=dist.ReduceOp.MAX, group=cpu_group())
+    same = int(probe[0]) == -int(probe[1]) == _NAMES.get("hash")      # every rank has the cached names
+    if not same:
+        _NAMES["names"] = sorted(set().union(*gather_to_all(list(mine), d)))
+        _NAMES["hash"] = h if int(probe[0]) == -int(probe[1]) else None
+    names = _NAMES["names"]
     packed = torch.tensor([float(sums[0]), float(sums[1]), *[msums.get(k, 0.0) for k in names]],
                           dtype=torch.float64, device=d.device)
     dist.all_reduce(packed)

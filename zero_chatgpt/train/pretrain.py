@@ -27,7 +27,7 @@ from zero_chatgpt.console import UserError, info
 from zero_chatgpt.io import atomic_write_json
 from zero_chatgpt.loss import LMLoss, lm_loss
 from zero_chatgpt.model import Transformer, model_config_from
-from zero_chatgpt.rundir import Context, begin, folder_fingerprint
+from zero_chatgpt.rundir import Context, begin, folder_fingerprint, inputs_or_recorded
 from zero_chatgpt.train import loop
 
 
@@ -138,7 +138,8 @@ def run_stage(ctx: Context) -> None:
     cfg, rd = ctx.cfg, ctx.run_dir
     sec, mcfg = cfg["pretrain"], cfg["model"]
     out = rd.stage_dir("pretrain")
-    extra = {"pretrain.init_from": folder_fingerprint(Path(sec["init_from"]), rd.root)} if sec["init_from"] else {}
+    extra = inputs_or_recorded(ctx, "pretrain", ["pretrain.init_from"], lambda: {
+        "pretrain.init_from": folder_fingerprint(Path(sec["init_from"]), rd.root)}) if sec["init_from"] else {}
     d = loop.setup_distributed(cfg["run"]["device"])
     run = begin(ctx, "pretrain", extra=extra)
     if run.skip:
@@ -167,7 +168,8 @@ def run_stage(ctx: Context) -> None:
     model = Transformer(mc)
 
     accum = grad_accum_for(sec, d.world)
-    settings = loop.LoopSettings.from_section(sec, grad_accum=accum, seed=cfg["run"]["seed"])
+    settings = loop.LoopSettings.from_section(sec, grad_accum=accum, seed=cfg["run"]["seed"],
+                                              schedule_steps=run.schedule_steps)
     batches = PackedBlocks(train_shards, sec["seq_len"], cfg["run"]["seed"], sec["micro_batch_size"], accum)
     evaluator = ValEval(val_shards, sec["seq_len"], sec["eval_tokens"], sec["micro_batch_size"], tok)
     step_tokens = sec["micro_batch_size"] * sec["seq_len"] * accum * d.world

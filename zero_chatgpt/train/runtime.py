@@ -67,22 +67,25 @@ def gather_to_all(obj, d: Dist) -> list:
     return out
 
 
-def on_rank0_while_others_wait(ctx, name: str, fn) -> None:
-    """Under torchrun, run a stage that is not distributed (data, tokenizer, eval, report) on rank 0
-    alone; the other ranks wait for it, then go on, or stop with one line if it failed. Never N
-    processes writing the same files."""
+def run_under_torchrun(ctx, name: str, fn, everywhere: bool) -> None:
+    """Run stage `name` under torchrun: on every rank (a distributed stage) or on rank 0 alone while
+    the others wait (data, tokenizer, eval, report: never N processes writing the same files). Then
+    every rank learns whether it succeeded everywhere before any goes on to the next stage, so no rank
+    reads a stage's output before rank 0 has finished recording it; a failure stops every rank with
+    one line."""
     d = setup_distributed(ctx.cfg["run"]["device"])
     failed, error = torch.zeros(1, dtype=torch.int64), None
-    if d.main:
+    if everywhere or d.main:
         try:
             fn()
         except BaseException as e:   # noqa: BLE001 - re-raised below, after telling the others
             failed[0], error = 1, e
-    dist.broadcast(failed, 0, group=cpu_group())
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=cpu_group())
     if error is not None:
         raise error
     if int(failed):
-        raise UserError(f"{name} failed on rank 0 (its message is above); this rank stops too")
+        raise UserError(f"{name} failed on {'another rank' if everywhere else 'rank 0'} (its message is above); "
+                        f"this rank stops too")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from zero_chatgpt.console import UserError, info, progress, table
-from zero_chatgpt.rundir import begin, folder_fingerprint, read_marker, source_fingerprints, sub_key, write_sub_marker
+from zero_chatgpt.rundir import (begin, folder_fingerprint, inputs_or_recorded, read_marker, source_fingerprints,
+                                 sub_key, write_sub_marker)
 
 IGNORE = -100
 
@@ -252,10 +253,13 @@ def sft_inputs(ctx) -> dict:
     """What of [sft] besides the config goes into its keys: the --source files and the init_from
     folder by content (an edited source file is noticed; a moved one is not a change)."""
     s, root = ctx.cfg["sft"], ctx.run_dir.root
-    out = {"sft.sources": source_fingerprints(s["sources"], root)}
-    if s.get("init_from"):
-        out["sft.init_from"] = folder_fingerprint(Path(s["init_from"]), root)
-    return out
+
+    def compute() -> dict:
+        out = {"sft.sources": source_fingerprints(s["sources"], root)}
+        if s.get("init_from"):
+            out["sft.init_from"] = folder_fingerprint(Path(s["init_from"]), root)
+        return out
+    return inputs_or_recorded(ctx, "sft", ["sft.sources"] + (["sft.init_from"] if s.get("init_from") else []), compute)
 
 
 def ensure_sft_data(ctx, inputs: dict | None = None) -> dict:
@@ -297,11 +301,11 @@ def run_stage(ctx) -> None:
     t0 = time.perf_counter()
     cfg, rd, s = ctx.cfg, ctx.run_dir, ctx.cfg["sft"]
     d = loop.setup_distributed(cfg["run"]["device"])
-    src = init_path(ctx)
     inputs = sft_inputs(ctx)
     run = begin(ctx, "sft", extra=inputs, reads=("tokenizer",) if s.get("init_from") else None)
     if run.skip:
         return
+    src = init_path(ctx)
     if d.main:                      # one process writes sft_data/; the others wait, then read it
         ensure_sft_data(ctx, inputs)
     if d.world > 1:
@@ -326,7 +330,7 @@ def run_stage(ctx) -> None:
     micro = int(s["micro_batch_tokens"])
     grad_accum = max(1, int(s["batch_tokens"]) // (micro * d.world))
     settings = loop.LoopSettings.from_section(s, grad_accum=grad_accum, seed=int(cfg["run"]["seed"]),
-                                              init_from=str(src))
+                                              init_from=str(src), schedule_steps=run.schedule_steps)
     ul = float(s["unlikelihood"])
     batches = LengthGroupedBatches(train, tok.pad_id, micro, grad_accum, int(cfg["run"]["seed"]), unlikelihood=ul > 0)
     pad = pad_fraction(batches.lengths, batches.plan(0))
