@@ -64,6 +64,29 @@ def test_eval_writes_every_stage_and_keeps_pretrain_keys(run, capsys):
     assert sft["truncated_answers"] + round(sft["eos_rate"] * 10) == 10
     out = capsys.readouterr().err
     assert "char_f1" in out and "question-as-answer" in out
+    # the new metrics, overall and per kind, and the per-prompt values behind them
+    for k in ("refusal_rate", "mean_length", "mean_tokens", "pinyin_exact", "chain_valid"):
+        assert k in sft and k in pre, k
+    assert sft["kl_to_sft"] == 0.0 and "kl_to_sft" not in pre and "win_rate_vs_sft" not in sft   # no rm here
+    pp = sft["per_prompt"]
+    assert len(pp["ids"]) == len(set(pp["ids"])) == 10 and pp["ids"] == pre["per_prompt"]["ids"]
+    assert all(len(v) == 10 for v in pp.values())
+    assert [x is None for x in pp["pinyin_exact"]] == [k != "pinyin" for k in pp["kind"]]
+    assert sft["by_kind"]["pinyin"]["pinyin_exact"] == sft["pinyin_exact"]
+    assert "pinyin_exact" not in sft["by_kind"]["meaning"]
+    # pretrain is compared with SFT, prompt by prompt; SFT is not compared with itself
+    assert "vs_sft" not in sft and set(pre["vs_sft"]) >= {"char_f1", "eos_rate", "refusal_rate", "mean_length"}
+    d = pre["vs_sft"]["char_f1"]
+    assert d["n"] == sft["n_scored"] and d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+    assert d["diff"] == pytest.approx(pre["char_f1"] - sft["char_f1"])
+    assert pre["vs_sft"]["pinyin_exact"]["n"] == sft["by_kind"]["pinyin"]["n"]
+    assert "difference to SFT" in out and "[" in out
+    # none of the prompts is in the gold part the RL stages select on
+    e = _ctx(run).cfg["eval"]
+    gold = ev.gold_prompts(run, 50, 1234, e["gold_fraction"])
+    assert gold and all(ev.is_gold(r, e["gold_fraction"]) for r in gold)
+    assert not {ev.prompt_id(r) for r in gold} & set(pp["ids"])
+    assert ev.gold_prompts(run, 50, 1234) == gold           # the fraction read from the run's config
     # a second run is up to date
     ev.run_stage(_ctx(run))
     assert "up to date" in capsys.readouterr().err
@@ -94,3 +117,61 @@ def test_prompt_selection_covers_kinds():
     base = ev.question_baseline([{"messages": [{"role": "user", "content": "甲乙"}], "reference": "甲乙",
                                   "meta": {"kind": "meaning"}}])
     assert base["baseline_question_char_f1"] == 1.0
+
+
+def test_kl_along_is_exact_zero_for_the_same_model_and_positive_for_a_perturbed_one(run):
+    from zero_chatgpt.generate import generate
+    from zero_chatgpt.tokenizer import load_tokenizer
+    tok = load_tokenizer(run / "tokenizer")
+    sft = ckpt.load_model(run / "sft" / "final")
+    other = ckpt.load_model(run / "sft" / "final")
+    recs = ev.select_prompts(chat_data.read_split(run / "sft_data", "eval"), 6, seed=0)
+    prompts, _ = ev.encode_prompts(tok, recs, chat=True, limit=100)
+    answers = [g.tokens for g in generate(sft, prompts, max_new_tokens=5, temperature=0.0, stop_ids=tok.stop_ids)]
+    assert ev.kl_along(sft, other, prompts, answers, batch_size=4, pad_id=tok.pad_id) == [0.0] * 6
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kl = ev.kl_along(other, sft, prompts, answers, batch_size=4, pad_id=tok.pad_id)
+    assert all(x > 0 for x in kl)
+    # the same as position by position, one unpadded forward per answer token
+    with torch.no_grad():
+        for i in (0, 5):
+            seq = torch.tensor([prompts[i] + answers[i]])
+            lp, lq = other(seq).log_softmax(-1)[0], sft(seq).log_softmax(-1)[0]
+            pos = range(len(prompts[i]) - 1, len(prompts[i]) + len(answers[i]) - 1)
+            want = sum(float((lp[t].exp() * (lp[t] - lq[t])).sum()) for t in pos) / len(answers[i])
+            assert kl[i] == pytest.approx(want, rel=1e-4)
+
+
+def test_win_rate_vs_sft_is_half_when_a_stage_answers_as_sft(run, tmp_path, capsys):
+    """A tiny score-head reward model, recorded as a finished rm stage, and a 'ppo' stage with SFT's weights."""
+    import shutil
+    from zero_chatgpt.model import ModelConfig, Transformer
+    root = tmp_path / "run"
+    shutil.copytree(run, root)
+    sft = ckpt.load_model(root / "sft" / "final")
+    torch.manual_seed(1)
+    rm = Transformer(ModelConfig(vocab_size=sft.config.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=128,
+                                 head="score"))
+    ckpt.save_checkpoint(root / "rm", "final", model_state=rm.state_dict(), cfg=rm.config)
+    record_stage(root, "rm", reads=["sft"])
+    ckpt.save_checkpoint(root / "ppo", "final", model_state=sft.state_dict(), cfg=sft.config)
+    record_stage(root, "ppo", reads=["sft", "rm"])
+    ev.run_stage(_ctx(root, stage="ppo"))                   # judged beside SFT, which is evaluated too
+    ppo = json.loads((root / "eval" / "ppo.json").read_text())
+    assert ppo["per_prompt"]["answer"] == json.loads((root / "eval" / "sft.json").read_text())["per_prompt"]["answer"]
+    assert ppo["win_rate_vs_sft"] == 0.5 and ppo["kl_to_sft"] == 0.0
+    assert ppo["vs_sft"]["win_rate_vs_sft"] == {"diff": 0.0, "n": 10, "ci95": [0.0, 0.0]}
+    assert all(d["diff"] == 0.0 for d in ppo["vs_sft"].values())
+    out = capsys.readouterr().err
+    assert "win_rate_vs_sft" in out and "ppo" in out
+    # the reward model decides otherwise when the answers differ: a stage with other weights
+    other = ckpt.load_model(root / "pretrain" / "final")
+    ckpt.save_checkpoint(root / "grpo", "final", model_state=other.state_dict(), cfg=other.config)
+    record_stage(root, "grpo", reads=["sft", "rm"])
+    ev.run_stage(_ctx(root, stage="grpo"))
+    grpo = json.loads((root / "eval" / "grpo.json").read_text())
+    assert 0.0 <= grpo["win_rate_vs_sft"] <= 1.0 and grpo["kl_to_sft"] > 0
+    assert set(grpo["per_prompt"]["win_rate_vs_sft"]) <= {0.0, 0.5, 1.0}

@@ -71,3 +71,130 @@ def test_chain_valid():
     assert not ev.chain_valid("放虎归林", "放", idioms)            # not an idiom
     assert not ev.chain_valid("一见倾心", "放", idioms)            # wrong first character
     assert not ev.chain_valid("心花怒放", "心", idioms, asked="心花怒放")   # repeating the question
+
+
+# ---------------------------------------------------------------- pinyin, refusals, paired differences, the split
+
+_TONE_DIGIT = {"\u0304": "1", "\u0301": "2", "\u030c": "3", "\u0300": "4"}
+
+
+def _numbered(pinyin: str, v_for_u: bool = False) -> str:
+    """'lǚ xíng' -> 'lu:3 xing2' (or 'lv3 xing2'): the tone as a digit after each syllable, written independently
+    of evaluate.py's placement rule."""
+    import unicodedata
+    out = []
+    for syl in pinyin.split():
+        d = unicodedata.normalize("NFD", syl)
+        tone = next((_TONE_DIGIT[c] for c in d if c in _TONE_DIGIT), "5")
+        base = unicodedata.normalize("NFC", "".join(c for c in d if c not in _TONE_DIGIT))
+        out.append(base.replace("ü", "v" if v_for_u else "u:") + tone)
+    return " ".join(out)
+
+
+def _toneless(pinyin: str) -> str:
+    import unicodedata
+    d = unicodedata.normalize("NFD", pinyin)
+    return unicodedata.normalize("NFC", "".join(c for c in d if c not in _TONE_DIGIT))
+
+
+@pytest.fixture(scope="module")
+def dictionary():
+    from zero_chatgpt.data.builtin import load_idioms
+    return load_idioms()
+
+
+def test_pinyin_exact_on_dictionary_pinyin(dictionary):
+    with_u = [d for d in dictionary if "ü" in _toneless(d["pinyin"])]      # ü with and without tone marks
+    sample = dictionary[::40] + with_u
+    assert len(with_u) > 300 and any("ǚ" in d["pinyin"] or "ǜ" in d["pinyin"] for d in with_u)
+    for d in sample:
+        py = d["pinyin"]
+        assert ev.pinyin_exact(py, py)
+        # tone numbers (ü as u: or v), separators, case and full width do not matter
+        assert ev.pinyin_exact(_numbered(py), py), (py, _numbered(py))
+        assert ev.pinyin_exact(_numbered(py, v_for_u=True), py), py
+        assert ev.pinyin_exact(py.replace(" ", ""), py) and ev.pinyin_exact(" - ".join(py.split()) + "。", py)
+        assert ev.pinyin_exact(py.upper(), py)
+        # without tone marks: only the toneless comparison holds (when there was a tone to lose)
+        bare = _toneless(py)
+        assert ev.pinyin_exact(bare, py, tones=False)
+        assert ev.pinyin_exact(bare, py) == (bare == py)
+        # words around the pinyin, or another idiom's pinyin, are not a match
+        assert not ev.pinyin_exact(f"{d['word']}的拼音是{py}", py)
+    lv = next(d for d in with_u if "ǚ" in d["pinyin"])["pinyin"]
+    assert ev.pinyin_exact(lv.replace("ǚ", "v3"), lv) and ev.pinyin_exact(lv.replace("ǚ", "u:3"), lv)
+    assert ev.pinyin_exact(lv.replace("ǚ", "ǔ"), lv, tones=False) is False     # ü is not u, tones or not
+    assert ev.pinyin_key("yī jiàn qīng xīn") == ev.pinyin_key("yi1jian4 qing1 xin1") == "yījiànqīngxīn"
+    assert ev.pinyin_key("lüè", tones=False) == ev.pinyin_key("lve4", tones=False) == "lüe"
+    assert ev.pinyin_key("lve4") == ev.pinyin_key("lüè")                        # the mark goes on the e
+    assert ev.pinyin_key("guì liù lǒu") == ev.pinyin_key("gui4 liu4 lou3")      # ui -> i, iu -> u, ou -> o
+    assert not ev.pinyin_exact("yí jiàn qīng xīn", "yī jiàn qīng xīn")          # one tone off
+    assert ev.pinyin_exact("yí jiàn qīng xīn", "yī jiàn qīng xīn", tones=False)
+    assert not ev.pinyin_exact("", "yī") and not ev.pinyin_exact("yī", "")
+
+
+REFUSALS = ["抱歉，我无法回答这个问题。", "对不起，我不知道这个成语。", "我不知道。", "不知道", "很抱歉，这超出了我的知识范围。",
+            "作为一个AI语言模型，我无法提供这方面的信息。", "作为人工智能，我没有个人观点。", "我无法回答你的问题。",
+            "这个问题我不清楚。", "我不太确定这个成语的出处。", "不好意思，我回答不了。", "“抱歉，我不能提供帮助。”",
+            "我没有办法回答这个问题", "我是一个语言模型，不能回答这个问题。"]
+ANSWERS = ["“百思不解”的意思是：百般思索也无法理解。", "我不能见利忘义，卖友求荣，变成利禄之小人！", "出自《论语·学而》。",
+           "ā bí dì yù", "心花怒放", "他对此一无所知，不知所云。", "我是Zero-ChatGPT，一个从零开始训练的小型中文语言模型。",
+           "“不知所云”的意思是：不知道说得是些什么。形容说话内容混乱，无法理解。", "对症下药", "你好！想了解哪个成语？"]
+
+
+def test_refusal_detection(dictionary):
+    from zero_chatgpt.data import chat_data
+    for t in REFUSALS:
+        assert ev.is_refusal(t), t
+    for t in ANSWERS:
+        assert not ev.is_refusal(t), t
+    # no reference answer of the dictionary (first-person example sentences included) reads as a refusal
+    refs = [chat_data.answer_text(k, d["word"], a) for d in dictionary[::7]
+            for k, a in chat_data.idiom_answers(d).items()]
+    assert len(refs) > 10000 and not [t for t in refs if ev.is_refusal(t)]
+    ident = [a for _, _, ans in chat_data.IDENTITY for a in ans]
+    assert not [t for t in ident if ev.is_refusal(t)]
+
+
+def test_paired_bootstrap_interval():
+    import numpy as np
+    rng = np.random.default_rng(7)
+    x = rng.normal(0.5, 0.2, 800)
+    same = x + rng.normal(0.0, 0.05, 800) - 0.0          # no true difference
+    same -= same.mean() - x.mean()                        # exactly none, in this sample
+    d0 = ev.paired_bootstrap(same, x, 2000, seed=3)
+    assert d0["n"] == 800 and abs(d0["diff"]) < 1e-12 and d0["ci95"][0] < 0 < d0["ci95"][1]
+    shifted = x + 0.02 + rng.normal(0.0, 0.05, 800)       # a clear shift: 0.02 against a 0.002 standard error
+    d1 = ev.paired_bootstrap(shifted, x, 2000, seed=3)
+    assert 0 < d1["ci95"][0] < d1["diff"] < d1["ci95"][1] and d1["ci95"][0] > 0.01
+    assert ev.paired_bootstrap(shifted, x, 2000, seed=3) == d1            # the same seed, the same interval
+    assert ev.paired_bootstrap(shifted, x, 2000, seed=4)["ci95"] != d1["ci95"]
+    # binary metrics: all pairs equal gives [0, 0]; no pairs gives None; 0 resamples gives no interval
+    assert ev.paired_bootstrap([1, 0, 1], [1, 0, 1], 500, seed=0)["ci95"] == [0.0, 0.0]
+    assert ev.paired_bootstrap([], [], 500, seed=0) is None
+    assert "ci95" not in ev.paired_bootstrap([1.0], [0.0], 0, seed=0)
+    assert ev.format_diff({"diff": 0.0123, "ci95": [-0.004, 0.027]}) == "+0.012 [\u22120.004, +0.027]"
+    assert ev.format_diff({"diff": 0.03, "ci95": [0.01, 0.05]}).endswith(" *")
+    assert ev.format_diff({"diff": 12.34, "ci95": [10.0, 14.5]}) == "+12.3 [+10.0, +14.5] *"
+
+
+def test_gold_and_test_parts_are_disjoint_by_idiom_and_stable(dictionary):
+    from zero_chatgpt.data import chat_data
+    recs = chat_data.build_builtin(dictionary[:4000], seed=1).splits["eval"]
+    gold, test = ev.split_eval(recs, 0.2)
+    g_idioms, t_idioms = {r["meta"]["idiom"] for r in gold}, {r["meta"]["idiom"] for r in test}
+    assert not g_idioms & t_idioms and len(gold) + len(test) == len(recs)
+    assert 0.12 < len(g_idioms) / len(g_idioms | t_idioms) < 0.28
+    # stable: the order of the records, the seed of the data and other records do not move an idiom
+    assert ev.split_eval(recs[::-1], 0.2)[0] == gold[::-1]
+    other = chat_data.build_builtin(dictionary[:4000], seed=2).splits["eval"]
+    assert all(ev.is_gold(r, 0.2) == (r["meta"]["idiom"] in g_idioms)
+               for r in other if r["meta"]["idiom"] in g_idioms | t_idioms)
+    # a larger gold part contains the smaller one; 0 keeps none back
+    assert {r["meta"]["idiom"] for r in ev.split_eval(recs, 0.1)[0]} <= g_idioms
+    assert ev.split_eval(recs, 0.0)[0] == []
+    # records without an idiom (--source data) are split by their question
+    chat = [{"messages": [{"role": "user", "content": f"问题{i}"}], "reference": "答", "meta": {"kind": "chat"}}
+            for i in range(400)]
+    g, t = ev.split_eval(chat, 0.2)
+    assert 40 < len(g) < 120 and ev.split_eval(chat, 0.2) == (g, t)

@@ -130,6 +130,7 @@ def _loop_rules(checkpoint_every: bool = True) -> dict[str, Rule]:
 
 
 _LEN = _num(1, integer=True)
+NEGATIVES = ("sample", "other", "cut", "repeat", "refusal", "empty")   # the rejected answers rm.negatives may name
 RULES: dict[str, dict[str, Rule]] = {
     "run": {"preset": Any_(operational=True), "seed": Int(0), "device": Rule(_device, operational=True)},
     "data": {
@@ -174,11 +175,25 @@ RULES: dict[str, dict[str, Rule]] = {
     "eval": {
         "num_prompts": Int(1), "max_new_tokens": Int(1), "batch_size": Int(1, operational=True),
         "repetition_penalty": Float(0.0, lo_open=True), "num_samples": Int(0),
-        "val_samples": Int(0),
+        "val_samples": Int(0), "gold_fraction": Frac(hi_open=True), "bootstrap": Int(0),
     },
     "chat": {
         "temperature": Float(0.0), "top_k": Int(0), "top_p": Frac(lo_open=True),
         "repetition_penalty": Float(0.0, lo_open=True),
+    },
+    "rl": {
+        "temperature": Float(0.0, lo_open=True), "max_new_tokens": Int(1), "gold_prompts": Int(1),
+        "gold_max_new_tokens": Int(1),
+    },
+    "rm": {
+        **_loop_rules(), "sources": Each(_source, "preference:PATH strings"), "prompts": Int(0),
+        "negatives": Each(lambda v: None if v in NEGATIVES else "", ", ".join(NEGATIVES), nonempty=True),
+        "val_fraction": Frac(lo_open=True, hi_open=True), "gold_samples": Int(2), "max_seq_len": Int(16),
+        "batch_pairs": Int(1), "micro_batch_pairs": Int(1),
+    },
+    "dpo": {
+        **_loop_rules(), "beta": Float(0.0, lo_open=True), "sft_loss": Float(0.0), "max_seq_len": Int(16),
+        "batch_pairs": Int(1), "micro_batch_pairs": Int(1), "eval_every": Int(0),
     },
 }
 

@@ -1,26 +1,59 @@
 """`zero-chatgpt eval`: every trained stage, the same held-out prompts, the same metrics, side by side.
 
+The prompts: sft_data/eval.jsonl holds the questions of the eval idioms, which no SFT, RM or RL record
+contains. They are split in two parts by a stable hash of the idiom (`meta.idiom`, else the question), so
+all questions of one idiom land together: the *gold* part (a share eval.gold_fraction; `gold_prompts`)
+is what RL stages select their checkpoints on, the *test* part is what this stage reports, so a
+checkpoint chosen for its gold score is not also judged on it. `eval.num_prompts` test prompts are
+asked, the kinds taken in turn (`select_prompts`).
+
 For each stage (pretrain, sft, and the RL stages once trained) it writes RUN_DIR/eval/<stage>.json:
   val_loss         the stage's validation loss (pretrain: the pretrain stage's LM loss on tokens/val, kept;
                    chat stages: loss on the assistant tokens of sft_data/val.jsonl)
   chat_val_loss    loss on the assistant tokens of sft_data/val.jsonl, for every stage (side by side)
-  char_f1, rouge_l greedy answers to the held-out eval idioms' questions against the dictionary reference
-                   (greedy over repetition-penalized scores, eval.repetition_penalty; `decoding` says which)
+  char_f1, rouge_l greedy answers against the dictionary reference, over the kinds with one right answer
+                   (meaning, origin, example, pinyin; greedy over repetition-penalized scores with
+                   eval.repetition_penalty; `decoding` says which)
+  pinyin_exact     pinyin questions: the answer's pinyin is the dictionary's, tones included
+                   (`pinyin_key`); pinyin_toneless: the same with tone marks ignored
+  chain_valid      idiom-chaining answers that are a dictionary idiom starting with the right character
   eos_rate         answers that end with eos within the token limit
   repetition_rate  answers in which some 4-gram occurs 3 or more times
-  chain_valid      idiom-chaining answers that are a dictionary idiom starting with the right character
+  refusal_rate     answers that refuse or plead ignorance (`REFUSAL_PATTERNS`)
+  mean_length      answer length in characters; mean_tokens: in tokens (without the stop token)
+  kl_to_sft        mean per-token KL(pi_stage || pi_sft) along the stage's own answers, exact over the
+                   vocabulary (`kl_along`); 0 for sft, absent for pretrain (it answers plain-text prompts,
+                   which the SFT model was not tuned on: a KL there says little about the chat policy)
+  win_rate_vs_sft  the share of prompts where the reward model (RUN_DIR/rm/final, only while the rm stage
+                   is current) scores the stage's answer above SFT's, ties half; absent for sft and
+                   without a current reward model
+  by_kind          every metric per question kind
+  per_prompt       the per-prompt values behind every metric, lists aligned with per_prompt.ids (stable
+                   prompt ids, `prompt_id`), plus each prompt's kind and the answer itself; null where a
+                   metric is not defined (pinyin_exact off pinyin questions); 4 significant digits
+  vs_sft           stages other than sft: per metric, {"diff": mean(stage - sft), "ci95": [lo, hi], "n"},
+                   paired by prompt over the prompts where both are defined (for char_f1 / rouge_l the
+                   scored kinds, for pinyin_exact the pinyin questions, ...); a percentile bootstrap
+                   with eval.bootstrap resamples, seeded with run.seed (`paired_bootstrap`); kl_to_sft and
+                   win_rate_vs_sft are compared with SFT's own 0 and 0.5 (a tie)
   baseline_question_char_f1 / _rouge_l   the same scores for answering with the question itself
-  by_kind          the scores per question kind; samples: question, answer, reference
+  samples          question, answer, reference and the answer's own scores, for the first prompts
+  prompt_set       which part was asked (test), eval.gold_fraction, the sizes of both parts
+  eval_seconds     the stage's evaluation time (answer_seconds: of it, generating the answers)
   plain_greedy     char_f1, rouge_l, eos_rate, repetition_rate of plain greedy answers (penalty 1), when
                    eval.repetition_penalty is not 1: what the penalty changes is on the record
 Chat stages are asked through the chat template; `pretrain` (no template yet) gets the same
-questions as plain-text prompts "问：…\n答：".
+questions as plain-text prompts "问：…\n答：". The table at the end shows every stage side by side, then
+each stage's differences to SFT with their 95 % intervals: a difference whose interval holds 0 is noise.
+`--stage X` evaluates X beside SFT (SFT too, when it is not up to date), so X is always compared.
 """
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections import Counter
+from pathlib import Path
 from typing import Iterable, Sequence
 
 # ---------------------------------------------------------------- metrics
@@ -122,7 +155,207 @@ def chain_valid(answer: str, first_char: str, idioms: set[str], asked: str = "")
     return a in idioms and a.startswith(first_char) and a != asked
 
 
+
+# ---------------------------------------------------------------- pinyin
+#
+# Normalization (pinyin_key): NFKC (full-width letters folded), lowercase; "v" and "u:" are "ü" (how pinyin
+# is typed); everything that is not a letter or a combining mark (spaces, apostrophes, hyphens, punctuation)
+# is dropped, so "xī'ān", "xī ān" and "xīān" are one spelling; a numbered syllable ("lv3", "jian4") gets its
+# tone mark by the standard placement rule (a or e, else the o of "ou", else the last vowel; 5/0 = neutral),
+# so "yi1 jian4 qing1 xin1" equals "yī jiàn qīng xīn". Tones kept: the key keeps the four tone marks
+# (macron, acute, caron, grave) where they stand; tones ignored: they are removed, the ü's diaeresis is not
+# (lü and lu are different syllables). Any other letter (a Chinese character) stays, so an answer with
+# words around the pinyin is not an exact match.
+
+TONE_MARKS = {"\u0304": "1", "\u0301": "2", "\u030c": "3", "\u0300": "4"}     # ā á ǎ à, decomposed
+_MARK_OF = {v: k for k, v in TONE_MARKS.items()}
+
+
+def _mark_syllable(base: str, tone: str) -> str:
+    """A numbered syllable (decomposed letters, e.g. "lu\\u0308" + "3") written with its tone mark."""
+    if tone not in _MARK_OF or not base:
+        return base                                   # 5 / 0: the neutral tone has no mark
+    vowels = [i for i, ch in enumerate(base) if ch in "aeiou"]
+    if "a" in base:
+        pos = base.index("a")
+    elif "e" in base:
+        pos = base.index("e")
+    elif "ou" in base:
+        pos = base.index("o")
+    elif vowels:
+        pos = vowels[-1]
+    else:
+        pos = 0                                       # ḿ, ń, ňg: the mark sits on the consonant
+    end = pos + 1
+    if base[end:end + 1] == "\u0308":                 # ü: the tone mark goes after the diaeresis
+        end += 1
+    return base[:end] + _MARK_OF[tone] + base[end:]
+
+
+def pinyin_key(text: str, tones: bool = True) -> str:
+    """The normalized spelling of a pinyin answer (see above), for exact comparison."""
+    s = unicodedata.normalize("NFKC", text or "").lower().replace("u:", "ü").replace("v", "ü")
+    s = unicodedata.normalize("NFD", s)
+    out: list[str] = []
+    run = ""
+    for ch in s:
+        cat = unicodedata.category(ch)
+        if cat.startswith("L") or (cat == "Mn" and run):
+            run += ch
+        elif ch in "012345" and run:                  # a tone number closes a numbered syllable
+            out.append(_mark_syllable(run, ch))
+            run = ""
+        else:                                         # a separator; a digit that closes nothing is content
+            if run:
+                out.append(run)
+                run = ""
+            if ch.isdigit():
+                out.append(ch)
+    if run:
+        out.append(run)
+    key = "".join(out)
+    if not tones:
+        key = "".join(ch for ch in key if ch not in TONE_MARKS)
+    return unicodedata.normalize("NFC", key)
+
+
+def pinyin_exact(answer: str, reference: str, tones: bool = True) -> bool:
+    """The answer spells the reference pinyin (after `pinyin_key` normalization, tones kept or not)."""
+    ref = pinyin_key(reference, tones)
+    return bool(ref) and pinyin_key(answer, tones) == ref
+
+
+# ---------------------------------------------------------------- refusals
+#
+# A refusal declines or pleads ignorance instead of answering. The patterns are anchored where a refusal
+# says it (an apology or "I don't know" opens the answer; "as an AI", "cannot answer/provide" anywhere)
+# and were checked against every reference answer of the built-in dictionary (~97k texts: explanations,
+# origins, example sentences written in the first person), none of which they match.
+REFUSAL_PATTERNS = (
+    r"^我?(?:很|非常|十分|实在)?(?:抱歉|对不起|不好意思)",
+    r"^(?:我|这个问题我)(?:真的|确实|暂时|目前|并|也)?(?:不知道|不清楚|不太清楚|不确定|不太确定|不了解|回答不了|答不上来"
+    r"|无法回答|不能回答|没法回答|无法提供|不能提供|无法确定)",
+    r"作为(?:一个|一名|一款)?(?:ai|人工智能|语言模型|机器人|智能助手|聊天机器人)",
+    r"(?:无法|不能|没法|没有办法)(?:回答|提供|帮助你|帮你|协助你|满足你|满足您|为你|为您)",
+    r"(?:超出|超过)了?我的(?:能力|知识)",
+    r"^(?:不知道|不清楚|不晓得)[。.!！]?$",
+)
+_REFUSAL = [re.compile(p, re.IGNORECASE) for p in REFUSAL_PATTERNS]
+
+
+def is_refusal(text: str) -> bool:
+    """True when the answer refuses or pleads ignorance (REFUSAL_PATTERNS, after NFKC and leading punctuation)."""
+    t = unicodedata.normalize("NFKC", text or "").strip().lstrip("“”\"'「」『』(（)）,，.。!！:：").strip()
+    return any(rx.search(t) for rx in _REFUSAL)
+
+
+# ---------------------------------------------------------------- paired differences
+
+def paired_bootstrap(x: Sequence[float], y: Sequence[float], resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict | None:
+    """{"diff": mean(x - y), "ci95": [lo, hi], "n"} for paired values (same prompts, same order): the
+    percentile bootstrap of the mean difference, resampling prompts with replacement `resamples` times
+    (numpy, vectorized, seeded: the same data and seed give the same interval). None without pairs;
+    no "ci95" with resamples = 0."""
+    import numpy as np
+
+    d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        return None
+    out = {"diff": float(d.mean()), "n": int(n)}
+    if resamples <= 0:
+        return out
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    step = max(1, 4_000_000 // n)                     # at most ~32 MB of indices at a time
+    for s in range(0, resamples, step):
+        k = min(step, resamples - s)
+        means[s:s + k] = d[rng.integers(0, n, size=(k, n))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    out["ci95"] = [float(lo), float(hi)]
+    return out
+
+
+def format_diff(d: dict | None) -> str:
+    """'+0.012 [−0.004, +0.027]' (3 decimals; 1 for differences of 10 or more); '*' when 0 is outside."""
+    if not d:
+        return "-"
+    big = max(abs(d["diff"]), *(abs(v) for v in d.get("ci95", [0.0]))) >= 10
+
+    def f(v: float) -> str:             # U+2212 minus: the table aligns these cells like text, all alike
+        return (f"{v:+.1f}" if big else f"{v:+.3f}").replace("-", "\u2212")
+    if "ci95" not in d:
+        return f(d["diff"])
+    lo, hi = d["ci95"]
+    return f"{f(d['diff'])} [{f(lo)}, {f(hi)}]" + (" *" if lo > 0 or hi < 0 else "")
+
+
 # ---------------------------------------------------------------- prompts and answers
+
+GOLD_SALT = b"zero-chatgpt eval gold part:"
+
+
+def prompt_group(rec: dict) -> str:
+    """What keeps prompts together in one part: the idiom (all its questions), else the question."""
+    return rec.get("meta", {}).get("idiom") or question_of(rec)
+
+
+def is_gold(rec: dict, gold_fraction: float) -> bool:
+    """Whether a record is in the gold part: a stable hash of its group (independent of the run seed and
+    of the hash that chose the eval idioms, so the parts are an unbiased split of them)."""
+    import xxhash
+    return xxhash.xxh64_intdigest(GOLD_SALT + prompt_group(rec).encode()) / 2.0 ** 64 < gold_fraction
+
+
+def split_eval(records: list[dict], gold_fraction: float) -> tuple[list[dict], list[dict]]:
+    """(gold, test): the two disjoint parts of the eval records, by idiom."""
+    gold, test = [], []
+    for r in records:
+        (gold if is_gold(r, gold_fraction) else test).append(r)
+    return gold, test
+
+
+def _root(run_dir) -> Path:
+    """The folder of a RunDir or a path (a Path has a .root too: "/")."""
+    import os
+    return Path(run_dir) if isinstance(run_dir, (str, os.PathLike)) else Path(run_dir.root)
+
+
+def _gold_fraction_of(run_dir) -> float:
+    from zero_chatgpt import config
+    cfg = config.defaults()
+    path = _root(run_dir) / config.CONFIG_FILE
+    if path.exists():
+        cfg = config.merge(cfg, config._read_toml(path), config.defaults(), str(path))
+    return float(cfg["eval"]["gold_fraction"])
+
+
+def gold_prompts(run_dir, n: int, seed: int, gold_fraction: float | None = None) -> list[dict]:
+    """Up to n records of the eval split's gold part (the kinds taken in turn, as `select_prompts`), for an
+    RL stage to select its checkpoints on; `zero-chatgpt eval` never reports them. gold_fraction: the run's
+    eval.gold_fraction (pass cfg["eval"]["gold_fraction"]; None reads it from RUN_DIR/config.toml)."""
+    from zero_chatgpt.data.chat_data import read_split
+    root = _root(run_dir)
+    frac = _gold_fraction_of(root) if gold_fraction is None else float(gold_fraction)
+    gold, _ = split_eval(read_split(root / "sft_data", "eval"), frac)
+    return select_prompts(gold, n, seed)
+
+
+def report_prompts(run_dir, n: int, seed: int, gold_fraction: float) -> list[dict]:
+    """Up to n records of the test part: what `zero-chatgpt eval` reports."""
+    from zero_chatgpt.data.chat_data import read_split
+    root = _root(run_dir)
+    _, test = split_eval(read_split(root / "sft_data", "eval"), gold_fraction)
+    return select_prompts(test, n, seed)
+
+
+def prompt_id(rec: dict) -> str:
+    """A stable id of a prompt (its messages and reference), to pair two stages' answers."""
+    import xxhash
+    return xxhash.xxh64_hexdigest(json.dumps([rec["messages"], rec.get("reference", "")], ensure_ascii=False,
+                                             sort_keys=True).encode())[:12]
+
 
 def select_prompts(records: list[dict], n: int, seed: int) -> list[dict]:
     """Up to n eval records, the kinds taken in turn (each kind in a seeded order), so every kind is represented."""
@@ -154,6 +387,22 @@ def plain_prompt(rec: dict) -> str:
     return f"问：{question_of(rec)}\n答："
 
 
+def encode_prompts(tok, records: list[dict], *, chat: bool, limit: int) -> tuple[list[list[int]], int]:
+    """The prompt ids of each record (chat template or `plain_prompt`), cut to their last `limit` tokens,
+    and how many were cut."""
+    prompts, cut = [], 0
+    for r in records:
+        ids = tok.encode_chat(r["messages"], add_generation_prompt=True)[0] if chat else tok.encode(plain_prompt(r))
+        if len(ids) > limit:      # keep the end: the question and the generation prompt
+            ids, cut = ids[-limit:], cut + 1
+        prompts.append(ids)
+    return prompts, cut
+
+
+def _prompt_limit(model, max_new_tokens: int) -> int:
+    return max(8, model.config.max_position_embeddings - max_new_tokens)
+
+
 def answer_prompts(model, tok, records: list[dict], *, chat: bool, max_new_tokens: int, batch_size: int,
                    repetition_penalty: float = 1.0, desc: str = "answer"):
     """Greedy answers (Generation objects, in record order) and how many prompts were cut to fit the context.
@@ -165,13 +414,7 @@ def answer_prompts(model, tok, records: list[dict], *, chat: bool, max_new_token
     from zero_chatgpt.console import progress
     from zero_chatgpt.generate import generate
 
-    limit = max(8, model.config.max_position_embeddings - max_new_tokens)
-    prompts, cut = [], 0
-    for r in records:
-        ids = tok.encode_chat(r["messages"], add_generation_prompt=True)[0] if chat else tok.encode(plain_prompt(r))
-        if len(ids) > limit:      # keep the end: the question and the generation prompt
-            ids, cut = ids[-limit:], cut + 1
-        prompts.append(ids)
+    prompts, cut = encode_prompts(tok, records, chat=chat, limit=_prompt_limit(model, max_new_tokens))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths: little left padding
     gens = [None] * len(prompts)
     bar = progress(total=len(prompts), desc=desc, unit="answer")
@@ -187,31 +430,161 @@ def answer_prompts(model, tok, records: list[dict], *, chat: bool, max_new_token
     return gens, cut
 
 
-def score(records: list[dict], answers: list[str], ended_with_eos: list[bool], idioms: set[str] | None) -> dict:
-    """The metrics over one stage's answers: overall (scored kinds), per kind, chaining validity."""
-    from zero_chatgpt.data.chat_data import SCORED_KINDS
+def kl_along(model, ref_model, prompts: list[list[int]], answers: list[list[int]], batch_size: int = 32,
+             pad_id: int = 0) -> list[float | None]:
+    """Per prompt, the mean over the answer's tokens of KL(model || ref_model) at the positions that predict
+    them, exact over the vocabulary: sum_v p(v) (log p(v) - log q(v)). One forward of each model over
+    prompt + answer (right-padded, so padding never reaches a real position). None for an empty answer."""
+    import torch
 
-    per_kind: dict[str, dict[str, list[float]]] = {}
-    f1s, rls, chain = [], [], []
-    for r, a in zip(records, answers):
-        kind = r.get("meta", {}).get("kind", "chat")
-        d = per_kind.setdefault(kind, {"char_f1": [], "rouge_l": []})
-        if kind == "chain" and idioms is not None:
-            chain.append(chain_valid(a, r["meta"]["first_char"], idioms, r["meta"].get("idiom", "")))
-            d.setdefault("chain_valid", []).append(float(chain[-1]))
-        f, rl = char_f1(a, r["reference"]), rouge_l(a, r["reference"])
-        d["char_f1"].append(f)
-        d["rouge_l"].append(rl)
-        if kind in SCORED_KINDS or kind == "chat":
-            f1s.append(f)
-            rls.append(rl)
-    mean = (lambda xs: sum(xs) / len(xs) if xs else 0.0)
-    out = {"char_f1": mean(f1s), "rouge_l": mean(rls), "eos_rate": mean([float(e) for e in ended_with_eos]),
-           "repetition_rate": repetition_rate(answers), "n_prompts": len(records), "n_scored": len(f1s),
-           "by_kind": {k: {m: mean(v) for m, v in d.items()} | {"n": len(d["char_f1"])}
-                       for k, d in sorted(per_kind.items())}}
-    if chain:
-        out["chain_valid"] = mean([float(c) for c in chain])
+    device = next(model.parameters()).device
+    chunk = max(1, (1 << 24) // model.config.vocab_size)      # ~64 MB of fp32 logits per tensor
+    seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
+    order = sorted((i for i in range(len(seqs)) if answers[i]), key=lambda i: len(seqs[i]))
+    out: list[float | None] = [None] * len(seqs)
+    with torch.inference_mode(), model.fused_for_inference(), ref_model.fused_for_inference():
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            T = max(len(seqs[i]) for i in idx)
+            ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+            rows, cols = [], []
+            for r, i in enumerate(idx):
+                ids[r, :len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+                start = len(prompts[i]) - 1               # the position that predicts the first answer token
+                rows += [r] * len(answers[i])
+                cols += range(start, start + len(answers[i]))
+            ids = ids.to(device)
+            rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+            hp = model(ids, return_hidden=True)[rows_t, cols_t]
+            hq = ref_model(ids, return_hidden=True)[rows_t, cols_t]
+            kl = torch.empty(len(rows), dtype=torch.float64, device=device)
+            for c in range(0, len(rows), chunk):           # bounded memory: chunk x vocab logits at a time
+                lp = model.logits(hp[c:c + chunk]).float().log_softmax(-1)
+                lq = ref_model.logits(hq[c:c + chunk]).float().log_softmax(-1)
+                kl[c:c + chunk] = (lp.exp() * (lp - lq)).sum(-1).clamp(min=0.0).double()
+            sums = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows_t, kl)
+            for r, i in enumerate(idx):
+                out[i] = float(sums[r]) / len(answers[i])
+    return out
+
+
+def rm_scores(scorer, tok, records: list[dict], answers: list[str], ended: list[bool]):
+    """The reward model's normalized scores of answers to the records' prompts (as the chat model sees them)."""
+    from zero_chatgpt.rewards import answer_ids, prompt_ids
+    return scorer.score([prompt_ids(tok, r["messages"]) for r in records],
+                        [answer_ids(tok, a, e) for a, e in zip(answers, ended)])
+
+
+def win_rates(mine, theirs, answers: list[str], ended: list[bool], ref_answers: list[str],
+              ref_ended: list[bool]) -> list[float]:
+    """Per prompt: 1 when the reward model scores the answer (`mine`) above the reference answer (SFT's,
+    `theirs`) to the same prompt, 0 below, 0.5 for a tie (an identical answer is a tie without a score)."""
+    return [0.5 if (a, e) == (ra, re_) or x == y else float(x > y)
+            for a, e, ra, re_, x, y in zip(answers, ended, ref_answers, ref_ended, mine, theirs)]
+
+
+# ---------------------------------------------------------------- scoring
+
+# The metrics of a stage: per prompt (stored under per_prompt), averaged overall and per kind, compared to
+# SFT prompt by prompt. Each is averaged over the prompts of its domain where it is defined (not None).
+METRICS = ("char_f1", "rouge_l", "pinyin_exact", "pinyin_toneless", "chain_valid", "eos_rate", "repetition_rate",
+           "refusal_rate", "mean_length", "mean_tokens", "kl_to_sft", "win_rate_vs_sft")
+# what SFT's own value is, where it is a constant: the reference of a paired difference
+SFT_CONSTANT = {"kl_to_sft": 0.0, "win_rate_vs_sft": 0.5}
+
+
+def _in_domain(metric: str, kind: str) -> bool:
+    """char_f1 / rouge_l count overall on the kinds with one right answer; the rest where defined."""
+    from zero_chatgpt.data.chat_data import SCORED_KINDS
+    return metric not in ("char_f1", "rouge_l") or kind in SCORED_KINDS or kind == "chat"
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def per_prompt_values(records: list[dict], answers: list[str], ended_with_eos: list[bool],
+                      idioms: set[str] | None, n_tokens: list[int] | None = None) -> dict[str, list]:
+    """Every metric's value on each prompt (None where it is not defined), 4 significant digits."""
+    out: dict[str, list] = {m: [] for m in METRICS if m not in ("kl_to_sft", "win_rate_vs_sft")}
+    for i, (r, a) in enumerate(zip(records, answers)):
+        kind, ref = r.get("meta", {}).get("kind", "chat"), r.get("reference", "")
+        out["char_f1"].append(_sig(char_f1(a, ref)))
+        out["rouge_l"].append(_sig(rouge_l(a, ref)))
+        out["pinyin_exact"].append(int(pinyin_exact(a, ref)) if kind == "pinyin" else None)
+        out["pinyin_toneless"].append(int(pinyin_exact(a, ref, tones=False)) if kind == "pinyin" else None)
+        out["chain_valid"].append(int(chain_valid(a, r["meta"]["first_char"], idioms, r["meta"].get("idiom", "")))
+                                  if kind == "chain" and idioms is not None else None)
+        out["eos_rate"].append(int(bool(ended_with_eos[i])))
+        out["repetition_rate"].append(int(is_repetitive(a)))
+        out["refusal_rate"].append(int(is_refusal(a)))
+        out["mean_length"].append(len(a))
+        out["mean_tokens"].append(int(n_tokens[i]) if n_tokens is not None else None)
+    return out
+
+
+def aggregate(kinds: list[str], values: dict[str, list]) -> dict:
+    """Overall means (each metric over its domain) and per-kind means of per-prompt values."""
+    def mean(xs):                       # 6 significant digits: the per-prompt values have 4
+        return float(f"{sum(xs) / len(xs):.6g}") if xs else None
+
+    out: dict = {}
+    for m in METRICS:
+        if m in values:
+            v = mean([x for x, k in zip(values[m], kinds) if x is not None and _in_domain(m, k)])
+            if v is not None:
+                out[m] = v
+    by_kind: dict[str, dict] = {}
+    for k in sorted(set(kinds)):
+        d = {}
+        for m in METRICS:
+            if m in values:
+                v = mean([x for x, kk in zip(values[m], kinds) if kk == k and x is not None])
+                if v is not None:
+                    d[m] = v
+        by_kind[k] = d | {"n": kinds.count(k)}
+    out["by_kind"] = by_kind
+    return out
+
+
+def score(records: list[dict], answers: list[str], ended_with_eos: list[bool], idioms: set[str] | None,
+          n_tokens: list[int] | None = None) -> dict:
+    """The metrics over one stage's answers: overall (each over its domain), per kind."""
+    from zero_chatgpt.data.chat_data import SCORED_KINDS
+    kinds = [r.get("meta", {}).get("kind", "chat") for r in records]
+    out = aggregate(kinds, per_prompt_values(records, answers, ended_with_eos, idioms, n_tokens))
+    for m in ("char_f1", "rouge_l", "eos_rate", "repetition_rate"):
+        out.setdefault(m, 0.0)
+    out["n_prompts"] = len(records)
+    out["n_scored"] = sum(k in SCORED_KINDS or k == "chat" for k in kinds)
+    return out
+
+
+def compare(kinds: list[str], ids: list[str], values: dict[str, list], ref: dict, resamples: int,
+            seed: int) -> dict:
+    """vs_sft: per metric, the paired difference to the reference stage's per_prompt values and its interval,
+    over the prompts (matched by id) in the metric's domain where both values are defined."""
+    ref_pp = ref.get("per_prompt", {})
+    where = {pid: j for j, pid in enumerate(ref_pp.get("ids", []))}
+    out = {}
+    for m in METRICS:
+        if m not in values:
+            continue
+        mine, theirs = [], []
+        for i, (pid, k) in enumerate(zip(ids, kinds)):
+            j = where.get(pid)
+            x = values[m][i]
+            y = SFT_CONSTANT[m] if m in SFT_CONSTANT else (ref_pp[m][j] if j is not None and m in ref_pp else None)
+            if j is None or x is None or y is None or not _in_domain(m, k):
+                continue
+            mine.append(x)
+            theirs.append(y)
+        d = paired_bootstrap(mine, theirs, resamples, seed)
+        if d is not None:
+            d["diff"] = float(f"{d['diff']:.6g}")
+            if "ci95" in d:
+                d["ci95"] = [float(f"{v:.6g}") for v in d["ci95"]]
+            out[m] = d
     return out
 
 
@@ -238,13 +611,34 @@ def trained_stages(run_dir) -> tuple[list[str], list[str]]:
     return have, notes
 
 
-def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set[str] | None) -> dict:
-    """Answer the eval prompts with `stage`'s model, score them, write eval/<stage>.json (merging what is there)."""
-    import json
+def _compact_json(obj, indent: int = 0) -> str:
+    """JSON as atomic_write_json writes it (indent 2), except that a list of plain values is one line: the
+    per-prompt lists stay one line per metric."""
+    pad = "  " * indent
+    if isinstance(obj, dict) and obj:
+        items = [f"{pad}  {json.dumps(str(k), ensure_ascii=False)}: {_compact_json(v, indent + 1)}"
+                 for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list) and any(isinstance(x, (dict, list)) for x in obj):
+        return "[\n" + ",\n".join(f"{pad}  {_compact_json(x, indent + 1)}" for x in obj) + "\n" + pad + "]"
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def write_result(path: Path, res: dict) -> None:
+    from zero_chatgpt.io import atomic_write_text
+    atomic_write_text(path, _compact_json(res) + "\n")
+
+
+def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set[str] | None,
+                   ref: dict | None = None, scorer=None, cache: dict | None = None) -> dict:
+    """Answer the eval prompts with `stage`'s model, score them, write eval/<stage>.json (merging what is there).
+    ref: SFT's result (with per_prompt) to compare with, for a stage other than sft; scorer: the reward model
+    (rewards.RewardScorer) for win_rate_vs_sft, or None; cache: a dict kept across the stages of one eval
+    (the reward model's scores of SFT's answers, computed once)."""
     import time
 
     from zero_chatgpt.checkpoint import load_model, stage_model_path
-    from zero_chatgpt.io import atomic_write_json
+    from zero_chatgpt.console import info
     from zero_chatgpt.train.sft import masked_val_loss
 
     e = ctx.cfg["eval"]
@@ -253,28 +647,82 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     chat = stage != "pretrain"
     stops = set(tok.stop_ids)
     penalty = float(e["repetition_penalty"])
-    res, gens, cut = {}, [], 0
+    kinds = [r.get("meta", {}).get("kind", "chat") for r in eval_recs]
+    ids = [prompt_id(r) for r in eval_recs]
+    res: dict = {}
+    gens, cut, values = [], 0, {}
     for rp in ([1.0, penalty] if penalty != 1.0 else [1.0]):
         gens, cut = answer_prompts(model, tok, eval_recs, chat=chat, max_new_tokens=e["max_new_tokens"],
                                    batch_size=e["batch_size"], repetition_penalty=rp,
                                    desc=f"eval {stage}" + (f" (penalty {rp:g})" if penalty != 1.0 else ""))
         answers = [g.text for g in gens]
         eos = [bool(g.tokens) and g.tokens[-1] in stops for g in gens]
-        s = score(eval_recs, answers, eos, idioms)
+        n_tok = [len(g.tokens) - int(bool(g.tokens) and g.tokens[-1] in stops) for g in gens]
         if rp == penalty:
-            res.update(s)
+            values = per_prompt_values(eval_recs, answers, eos, idioms, n_tok)
         else:
+            s = score(eval_recs, answers, eos, idioms)
             res["plain_greedy"] = {k: s[k] for k in ("char_f1", "rouge_l", "eos_rate", "repetition_rate")}
+    answers = [g.text for g in gens]
+    ended = [g.finish_reason == "stop" for g in gens]
+    t_answer = time.perf_counter() - t0
+
+    # the comparisons with SFT: the KL along this stage's answers, the reward model's preference
+    if stage == "sft":
+        values["kl_to_sft"] = [0.0] * len(eval_recs)
+    elif ref is not None and chat:
+        sft_model = load_model(stage_model_path(ctx.run_dir, "sft"))
+        if sft_model.config.vocab_size == model.config.vocab_size:
+            prompts, _ = encode_prompts(tok, eval_recs, chat=True, limit=_prompt_limit(model, e["max_new_tokens"]))
+            kl = kl_along(model, sft_model, prompts, [g.tokens for g in gens], batch_size=e["batch_size"],
+                          pad_id=tok.pad_id)
+            values["kl_to_sft"] = [None if x is None else _sig(x) for x in kl]
+        else:
+            info(f"eval {stage}: no kl_to_sft (its vocabulary differs from the SFT model's)")
+        del sft_model
+    if ref is not None and scorer is not None and stage != "sft":
+        pp = ref.get("per_prompt", {})
+        where = {pid: j for j, pid in enumerate(pp.get("ids", []))}
+        if all(pid in where for pid in ids) and "answer" in pp:
+            js = [where[pid] for pid in ids]
+            ref_answers, ref_ended = [pp["answer"][j] for j in js], [bool(pp["eos_rate"][j]) for j in js]
+            cache = {} if cache is None else cache
+            if cache.get("sft_rm_ids") != ids:
+                cache["sft_rm_ids"], cache["sft_rm"] = ids, rm_scores(scorer, tok, eval_recs, ref_answers, ref_ended)
+            mine = rm_scores(scorer, tok, eval_recs, answers, ended)
+            values["win_rate_vs_sft"] = win_rates(mine, cache["sft_rm"], answers, ended, ref_answers, ref_ended)
+        else:
+            info(f"eval {stage}: no win_rate_vs_sft (SFT's answers to these prompts are not in eval/sft.json)")
+
+    res.update(aggregate(kinds, values))
+    for m in ("char_f1", "rouge_l", "eos_rate", "repetition_rate"):
+        res.setdefault(m, 0.0)
+    from zero_chatgpt.data.chat_data import SCORED_KINDS
+    res["n_prompts"] = len(eval_recs)
+    res["n_scored"] = sum(k in SCORED_KINDS or k == "chat" for k in kinds)
     res["decoding"] = {"greedy": True, "repetition_penalty": penalty, "max_new_tokens": e["max_new_tokens"]}
     res["truncated_answers"] = sum(g.finish_reason == "length" for g in gens)
     res["truncated_prompts"] = cut
     if val is not None and len(val):
         res["chat_val_loss"] = masked_val_loss(model, val, tok.pad_id)
-    res["samples"] = [{"kind": r.get("meta", {}).get("kind"), "question": question_of(r), "answer": a,
-                       "reference": r["reference"], "eos": bool(x)}
-                      for r, a, x in list(zip(eval_recs, answers, eos))[:e["num_samples"]]]
+    samples = []
+    for i in range(min(e["num_samples"], len(eval_recs))):
+        r = eval_recs[i]
+        smp = {"id": ids[i], "kind": r.get("meta", {}).get("kind"), "question": question_of(r), "answer": answers[i],
+               "reference": r.get("reference", ""), "eos": bool(values["eos_rate"][i])}
+        smp.update({name: values[m][i] for m, name in (("char_f1", "char_f1"), ("rouge_l", "rouge_l"),
+                                                       ("pinyin_exact", "pinyin_exact"), ("chain_valid", "chain_valid"),
+                                                       ("refusal_rate", "refusal"), ("mean_tokens", "tokens"),
+                                                       ("kl_to_sft", "kl_to_sft"), ("win_rate_vs_sft", "win_vs_sft"))
+                    if m in values and values[m][i] is not None})
+        samples.append(smp)
+    res["samples"] = samples
     res["prompt_format"] = "chat template" if chat else "plain text: 问：{question}\\n答："
+    res["per_prompt"] = {"ids": ids, "kind": kinds, **values, "answer": answers}
+    if ref is not None and stage != "sft":
+        res["vs_sft"] = compare(kinds, ids, values, ref, int(e["bootstrap"]), int(ctx.cfg["run"]["seed"]))
     res["eval_seconds"] = time.perf_counter() - t0
+    res["answer_seconds"] = t_answer
 
     path = ctx.run_dir.eval / f"{stage}.json"
     ctx.run_dir.eval.mkdir(parents=True, exist_ok=True)
@@ -286,21 +734,48 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
             old = {}
     if "samples" in old and "char_f1" not in old:
         old[f"{stage}_samples"] = old.pop("samples")       # the training stage's own samples, kept beside ours
+    for k in (*METRICS, "vs_sft", "plain_greedy"):
+        old.pop(k, None)                                   # an earlier evaluation's, perhaps not recomputed now
     merged = {**old, **res}
     if chat and "chat_val_loss" in res:
         merged["val_loss"] = res["chat_val_loss"]          # a chat stage's validation loss is the SFT val loss
     del model
-    atomic_write_json(path, merged)
+    write_result(path, merged)
     return merged
 
 
+TABLE_METRICS = ("val_loss", "chat_val_loss", "char_f1", "rouge_l", "pinyin_exact", "pinyin_toneless", "chain_valid",
+                 "eos_rate", "repetition_rate", "refusal_rate", "mean_length", "mean_tokens", "kl_to_sft",
+                 "win_rate_vs_sft", "truncated_answers")
+
+
+def print_tables(results: dict[str, dict], base: dict, n_prompts: int, how: str, where) -> None:
+    """Every stage side by side; then each stage's paired differences to SFT with their 95 % intervals."""
+    from zero_chatgpt.console import table
+
+    rows = [[c] + [results[s].get(c, "-") for s in results] for c in TABLE_METRICS
+            if any(c in r for r in results.values())]
+    if any("plain_greedy" in r for r in results.values()):
+        for c in ("char_f1", "repetition_rate"):
+            rows.append([f"{c} (plain greedy)"] + [results[s].get("plain_greedy", {}).get(c, "-") for s in results])
+    rows.append(["question-as-answer char_f1 / rouge_l",
+                 *[f"{base['baseline_question_char_f1']:.3f} / {base['baseline_question_rouge_l']:.3f}"] * len(results)])
+    table(["metric", *results], rows, title=f"eval: {n_prompts} held-out test prompts ({how}) → {where}/<stage>.json")
+    others = [s for s in results if s != "sft" and results[s].get("vs_sft")]
+    for start in range(0, len(others), 4):                 # at most 4 stages a table: ~130 columns
+        cols = others[start:start + 4]
+        label = {"win_rate_vs_sft": "win_rate_vs_sft - 0.5"}      # SFT against itself: a tie
+        rows = [[label.get(m, m)] + [format_diff(results[s]["vs_sft"].get(m)) for s in cols] for m in METRICS
+                if any(m in results[s]["vs_sft"] for s in cols)]
+        table(["stage - sft", *cols], rows,
+              title="difference to SFT, paired by prompt, mean [95 % bootstrap interval]; * = 0 is outside")
+
+
 def run_stage(ctx) -> None:
-    from zero_chatgpt.console import UserError, info, table
-    import json
+    from zero_chatgpt.console import UserError, info
 
     from zero_chatgpt.data.chat_data import read_split
-    from zero_chatgpt.io import atomic_write_json
-    from zero_chatgpt.rundir import begin, read_marker, sub_key
+    from zero_chatgpt.rundir import begin, read_marker, stale_reason, sub_key
     from zero_chatgpt.stages import model_stages
     from zero_chatgpt.tokenizer import load_tokenizer
     from zero_chatgpt.train.sft import encode_records
@@ -317,17 +792,25 @@ def run_stage(ctx) -> None:
         if want not in have:
             raise UserError(f"no current {want} model in {rd.root / want / 'final'}: run "
                             f"`zero-chatgpt {want} --run-dir {rd.root}` first")
-        stages = [want]
+        stages = [s for s in have if s in (want, "sft")]   # a stage is always judged beside SFT
     else:
         stages = have
     if not stages:
         raise UserError(f"no trained model in {rd.root}: run `zero-chatgpt pretrain --run-dir {rd.root}` first")
-    run = begin(ctx, "eval", reads=tuple(stages))   # on skip, the loop below finds every eval/<stage>.json current
+    with_sft = "sft" in stages
+    use_rm = with_sft and any(s != "sft" for s in stages) and stale_reason(rd, "rm") is None
+    # on skip, the loop below finds every eval/<stage>.json current
+    run = begin(ctx, "eval", reads=tuple(stages) + (("rm",) if use_rm else ()))
     if not (rd.sft_data / "eval.jsonl").exists():
         from zero_chatgpt.train.sft import ensure_sft_data
         ensure_sft_data(ctx)                                  # the held-out prompts, even before SFT ran
     tok = load_tokenizer(rd.tokenizer)
-    eval_recs = select_prompts(read_split(rd.sft_data, "eval"), e["num_prompts"], int(ctx.cfg["run"]["seed"]))
+    seed = int(ctx.cfg["run"]["seed"])
+    gold, test = split_eval(read_split(rd.sft_data, "eval"), float(e["gold_fraction"]))
+    eval_recs = select_prompts(test, e["num_prompts"], seed)
+    if len(eval_recs) < e["num_prompts"]:
+        info(f"eval: the test part has {len(test)} prompts (eval.num_prompts = {e['num_prompts']}; the gold part's "
+             f"{len(gold)} are kept for the RL stages' checkpoint selection)")
     builtin = all(r.get("meta", {}).get("source") == "builtin" for r in eval_recs)
     idioms = None
     if builtin:
@@ -335,12 +818,17 @@ def run_stage(ctx) -> None:
         idioms = {d["word"] for d in load_idioms()}
     val_recs = read_split(rd.sft_data, "val")[:e["val_samples"]]
     base = question_baseline(eval_recs)
-    results, val = {}, None
-    for st in stages:
+    own = {k: v for k, v in run.closure["eval"].items() if not k.startswith("@")}   # eval's config values
+    data_key = read_marker(rd.sft_data).get("key")
+    results, val, scorer, cache = {}, None, None, {}
+    for st in sorted(stages, key=lambda s: s != "sft"):    # SFT first: the others are compared with it
         path = rd.eval / f"{st}.json"
-        # the model by its weights (a retrain that changed them is another model), the prompts by sft_data's key
-        key = sub_key({"eval": run.closure["eval"], st: run.closure["eval"][f"@{st}"],
-                       "sft_data": read_marker(rd.sft_data).get("key")})
+        # the model by its weights (a retrain that changed them is another model), the prompts by sft_data's
+        # key; a stage compared with SFT also by SFT's weights and the reward model's
+        parts = {"eval": own, st: run.closure["eval"][f"@{st}"], "sft_data": data_key}
+        if st != "sft" and with_sft:
+            parts["vs"] = {"sft": run.closure["eval"]["@sft"], "rm": run.closure["eval"].get("@rm")}
+        key = sub_key(parts)
         if not ctx.force and path.exists():
             try:
                 old = json.loads(path.read_text())
@@ -353,22 +841,20 @@ def run_stage(ctx) -> None:
         if val is None:
             max_len = int(ctx.cfg["sft"]["max_seq_len"])
             val = encode_records(tok, val_recs, max_len, desc="encode val")
-        res = evaluate_stage(ctx, st, tok, eval_recs, val, idioms)
+        if st != "sft" and use_rm and scorer is None:
+            from zero_chatgpt.rewards import RewardScorer
+            scorer = RewardScorer.load(rd / "rm" / "final", tok.pad_id, batch_size=e["batch_size"])
+        res = evaluate_stage(ctx, st, tok, eval_recs, val, idioms, ref=results.get("sft") if st != "sft" else None,
+                             scorer=scorer, cache=cache)
         res.update(base)
+        res["prompt_set"] = {"part": "test", "gold_fraction": float(e["gold_fraction"]), "test_prompts": len(test),
+                             "gold_prompts": len(gold), "seed": seed}
         res["eval_key"] = key
-        atomic_write_json(path, res)
+        write_result(path, res)
         results[st] = res
-    cols = ["val_loss", "chat_val_loss", "char_f1", "rouge_l", "eos_rate", "repetition_rate", "chain_valid",
-            "truncated_answers"]
-    rows = [[c] + [results[s].get(c, "-") for s in results] for c in cols]
-    if any("plain_greedy" in r for r in results.values()):
-        for c in ("char_f1", "repetition_rate"):
-            rows.append([f"{c} (plain greedy)"] + [results[s].get("plain_greedy", {}).get(c, "-") for s in results])
-    rows.append(["question-as-answer char_f1 / rouge_l",
-                 *[f"{base['baseline_question_char_f1']:.3f} / {base['baseline_question_rouge_l']:.3f}"] * len(results)])
+    results = {s: results[s] for s in stages}              # pipeline order
     penalty = float(e["repetition_penalty"])
     how = "greedy" + (f", repetition penalty {penalty:g}" if penalty != 1.0 else "")
-    table(["metric", *results], rows,
-          title=f"eval: {len(eval_recs)} held-out prompts ({how}) → {rd.eval}/<stage>.json")
+    print_tables(results, base, len(eval_recs), how, rd.eval)
     if not run.skip:
         run.complete({"stages": stages})

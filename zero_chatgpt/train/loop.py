@@ -94,6 +94,9 @@ class LoopSettings:
     tensorboard: bool = True
     schedule_steps: int = 0          # the steps the lr schedule spans (0 = max_steps); a continued run
                                      # keeps its first run's, and trains the added steps at the floor
+    select_metric: str = ""          # an eval_fn key to maximize: the best evaluated step (after step 0)
+                                     # becomes final/, not the last (RL keeps its best-by-gold checkpoint)
+    eval_at_start: bool = False      # also evaluate before the first step (the curve starts at the SFT model)
 
     @classmethod
     def from_section(cls, section: dict, **overrides) -> "LoopSettings":
@@ -218,6 +221,7 @@ class TrainResult:
     seconds: float
     precision: str
     resumed_from: int
+    selected_step: int = -1          # the step final/ holds when select_metric chose it (-1: the last)
 
 
 @dataclass
@@ -240,6 +244,8 @@ class TrainState:
     evals: list = field(default_factory=list)
     last_loss: float = float("nan")
     resumed_from: int = 0
+    best_step: int = -1              # the step of the best select_metric so far (-1: none yet)
+    best_value: float = float("-inf")
     t_start: float = field(default_factory=time.perf_counter)
 
 
@@ -313,8 +319,10 @@ def _restore(stage: str, stage_dir: Path, members: list[Member], d: Dist) -> tup
     state = ckpt.load_trainer_state(latest)
     step = int(state["step"])
     info(f"{stage}: resuming from {latest} (step {step})")
+    best = state.get("best") or [-1, float("-inf")]
     ts = TrainState(step=step, tokens=int(state.get("tokens", 0)), seconds_before=float(state.get("seconds", 0.0)),
-                    evals=list(state.get("evals", [])), resumed_from=step)
+                    evals=list(state.get("evals", [])), resumed_from=step, best_step=int(best[0]),
+                    best_value=float(best[1]))
     return ts, state
 
 
@@ -437,12 +445,14 @@ def _step(step: int, members: list[Member], batches, loss_fn, autocast, d: Dist)
 
 def _save(ts: TrainState, name: str, members: list[Member], batches, stage: str, stage_dir: Path, d: Dist,
           meta: dict | None) -> None:
-    """Checkpoint `name`: step-N holds the models and the trainer state; final the primary model only,
-    hard-linked from step-N (saved just before it with the same weights)."""
+    """Checkpoint `name`: step-N holds the models and the trainer state; best the primary model at the
+    best select_metric; final the primary model only, hard-linked from best when a metric selects it,
+    else from step-N (saved just before it with the same weights)."""
     is_step = name.startswith("step-")
     full, per_rank = [({}, None)] * len(members), None
-    if is_step:   # every rank takes part (FSDP gathers the full state)
-        full = [_full_state(m) for m in members]
+    if is_step or name == "best":   # every rank takes part (FSDP gathers the full state)
+        full = [_full_state(m) for m in (members if is_step else members[:1])]
+    if is_step:
         per_rank = gather_to_all(plain({"rng": _rng_state(d.device),
                                         "data": batches.state_dict() if hasattr(batches, "state_dict") else None}), d)
     if d.main:
@@ -452,18 +462,28 @@ def _save(ts: TrainState, name: str, members: list[Member], batches, stage: str,
             optim = full[0][1] if len(members) == 1 else {m.name: f[1] for m, f in zip(members, full)}
             trainer_state = plain({"step": ts.step, "optimizer": optim, "tokens": ts.tokens,
                                    "seconds": ts.seconds_before + time.perf_counter() - ts.t_start,
-                                   "evals": ts.evals, "ranks": per_rank,
+                                   "evals": ts.evals, "ranks": per_rank, "best": [ts.best_step, ts.best_value],
                                    "rng": per_rank[0]["rng"], "data": per_rank[0]["data"]})
-        last = stage_dir / f"step-{ts.step}"
+        selected = name == "final" and ts.best_step >= 0 and (stage_dir / "best").is_dir()
+        link = None if name != "final" else stage_dir / ("best" if selected else f"step-{ts.step}")
         ckpt.save_checkpoint(
             stage_dir, name, model_state=full[0][0], cfg=primary.raw.config, trainer_state=trainer_state,
             extra_models={m.name: (f[0], m.raw.config) for m, f in zip(members[1:], full[1:])} if is_step else None,
-            meta={"stage": stage, "step": ts.step, "loss": ts.last_loss, "tokens": ts.tokens,
-                  "evals": ts.evals[-1:], **(meta or {})},
-            keep_last=primary.settings.keep_last if is_step else 0,
-            link_from=None if is_step else last)
+            meta={"stage": stage, "step": ts.best_step if selected or name == "best" else ts.step,
+                  "loss": ts.last_loss, "tokens": ts.tokens, "evals": ts.evals[-1:],
+                  **({"selected_by": primary.settings.select_metric, "selected_value": ts.best_value,
+                      "trained_steps": ts.step} if selected else {}), **(meta or {})},
+            keep_last=primary.settings.keep_last if is_step else 0, link_from=link)
     if d.world > 1:
         dist.barrier()
+
+
+def _improved(ts: TrainState, rec: dict, s: LoopSettings, d: Dist) -> bool:
+    """Whether this evaluation is the best of select_metric so far (rank 0 decides for all)."""
+    better = [bool(s.select_metric and rec["step"] > 0 and s.select_metric in rec and rec[s.select_metric] > ts.best_value)]
+    if d.world > 1:
+        dist.broadcast_object_list(better, src=0, group=cpu_group())
+    return better[0]
 
 
 # ---------------------------------------------------------------- the loop
@@ -509,6 +529,9 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
         rec = {"step": step, **{k: float(v) for k, v in res.items()}}
         ts.evals.append(rec)
         logger.write({"kind": "eval", **rec})
+        if _improved(ts, rec, s, d):
+            ts.best_step, ts.best_value = step, rec[s.select_metric]
+            _save(ts, "best", members, batches, stage, stage_dir, d, meta)
 
     for m in members:
         m.raw.train()
@@ -517,6 +540,8 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
     bar = progress(total=s.max_steps, initial=start, desc=stage, unit="step")
     t_last, tok_last = time.perf_counter(), ts.tokens
     try:
+        if s.eval_at_start and start == 0:
+            run_eval(0)
         for step in range(start, s.max_steps):
             loss, _, metrics, norms = _step(step, members, batches, loss_fn, autocast, d)
             ts.last_loss, ts.step = loss, step + 1
@@ -548,7 +573,8 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
         logger.close()
     seconds = ts.seconds_before + time.perf_counter() - ts.t_start
     return TrainResult(step=ts.step, final=stage_dir / "final", last_loss=ts.last_loss, evals=ts.evals,
-                       tokens=ts.tokens, seconds=seconds, precision=precision, resumed_from=ts.resumed_from)
+                       tokens=ts.tokens, seconds=seconds, precision=precision, resumed_from=ts.resumed_from,
+                       selected_step=ts.best_step)
 
 
 def _scale_grads(model: torch.nn.Module, factor: float) -> None:
@@ -563,6 +589,8 @@ def summary_rows(result: TrainResult) -> list[list]:
     rows = [["steps", result.step], ["resumed from step", result.resumed_from], ["tokens", result.tokens],
             ["final train loss", result.last_loss], ["precision", result.precision],
             ["time (s)", result.seconds]]
+    if result.selected_step >= 0:
+        rows.append(["final/ holds step (best evaluated)", result.selected_step])
     if result.evals:
         for k, v in result.evals[-1].items():
             if k != "step":

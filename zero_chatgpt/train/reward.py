@@ -1,0 +1,228 @@
+"""`zero-chatgpt rm`: the reward model, through the one training loop.
+
+The recipe: build (or reuse) the preference pairs (data/preference.py: chosen = the reference,
+rejected = an SFT sample or a rule-made negative), start from the SFT model's backbone with a new
+scalar head (ModelConfig.head = "score", init std 1/sqrt(d+1) as TRL and OpenRLHF do), and minimize the
+Bradley-Terry loss on the score at each answer's last real token (rewards.py). Then:
+
+* normalization: a gain and bias so that the RM scores held-out SFT samples ~N(0, 1), stored beside
+  the weights (rm/final/reward_norm.json) and used by every reader (rewards.RewardScorer);
+* RUN_DIR/eval/rm.json: `accuracy` on held-out pairs; `probe_pass` per rule-made negative (the share of
+  held-out prompts on which it scores below the reference); `gold_agreement`: on pairs of two SFT
+  samples of one held-out prompt whose char_f1 against the reference differ by >= 0.2, how often the RM
+  ranks them as char_f1 does. The last says whether the RM can guide RL at all, not only tell the SFT
+  model's style from the reference's (the seed's 92 % accuracy was the latter).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zero_chatgpt import checkpoint as ckpt
+from zero_chatgpt import manifest
+from zero_chatgpt.console import UserError, info, table
+from zero_chatgpt.data import preference as pref
+from zero_chatgpt.io import atomic_write_json
+from zero_chatgpt.model import Transformer
+from zero_chatgpt.rewards import NORM_FILE, Normalization, RewardScorer, bradley_terry, prompt_ids, sequence_scores
+from zero_chatgpt.rundir import begin, inputs_or_recorded, read_marker, source_fingerprints, sub_key, write_sub_marker
+from zero_chatgpt.train import loop
+from zero_chatgpt.train.pairs import PairBatches, batched_indices, collate, encode_pairs
+from zero_chatgpt.train.rollout import ended, sample
+
+PAIR_DATA_KEYS = ("prompts", "negatives", "val_fraction", "gold_samples", "sources")
+
+
+def score_model_from(path: Path) -> Transformer:
+    """The model at `path` (an LM checkpoint) with its lm_head replaced by a new scalar head."""
+    cfg = ckpt.read_model_config(path)
+    if cfg.head == "score":
+        return ckpt.load_model(path).train()
+    cfg.head, cfg.tie_word_embeddings = "score", False
+    model = Transformer(cfg)
+    state = {k: v for k, v in ckpt.read_model_state(path).items() if not k.startswith("lm_head.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) != {"score.weight"} or unexpected:
+        raise UserError(f"{path}: not a backbone for a reward model (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 1.0 / math.sqrt(cfg.hidden_size + 1))
+    return model
+
+
+def rm_loss(model, batch):
+    """The loop's loss seam: Bradley-Terry over the batch's pairs (chosen rows first)."""
+    r = sequence_scores(model, batch["ids"], batch["last"])
+    half = r.shape[0] // 2
+    rc, rr = r[:half], r[half:]
+    return bradley_terry(rc, rr), {"accuracy": (rc > rr).float().mean(), "margin": (rc - rr).mean()}, half
+
+
+@torch.no_grad()
+def pair_scores(model, data, pad_id: int, batch_pairs: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen, rejected) raw scores of every pair."""
+    device = next(model.parameters()).device
+    rc, rr = np.zeros(len(data)), np.zeros(len(data))
+    for idx in batched_indices(len(data), batch_pairs):
+        b = collate(data, idx, pad_id)
+        r = sequence_scores(model, b["ids"].to(device), b["last"]).double().cpu().numpy()
+        rc[idx], rr[idx] = r[:len(idx)], r[len(idx):]
+    return rc, rr
+
+
+# ---------------------------------------------------------------- data
+
+def ensure_pairs(ctx, tok, sft_path: Path) -> dict:
+    """RUN_DIR/rm_data/{train,val}.jsonl and gold.jsonl (SFT samples of val prompts), unless current."""
+    from zero_chatgpt.data.chat_data import read_split
+    from zero_chatgpt.data.sources import BadRecords
+    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["rm"]
+    out = rd / "rm_data"
+    key = sub_key({"rm": {k: c[k] for k in PAIR_DATA_KEYS if k != "sources"},
+                   "sources": source_fingerprints(c["sources"], rd.root), "rl": cfg["rl"], "seed": cfg["run"]["seed"],
+                   "sft": read_marker(rd / "sft").get("output")})
+    if read_marker(out).get("key") == key and not ctx.force and (out / "gold.jsonl").exists():
+        return read_marker(out)["summary"]
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg["run"]["seed"])
+    sft = ckpt.load_model(sft_path)
+    recs = pref.rm_prompts(read_split(rd.sft_data, "rl"), c["prompts"], seed)
+    if c["sources"]:
+        bad = BadRecords()
+        pairs = pref.read_source_pairs(c["sources"], bad)
+        train, val = pref.split_val(pairs, c["val_fraction"], seed)
+        info(f"rm data: {len(pairs):,} pairs from {', '.join(c['sources'])} ({bad.count} bad records)")
+    else:
+        tr, va = pref.split_val(recs, c["val_fraction"], seed)
+        if not tr or not va:
+            raise UserError(f"rm: {len(recs)} RM prompts in {rd.sft_data / 'rl.jsonl'} are too few to split; raise "
+                            f"rm.prompts or sft.rl_fraction")
+        gens = sample(sft, tok, [prompt_ids(tok, r["messages"]) for r in tr + va], temperature=cfg["rl"]["temperature"],
+                      max_new_tokens=cfg["rl"]["max_new_tokens"], seed=seed, desc="rm data: SFT samples")
+        samples = [(g.text, ended(g, tok)) for g in gens]
+        train = pref.build_pairs(tr, samples[:len(tr)], c["negatives"], seed)
+        val = pref.build_pairs(va, samples[len(tr):], c["negatives"], seed + 1)
+    # gold agreement: several samples of each held-out prompt, judged by char_f1 against the reference
+    val_prompts = {p["idiom"] + "\0" + p["kind"]: p for p in val}
+    vp = list(val_prompts.values())
+    gold = []
+    for j in range(c["gold_samples"]):
+        gens = sample(sft, tok, [prompt_ids(tok, p["messages"]) for p in vp], temperature=cfg["rl"]["temperature"],
+                      max_new_tokens=cfg["rl"]["max_new_tokens"], seed=seed + 100 + j, desc=f"rm data: gold samples {j + 1}")
+        for p, g in zip(vp, gens):
+            gold.append({"messages": p["messages"], "reference": p["reference"], "kind": p["kind"],
+                         "idiom": p["idiom"], "sample": j, "text": g.text, "ended": ended(g, tok)})
+    pref.write_pairs(out / "train.jsonl", train)
+    pref.write_pairs(out / "val.jsonl", val)
+    pref.write_pairs(out / "gold.jsonl", gold)
+    summary = {"train_pairs": len(train), "val_pairs": len(val), "gold_samples": len(gold),
+               "by_negative": {k: sum(p["negative"] == k for p in train) for k in c["negatives"]}}
+    write_sub_marker(out, key, summary)
+    return summary
+
+
+# ---------------------------------------------------------------- evaluation
+
+def evaluate_rm(model, tok, val_pairs: list[dict], gold: list[dict], max_len: int) -> tuple[dict, Normalization]:
+    """eval/rm.json's figures and the normalization fitted on held-out SFT samples."""
+    from zero_chatgpt.evaluate import char_f1
+    from zero_chatgpt.rewards import answer_ids
+    enc = encode_pairs(tok, val_pairs, max_len, desc="rm eval: pairs")
+    rc, rr = pair_scores(model, enc, tok.pad_id)
+    neg = np.array(enc.negatives)
+    res = {"accuracy": float((rc > rr).mean()) if len(rc) else 0.0, "val_pairs": len(rc),
+           "accuracy_by_negative": {k: float((rc[neg == k] > rr[neg == k]).mean()) for k in sorted(set(neg))},
+           "probe_pass": {k: float((rc[neg == k] > rr[neg == k]).mean()) for k in sorted(set(neg)) if k != "sample"}}
+    scorer = RewardScorer(model, Normalization(), tok.pad_id, max_len=max_len)
+    raw = scorer.raw([prompt_ids(tok, g["messages"]) for g in gold], [answer_ids(tok, g["text"], g["ended"]) for g in gold])
+    norm = Normalization.fit(raw)
+    by_prompt: dict[str, list[tuple[float, float]]] = {}
+    for g, r in zip(gold, raw):
+        by_prompt.setdefault(g["idiom"] + "\0" + g["kind"], []).append((char_f1(g["text"], g["reference"]), r))
+    agree = total = 0
+    for samples in by_prompt.values():
+        for i in range(len(samples)):
+            for j in range(i + 1, len(samples)):
+                (fa, ra), (fb, rb) = samples[i], samples[j]
+                if abs(fa - fb) >= 0.2:
+                    total += 1
+                    agree += (ra > rb) == (fa > fb)
+    res["gold_agreement"] = agree / total if total else None
+    res["gold_pairs"] = total
+    res["normalization"] = {"gain": norm.gain, "bias": norm.bias, "fitted_on": norm.fitted_on}
+    res["normalized_sft_samples"] = {"mean": float(np.mean(norm(raw))), "std": float(np.std(norm(raw)))}
+    return res, norm
+
+
+def add_to_checkpoint(folder: Path, name: str, data: dict) -> None:
+    """Write `name` into a finished checkpoint folder and list it in its manifest."""
+    atomic_write_json(folder / name, data)
+    m = manifest.read(folder) or {"files": {}}
+    m["files"].update(manifest.describe(folder, [name]))
+    tmp = folder / (manifest.MANIFEST + ".tmp")
+    manifest.write(folder, m["files"], name=tmp.name)
+    tmp.replace(folder / manifest.MANIFEST)
+
+
+# ---------------------------------------------------------------- the stage
+
+def run_stage(ctx) -> None:
+    from zero_chatgpt.tokenizer import load_tokenizer
+    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["rm"]
+    d = loop.setup_distributed(cfg["run"]["device"])
+    inputs = inputs_or_recorded(ctx, "rm", ["rm.sources"],
+                                lambda: {"rm.sources": source_fingerprints(c["sources"], rd.root)})
+    run = begin(ctx, "rm", extra=inputs)
+    if run.skip:
+        return
+    tok = load_tokenizer(rd.tokenizer)
+    sft_path = Path(c["init_from"]) if c["init_from"] else rd / "sft" / "final"
+    if d.main:
+        ensure_pairs(ctx, tok, sft_path)
+    if d.world > 1:
+        torch.distributed.barrier()
+    train_pairs = pref.read_pairs(rd / "rm_data" / "train.jsonl")
+    val_pairs = pref.read_pairs(rd / "rm_data" / "val.jsonl")
+    max_len = min(int(c["max_seq_len"]), ckpt.read_model_config(sft_path).max_position_embeddings)
+    enc = encode_pairs(tok, train_pairs, max_len, desc="encode rm pairs")
+    enc_val = encode_pairs(tok, val_pairs[:512], max_len, desc="encode rm val pairs")
+    micro = int(c["micro_batch_pairs"])
+    accum = max(1, int(c["batch_pairs"]) // (micro * d.world))
+    settings = loop.LoopSettings.from_section(c, grad_accum=accum, seed=int(cfg["run"]["seed"]), init_from="",
+                                              schedule_steps=run.schedule_steps)
+    batches = PairBatches(enc, tok.pad_id, micro, accum, int(cfg["run"]["seed"]))
+    info(f"rm: {len(enc):,} train pairs ({len(val_pairs):,} held out), {settings.max_steps} steps x "
+         f"{micro * accum * d.world} pairs ({settings.max_steps * micro * accum * d.world / len(enc):.2f} epochs)")
+
+    def eval_fn(m):
+        rc, rr = pair_scores(m, enc_val, tok.pad_id)
+        return {"val_accuracy": float((rc > rr).mean())}
+
+    result = loop.train(settings, model=score_model_from(sft_path), stage="rm", stage_dir=rd / "rm", log_dir=rd.logs,
+                        batches=batches, loss_fn=rm_loss, eval_fn=eval_fn, dist_info=d, meta={"stage_key": run.key})
+    if not d.main:
+        return
+    model = ckpt.load_model(rd / "rm" / "final")
+    gold = pref.read_pairs(rd / "rm_data" / "gold.jsonl")
+    res, norm = evaluate_rm(model, tok, val_pairs, gold, max_len)
+    add_to_checkpoint(rd / "rm" / "final", NORM_FILE, {"gain": norm.gain, "bias": norm.bias,
+                                                       "fitted_on": norm.fitted_on})
+    res.update(train_pairs=len(enc), steps=result.step, train_loss=result.last_loss, seconds=round(result.seconds, 1),
+               curve=[{"step": e["step"], "val_accuracy": e.get("val_accuracy")} for e in result.evals])
+    rd.eval.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(rd.eval / "rm.json", res)
+    rows = [["held-out pairs", res["val_pairs"]], ["accuracy", res["accuracy"]]]
+    rows += [[f"probe_pass: {k}", v] for k, v in res["probe_pass"].items()]
+    rows += [["gold_agreement (SFT sample pairs, char_f1 apart by >= 0.2)",
+              f"{res['gold_agreement']:.3f} of {res['gold_pairs']}" if res["gold_agreement"] is not None else "-"],
+             ["normalization gain / bias", f"{norm.gain:.3f} / {norm.bias:.3f}"]]
+    rows += loop.summary_rows(result)
+    table(["", "rm"], rows, title=f"rm: done → {rd / 'rm' / 'final'} (figures in {rd.eval / 'rm.json'})")
+    run.complete({k: res[k] for k in ("accuracy", "probe_pass", "gold_agreement", "normalization")})
+
+
+def load_scorer(rd, tok, device="cpu") -> RewardScorer:
+    """The run's reward model with its normalization (for eval, PPO and GRPO)."""
+    return RewardScorer.load(rd / "rm" / "final", tok.pad_id, device=device)

@@ -1,0 +1,38 @@
+"""Sampling answers for RL and preference data, through the one generator.
+
+Rollouts sample at a temperature with no top-k, top-p or repetition filter: with a filter, the
+log-probabilities the generator returns are not those of the distribution the tokens came from, and
+the first PPO ratio is not 1 (rlhf.md). Sampling is seeded per call, so a rerun (or a resume) draws
+the same answers from the same model.
+"""
+from __future__ import annotations
+
+import torch
+
+from zero_chatgpt.console import progress
+from zero_chatgpt.generate import Generation, generate
+
+
+def sample(model, tok, prompts: list[list[int]], *, temperature: float, max_new_tokens: int, seed: int,
+           batch_size: int = 64, return_logprobs: bool = False, desc: str = "sample") -> list[Generation]:
+    """One sampled answer per prompt (in prompt order), at `temperature`, stopping at <|im_end|>."""
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(int(seed))
+    limit = max(8, model.config.max_position_embeddings - max_new_tokens)
+    prompts = [list(p)[-limit:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[Generation | None] = [None] * len(prompts)
+    bar = progress(total=len(prompts), desc=desc, unit="answer")
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        gens = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
+                        stop_ids=tok.stop_ids, tokenizer=tok, return_logprobs=return_logprobs, generator=g)
+        for i, gen in zip(idx, gens):
+            out[i] = gen
+        bar.update(len(idx))
+    bar.close()
+    return out   # type: ignore[return-value]
+
+
+def ended(gen: Generation, tok) -> bool:
+    return bool(gen.tokens) and gen.tokens[-1] in tok.stop_ids
