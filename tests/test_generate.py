@@ -10,7 +10,6 @@ import torch
 from zero_chatgpt.generate import _process_logits, generate
 from zero_chatgpt.model import ModelConfig, Transformer
 
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from zero_chatgpt.loss import lm_loss
 from zero_chatgpt.model import KVCache, ModelConfig, Transformer, model_config_from
 from zero_chatgpt.train.loop import LoopSettings, lr_at
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402 - a dev extra (make test installs it): never skipped
 
 
 def tiny(**kw) -> ModelConfig:

@@ -1,7 +1,6 @@
 """Tokenizer: round trip, no special tokens from plain text, HF parity (ids and chat template),
 the stage end to end (token shards, resume, corrupted shards)."""
 import json
-import os
 import unicodedata
 import zlib
 
