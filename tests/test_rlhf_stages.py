@@ -43,8 +43,8 @@ def test_the_reward_model_stage(run):
 def test_dpo_keeps_its_best_gold_step_and_eval_compares_it_to_sft(run):
     rd, err = run
     train = json.loads((rd / "eval" / "dpo_train.json").read_text())
-    assert [c["step"] for c in train["curve"]] == [0, 2, 4]
-    best = max((c for c in train["curve"] if c["step"] > 0), key=lambda c: c["gold_char_f1"])
+    assert [c["step"] for c in train["gold"]] == [0, 2, 4]
+    best = max((c for c in train["gold"] if c["step"] > 0), key=lambda c: c["gold_char_f1"])
     assert train["selected_step"] == best["step"]
     meta = json.loads((rd / "dpo" / "final" / "meta.json").read_text())
     assert meta["step"] == best["step"] and meta["selected_by"] == "gold_char_f1"

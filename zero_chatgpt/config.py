@@ -195,6 +195,19 @@ RULES: dict[str, dict[str, Rule]] = {
         **_loop_rules(), "beta": Float(0.0, lo_open=True), "sft_loss": Float(0.0), "max_seq_len": Int(16),
         "batch_pairs": Int(1), "micro_batch_pairs": Int(1), "eval_every": Int(0),
     },
+    "ppo": {
+        **_loop_rules(), "eval_every": Int(0), "prompts_per_rollout": Int(1), "epochs": Int(1), "minibatches": Int(1),
+        "gen_batch_size": Int(1, operational=True), "kl_coef": Float(0.0), "kl_target": Float(0.0),
+        "kl_horizon": Int(1), "kl_budget": Float(0.0), "missing_eos_penalty": Float(0.0), "gamma": Frac(),
+        "lam": Frac(), "clip": Float(0.0, lo_open=True), "value_clip": Float(0.0, lo_open=True),
+        "vf_coef": Float(0.0), "critic_lr": Float(0.0, lo_open=True), "ptx_coef": Float(0.0), "ptx_rows": Int(1),
+    },
+    "grpo": {
+        **_loop_rules(), "eval_every": Int(0), "prompts_per_rollout": Int(1), "samples_per_prompt": Int(2),
+        "reward": Choice("rm", "rules", "rm+rules"), "rules_weight": Float(0.0, lo_open=True), "epochs": Int(1),
+        "minibatches": Int(1), "gen_batch_size": Int(1, operational=True), "kl_coef": Float(0.0),
+        "kl_budget": Float(0.0), "missing_eos_penalty": Float(0.0), "clip": Float(0.0, lo_open=True),
+    },
 }
 
 
@@ -231,6 +244,10 @@ def _relations(cfg: dict) -> list[tuple[str, str]]:
     if t["vocab_size"] < 256 + specials + 1:
         out.append(("tokenizer.vocab_size", f"{t['vocab_size']} leaves no merge to learn: it needs 256 byte tokens + "
                                             f"{specials} special tokens + at least one merge"))
+    for sec in ("ppo", "grpo"):
+        rollout = cfg[sec]["prompts_per_rollout"] * cfg[sec].get("samples_per_prompt", 1)
+        if cfg[sec]["minibatches"] > rollout:
+            out.append((f"{sec}.minibatches", f"{cfg[sec]['minibatches']} > the {rollout} answers of a rollout"))
     for sec in ("pretrain", "sft"):
         if cfg[sec]["warmup_steps"] > cfg[sec]["max_steps"]:
             out.append((f"{sec}.warmup_steps", f"{cfg[sec]['warmup_steps']} > {sec}.max_steps = {cfg[sec]['max_steps']}"))

@@ -29,9 +29,9 @@ def info(msg: str) -> None:
 
 
 def progress(iterable: Iterable | None = None, *, total: int | float | None = None, desc: str = "",
-             unit: str = "it", **kw) -> tqdm:
-    """A progress bar with rate and ETA; silent on ranks other than 0 and when ZC_NO_PROGRESS=1."""
-    disable = not is_main_process() or os.environ.get("ZC_NO_PROGRESS") == "1"
+             unit: str = "it", disable: bool = False, **kw) -> tqdm:
+    """A progress bar with rate and ETA; silent on ranks other than 0, when ZC_NO_PROGRESS=1, and with disable."""
+    disable = disable or not is_main_process() or os.environ.get("ZC_NO_PROGRESS") == "1"
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True,
                 unit_scale=unit not in ("it", "step"), file=sys.stderr, **kw)
 

@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt.console import info, table
+from zero_chatgpt.console import info
 from zero_chatgpt.data import preference as pref
-from zero_chatgpt.io import atomic_write_json
 from zero_chatgpt.rundir import begin
-from zero_chatgpt.train import loop
+from zero_chatgpt.train import alignment, loop
 from zero_chatgpt.train.pairs import PairBatches, collate, encode_pairs, sequence_logprobs
 
 
@@ -62,21 +61,7 @@ class DPOBatches(PairBatches):
         return {**collate(self.data, idx, self.pad_id), "ref_logp": self._ref_logps(idx)}
 
 
-def gold_eval(tok, records: list[dict], max_new_tokens: int, batch_size: int = 64):
-    """An eval_fn: greedy char_f1 (and eos rate) on held-out gold prompts, for checkpoint selection."""
-    from zero_chatgpt.evaluate import answer_prompts, score
-
-    def run(model) -> dict:
-        gens, _ = answer_prompts(model, tok, records, chat=True, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 desc="gold")
-        s = score(records, [g.text for g in gens], [bool(g.tokens) and g.tokens[-1] in tok.stop_ids for g in gens],
-                  None)
-        return {"gold_char_f1": s["char_f1"], "gold_eos_rate": s["eos_rate"]}
-    return run
-
-
 def run_stage(ctx) -> None:
-    from zero_chatgpt.evaluate import gold_prompts
     from zero_chatgpt.tokenizer import load_tokenizer
     cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["dpo"]
     d = loop.setup_distributed(cfg["run"]["device"])
@@ -96,7 +81,7 @@ def run_stage(ctx) -> None:
                                               schedule_steps=run.schedule_steps, select_metric="gold_char_f1",
                                               eval_at_start=True)
     batches = DPOBatches(enc, tok.pad_id, micro, accum, seed, ref_model=ckpt.load_model(sft_path, device=d.device))
-    gold = gold_prompts(rd, cfg["rl"]["gold_prompts"], seed, gold_fraction=cfg["eval"]["gold_fraction"])
+    gold = alignment.gold_records(cfg, rd)
     beta, sft_w = float(c["beta"]), float(c["sft_loss"])
 
     def loss_fn(model, batch):
@@ -115,16 +100,10 @@ def run_stage(ctx) -> None:
          f"char_f1 every {settings.eval_every} steps becomes final")
     model = ckpt.load_model(sft_path).train()
     result = loop.train(settings, model=model, stage="dpo", stage_dir=rd / "dpo", log_dir=rd.logs, batches=batches,
-                        loss_fn=loss_fn, eval_fn=gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"]), dist_info=d,
+                        loss_fn=loss_fn, eval_fn=alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"]), dist_info=d,
                         meta={"stage_key": run.key, "init_from": str(sft_path)})
     if not d.main:
         return
-    curve = [{"step": e["step"], **{k: v for k, v in e.items() if k != "step"}} for e in result.evals]
-    rd.eval.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(rd.eval / "dpo_train.json", {"curve": curve, "selected_step": result.selected_step,
-                                                   "steps": result.step, "pairs": len(enc)})
-    rows = loop.summary_rows(result) + [["gold char_f1 by step",
-                                         ", ".join(f"{e['step']}: {e['gold_char_f1']:.3f}" for e in result.evals)]]
-    table(["", "dpo"], rows, title=f"dpo: done → {rd / 'dpo' / 'final'}")
-    run.complete({"selected_step": result.selected_step, "gold_char_f1": max(
-        (e["gold_char_f1"] for e in result.evals if e["step"] > 0), default=None)})
+    alignment.write_curves(rd, "dpo", result, alignment.train_curve(rd, "dpo", ("reward_margin", "reward_accuracy")),
+                           {"pairs": len(enc)})
+    alignment.finish(run, rd, "dpo", result, [["pairs", len(enc)], ["beta", beta]])

@@ -9,6 +9,8 @@ A stage is a thin recipe that builds its model(s) and hands the loop three seams
   understands; tensors in it (also inside dicts / tuples / lists) are moved to the device
   by the loop. A source that cannot be pure may expose ``state_dict()`` /
   ``load_state_dict(d)``; the loop saves that in the checkpoint as the data position.
+  A source may also expose ``stop_before(step) -> str | None``: a reason ends the run
+  there (RL's KL budget); the same on every rank.
 * ``loss_fn(model, batch) -> (loss, metrics, n)``: ``loss`` is the *mean* over the batch's
   ``n`` targets (tokens for LM/SFT, pairs for RM/DPO); ``metrics`` a dict of floats (or 0-d
   tensors) to log, averaged over micro-batches weighted by ``n``. The loop weighs each
@@ -222,6 +224,7 @@ class TrainResult:
     precision: str
     resumed_from: int
     selected_step: int = -1          # the step final/ holds when select_metric chose it (-1: the last)
+    stopped: str | None = None       # why the run ended before max_steps, if it did
 
 
 @dataclass
@@ -246,6 +249,7 @@ class TrainState:
     resumed_from: int = 0
     best_step: int = -1              # the step of the best select_metric so far (-1: none yet)
     best_value: float = float("-inf")
+    stopped: str | None = None       # why the batch source ended the run before max_steps (e.g. a KL budget)
     t_start: float = field(default_factory=time.perf_counter)
 
 
@@ -472,7 +476,8 @@ def _save(ts: TrainState, name: str, members: list[Member], batches, stage: str,
             meta={"stage": stage, "step": ts.best_step if selected or name == "best" else ts.step,
                   "loss": ts.last_loss, "tokens": ts.tokens, "evals": ts.evals[-1:],
                   **({"selected_by": primary.settings.select_metric, "selected_value": ts.best_value,
-                      "trained_steps": ts.step} if selected else {}), **(meta or {})},
+                      "trained_steps": ts.step} if selected else {}),
+                  **({"stopped": ts.stopped} if ts.stopped else {}), **(meta or {})},
             keep_last=primary.settings.keep_last if is_step else 0, link_from=link)
     if d.world > 1:
         dist.barrier()
@@ -542,7 +547,12 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
     try:
         if s.eval_at_start and start == 0:
             run_eval(0)
+        stop_before = getattr(batches, "stop_before", None)
         for step in range(start, s.max_steps):
+            ts.stopped = stop_before(step) if stop_before is not None else None
+            if ts.stopped:
+                info(f"{stage}: stopped before step {step + 1}: {ts.stopped}")
+                break
             loss, _, metrics, norms = _step(step, members, batches, loss_fn, autocast, d)
             ts.last_loss, ts.step = loss, step + 1
             ts.tokens += tokens_per_step
@@ -563,7 +573,8 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
                 run_eval(done)
             if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.max_steps:
                 _save(ts, f"step-{done}", members, batches, stage, stage_dir, d, meta)
-        ts.step = max(ts.step, s.max_steps)
+        if not ts.stopped:
+            ts.step = max(ts.step, s.max_steps)
         if not ts.evals or ts.evals[-1]["step"] != ts.step:
             run_eval(ts.step)
         _save(ts, f"step-{ts.step}", members, batches, stage, stage_dir, d, meta)
@@ -574,7 +585,7 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
     seconds = ts.seconds_before + time.perf_counter() - ts.t_start
     return TrainResult(step=ts.step, final=stage_dir / "final", last_loss=ts.last_loss, evals=ts.evals,
                        tokens=ts.tokens, seconds=seconds, precision=precision, resumed_from=ts.resumed_from,
-                       selected_step=ts.best_step)
+                       selected_step=ts.best_step, stopped=ts.stopped)
 
 
 def _scale_grads(model: torch.nn.Module, factor: float) -> None:
@@ -589,6 +600,8 @@ def summary_rows(result: TrainResult) -> list[list]:
     rows = [["steps", result.step], ["resumed from step", result.resumed_from], ["tokens", result.tokens],
             ["final train loss", result.last_loss], ["precision", result.precision],
             ["time (s)", result.seconds]]
+    if result.stopped:
+        rows.append(["stopped early", result.stopped])
     if result.selected_step >= 0:
         rows.append(["final/ holds step (best evaluated)", result.selected_step])
     if result.evals:

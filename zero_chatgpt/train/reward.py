@@ -57,7 +57,7 @@ def rm_loss(model, batch):
     r = sequence_scores(model, batch["ids"], batch["last"])
     half = r.shape[0] // 2
     rc, rr = r[:half], r[half:]
-    return bradley_terry(rc, rr), {"accuracy": (rc > rr).float().mean(), "margin": (rc - rr).mean()}, half
+    return bradley_terry(rc, rr), {"accuracy": (rc > rr).float().mean(), "margin": (rc - rr).detach().mean()}, half
 
 
 @torch.no_grad()

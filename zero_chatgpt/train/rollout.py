@@ -14,15 +14,16 @@ from zero_chatgpt.generate import Generation, generate
 
 
 def sample(model, tok, prompts: list[list[int]], *, temperature: float, max_new_tokens: int, seed: int,
-           batch_size: int = 64, return_logprobs: bool = False, desc: str = "sample") -> list[Generation]:
-    """One sampled answer per prompt (in prompt order), at `temperature`, stopping at <|im_end|>."""
+           batch_size: int = 64, return_logprobs: bool = False, desc: str = "sample", show_progress: bool = True
+           ) -> list[Generation]:
+    """One sampled answer per prompt (in prompt order), at `temperature`, stopping at <|im_end|>; prompts
+    longer than the context leaves room for keep their end (`prompt_limit`)."""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(int(seed))
-    limit = max(8, model.config.max_position_embeddings - max_new_tokens)
-    prompts = [list(p)[-limit:] for p in prompts]
+    prompts = [list(p)[-prompt_limit(model, max_new_tokens):] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[Generation | None] = [None] * len(prompts)
-    bar = progress(total=len(prompts), desc=desc, unit="answer")
+    bar = progress(total=len(prompts), desc=desc, unit="answer", disable=not show_progress)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         gens = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=temperature,
@@ -32,6 +33,11 @@ def sample(model, tok, prompts: list[list[int]], *, temperature: float, max_new_
         bar.update(len(idx))
     bar.close()
     return out   # type: ignore[return-value]
+
+
+def prompt_limit(model, max_new_tokens: int) -> int:
+    """The most prompt tokens that leave max_new_tokens of room in the model's context."""
+    return max(8, model.config.max_position_embeddings - max_new_tokens)
 
 
 def ended(gen: Generation, tok) -> bool:

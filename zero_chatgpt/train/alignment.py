@@ -1,0 +1,124 @@
+"""What the alignment stages (dpo, ppo, grpo) share around the loop: their prompts, the held-out gold
+evaluation that picks each one's final checkpoint, an optional SFT mix loss, and the curves and
+summary they leave behind.
+
+Checkpoint selection (rlhf.md; the seed kept its last PPO step, its worst): every `eval_every` steps
+the model answers rl.gold_prompts prompts of the eval split's gold part greedily; the step with the
+best `gold_char_f1` becomes final/ (the loop's select_metric). The gold part's idioms are never in
+SFT, RM or RL data, and `zero-chatgpt eval` never reports them, so the reported test prompts stay
+untouched by the selection.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zero_chatgpt.console import table
+from zero_chatgpt.io import atomic_write_json
+from zero_chatgpt.train import loop
+
+CURVES_FILE = "rl_curves.json"
+
+
+def rl_prompt_records(rd) -> list[dict]:
+    """The RL part of the prompt pool (idioms disjoint from the reward model's; all of a pool without parts)."""
+    from zero_chatgpt.data.chat_data import read_split
+    return [r for r in read_split(rd.sft_data, "rl") if r.get("meta", {}).get("rl_part", "rl") == "rl"]
+
+
+def gold_records(cfg, rd) -> list[dict]:
+    from zero_chatgpt.evaluate import gold_prompts
+    return gold_prompts(rd, cfg["rl"]["gold_prompts"], int(cfg["run"]["seed"]), gold_fraction=cfg["eval"]["gold_fraction"])
+
+
+def gold_eval(tok, records: list[dict], max_new_tokens: int, batch_size: int = 64):
+    """An eval_fn: greedy char_f1 (and eos rate) on held-out gold prompts, for checkpoint selection."""
+    from zero_chatgpt.evaluate import answer_prompts, score
+
+    def run(model) -> dict:
+        gens, _ = answer_prompts(model, tok, records, chat=True, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 desc="gold")
+        s = score(records, [g.text for g in gens], [bool(g.tokens) and g.tokens[-1] in tok.stop_ids for g in gens],
+                  None)
+        return {"gold_char_f1": s["char_f1"], "gold_eos_rate": s["eos_rate"]}
+    return run
+
+
+class WithSFTMix:
+    """A batch source that adds `ptx`, a batch of SFT conversations, to every batch of `inner` (the
+    InstructGPT "PPO-ptx" mix that keeps RL from forgetting what SFT taught); rows seeded by the step."""
+
+    def __init__(self, inner, data, pad_id: int, rows: int, seed: int):
+        self.inner, self.data, self.pad_id, self.rows, self.seed = inner, data, pad_id, rows, seed
+
+    def __call__(self, step: int, micro: int, rank: int, world: int) -> dict:
+        from zero_chatgpt.train.sft import collate
+        rng = np.random.default_rng([self.seed, 41, step, micro, rank])
+        pick = rng.choice(len(self.data), size=min(self.rows, len(self.data)), replace=False)
+        return {**self.inner(step, micro, rank, world), "ptx": collate(self.data, pick.tolist(), self.pad_id)}
+
+    def __getattr__(self, name):          # stop_before, state_dict, load_state_dict, history of the inner source
+        return getattr(self.inner, name)
+
+
+def sft_mix_data(ctx, tok, limit: int = 4096):
+    """Encoded SFT training conversations for WithSFTMix (the first `limit` of the train split)."""
+    from zero_chatgpt.data.chat_data import read_split
+    from zero_chatgpt.train.sft import encode_records
+    recs = read_split(ctx.run_dir.sft_data, "train")[:limit]
+    return encode_records(tok, recs, int(ctx.cfg["sft"]["max_seq_len"]), desc="encode sft mix")
+
+
+def sft_mix_loss(model, ptx: dict) -> torch.Tensor:
+    from zero_chatgpt.loss import lm_loss
+    loss, _ = lm_loss(model, ptx["input_ids"], ptx["labels"])
+    return loss
+
+
+def train_curve(rd, stage: str, keys: tuple[str, ...]) -> list[dict]:
+    """Per logged step, the given figures of logs/<stage>.jsonl's training records (one uninterrupted run)."""
+    path = Path(rd.logs) / f"{stage}.jsonl"
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("kind") == "train":
+                out.append({"step": rec["step"], **{k: rec.get(k) for k in keys}})
+    return out
+
+
+def write_curves(rd, stage: str, result: loop.TrainResult, steps: list[dict], extra: dict | None = None) -> dict:
+    """RUN_DIR/eval/<stage>_train.json and this stage's entry of eval/rl_curves.json: per step reward and KL
+    (`steps`), gold char_f1 at every evaluation, and which step final/ holds."""
+    entry = {"steps": steps, "gold": [{"step": e["step"], "gold_char_f1": e.get("gold_char_f1"),
+                                       "gold_eos_rate": e.get("gold_eos_rate")} for e in result.evals],
+             "selected_step": result.selected_step, "trained_steps": result.step, "stopped": result.stopped,
+             **(extra or {})}
+    rd.eval.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(rd.eval / f"{stage}_train.json", entry)
+    path = rd.eval / CURVES_FILE
+    try:
+        curves = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        curves = {}
+    curves[stage] = entry
+    atomic_write_json(path, curves)
+    return entry
+
+
+def finish(run, rd, stage: str, result: loop.TrainResult, rows: list[list] | None = None) -> None:
+    """The stage's summary table and its record."""
+    gold = [e for e in result.evals if "gold_char_f1" in e]
+    rows = (rows or []) + loop.summary_rows(result)
+    if gold:
+        rows.append(["gold char_f1 by step", ", ".join(f"{e['step']}: {e['gold_char_f1']:.3f}" for e in gold)])
+    table(["", stage], rows, title=f"{stage}: done → {rd / stage / 'final'}")
+    run.complete({"selected_step": result.selected_step, "stopped": result.stopped, "gold_char_f1": max(
+        (e["gold_char_f1"] for e in gold if e["step"] > 0), default=None),
+        "sft_gold_char_f1": next((e["gold_char_f1"] for e in gold if e["step"] == 0), None)})

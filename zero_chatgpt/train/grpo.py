@@ -1,0 +1,145 @@
+"""`zero-chatgpt grpo`: group relative policy optimization (Shao et al. 2024, DeepSeekMath,
+arXiv:2402.03300) through the one loop: no critic.
+
+Each rollout (train/onpolicy.py) samples grpo.samples_per_prompt answers to each of
+grpo.prompts_per_rollout RL prompts; every answer's reward is
+
+    grpo.reward = "rm"        the normalized reward-model score
+                  "rules"     exactly checkable rewards where a prompt kind has one: 1 when a pinyin
+                              answer equals the dictionary's (tone marks normalized), 1 when a chaining
+                              answer is a dictionary idiom starting with the right character, else 0
+                              (RL with verifiable rewards; only those kinds are sampled)
+                  "rm+rules"  both, the rules weighted by grpo.rules_weight
+    minus grpo.missing_eos_penalty for an answer that never ended;
+
+the advantage of each answer is its reward normalized within its prompt's group (rl.group_advantages),
+on every token of it. The loss is the clipped ratio loss plus grpo.kl_coef x the k3 estimate of
+KL(pi || pi_ref) per token (the paper's unbiased, always positive form). A rollout whose KL to SFT
+exceeds grpo.kl_budget ends the run; final/ is the step with the best held-out gold char_f1.
+"""
+from __future__ import annotations
+
+import torch
+
+from zero_chatgpt import checkpoint as ckpt
+from zero_chatgpt.console import UserError, info
+from zero_chatgpt.loss import IGNORE, TokenLogProbs
+from zero_chatgpt.rewards import RewardScorer
+from zero_chatgpt.train import alignment, loop
+from zero_chatgpt.train.onpolicy import RolloutBatches
+from zero_chatgpt.train.ppo import _first_last, policy_setup, rollout_settings, sequence_rewards
+from zero_chatgpt.train.rl import clipped_policy_loss, group_advantages, masked_mean
+
+RULE_KINDS = ("pinyin", "chain")
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per token exp(r) - r - 1 with r = log pi_ref - log pi: unbiased for KL(pi || pi_ref), >= 0 (Schulman 2020)."""
+    r = ref_logp - logp
+    return torch.exp(r) - r - 1
+
+
+def rule_rewards(records: list[dict], tok, idioms: set[str] | None):
+    """rule_fn(prompt indices, answers) -> rewards: pinyin_exact / chain_valid where defined, else 0."""
+    from zero_chatgpt.evaluate import chain_valid, pinyin_exact
+
+    def fn(idx: list[int], answers: list[list[int]]) -> list[float]:
+        out = []
+        for i, a in zip(idx, answers):
+            rec = records[i]
+            meta = rec.get("meta", {})
+            text = tok.decode([t for t in a if t not in tok.stop_ids])
+            if meta.get("kind") == "pinyin":
+                out.append(float(pinyin_exact(text, rec.get("reference", ""))))
+            elif meta.get("kind") == "chain" and idioms is not None:
+                out.append(float(chain_valid(text, meta["first_char"], idioms, meta.get("idiom", ""))))
+            else:
+                out.append(0.0)
+        return out
+    return fn
+
+
+def grpo_loss(temperature: float, clip: float, kl_coef: float):
+    """The loop's loss over a rollout minibatch: the clipped policy loss + kl_coef x the k3 KL to the reference."""
+    def loss_fn(model, b):
+        mask = (b["labels"] != IGNORE).float()
+        logp = model(b["ids"], output=TokenLogProbs(b["labels"], temperature))
+        pg, m = clipped_policy_loss(logp, b["old_logp"], b["advantages"], mask, clip)
+        kl = masked_mean(k3_kl(logp, b["ref_logp"]), mask)
+        return pg + kl_coef * kl, {**b["stats"], **m, "policy_loss": pg.detach(), "kl_k3": kl.detach()}, int(mask.sum())
+    return loss_fn
+
+
+class GRPOScoring:
+    def __init__(self, scorer: RewardScorer | None, rule_fn, k: int, c: dict, tok):
+        self.scorer, self.rule_fn, self.k, self.c, self.tok = scorer, rule_fn, k, c, tok
+
+    def score(self, buf: dict, prompts, answers, idx, src) -> dict:
+        mask = (buf["labels"] != IGNORE).float()
+        seq, stats = sequence_rewards(self.scorer, self.rule_fn, prompts, answers, idx, self.tok,
+                                      float(self.c["missing_eos_penalty"]))
+        adv = group_advantages(seq, self.k)
+        buf["advantages"] = adv[:, None] * mask
+        flat = (seq.view(-1, self.k).std(1) < 1e-6).float().mean()
+        return {**stats, "flat_groups": float(flat)}     # groups whose answers all scored alike teach nothing
+
+    def update(self, stats: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, d: dict) -> None:
+        pass
+
+
+def run_stage(ctx) -> None:
+    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["grpo"]
+    setup = policy_setup(ctx, "grpo")
+    if setup is None:
+        return
+    d, run, tok, sft_path, records, pool, settings = setup
+    precision = loop.resolve_precision(settings.precision, d.device)
+    reward = c["reward"]
+    parts = reward.split("+")
+    if reward == "rules":          # only the kinds with a checkable answer
+        keep = [i for i, r in enumerate(records) if r.get("meta", {}).get("kind") in RULE_KINDS]
+        if not keep:
+            raise UserError(f"grpo.reward = \"rules\": no {' or '.join(RULE_KINDS)} prompts in "
+                            f"{rd.sft_data / 'rl.jsonl'}; use grpo.reward = \"rm\"")
+        records, pool = [records[i] for i in keep], [pool[i] for i in keep]
+    scorer = rule_fn = None
+    if "rm" in parts:
+        scorer = RewardScorer.load(rd / "rm" / "final", tok.pad_id, device=d.device,
+                                   max_len=int(cfg["rm"]["max_seq_len"]))
+    if "rules" in parts:
+        idioms = None
+        if all(r.get("meta", {}).get("source") == "builtin" for r in records):
+            from zero_chatgpt.data.builtin import load_idioms
+            idioms = {x["word"] for x in load_idioms()}
+        base, w = rule_rewards(records, tok, idioms), float(c["rules_weight"])
+        rule_fn = (lambda idx, answers: [w * x for x in base(idx, answers)])
+    k = int(c["samples_per_prompt"])
+    rs = rollout_settings(cfg, c, samples_per_prompt=k)
+    actor = ckpt.load_model(sft_path).train()
+    ref = ckpt.load_model(sft_path, device=d.device)
+    batches = RolloutBatches(rs, pool=pool, policy=actor, ref=ref, tok=tok, scoring=GRPOScoring(scorer, rule_fn, k, c, tok),
+                             precision=precision, rank=d.rank, world=d.world)
+    loss_fn = grpo_loss(rs.temperature, float(c["clip"]), float(c["kl_coef"]))
+
+    gold = alignment.gold_records(cfg, rd)
+    info(f"grpo: {len(pool):,} RL prompts, {rs.prompts} per rollout x {k} samples, reward {reward}, {rs.epochs} "
+         f"epochs x {rs.minibatches} minibatches per rollout, {settings.max_steps} steps; best of {len(gold)} gold "
+         f"prompts' char_f1 every {settings.eval_every} steps becomes final")
+    result = loop.train(settings, model=actor, stage="grpo", stage_dir=rd / "grpo", log_dir=rd.logs, batches=batches,
+                        loss_fn=loss_fn, eval_fn=alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"]),
+                        dist_info=d, meta={"stage_key": run.key, "init_from": str(sft_path)})
+    if not d.main:
+        return
+    steps = [{k_: h.get(k_) for k_ in ("step", "rollout", "reward", "rm_score", "rule_reward", "kl", "entropy",
+                                       "answer_tokens", "eos_rate", "flat_groups")} for h in batches.history]
+    alignment.write_curves(rd, "grpo", result, steps, {"reward": reward})
+    alignment.finish(run, rd, "grpo", result, [
+        ["rollouts", len(batches.history)], ["reward", reward],
+        ["reward (first → last rollout)", _first_last(batches.history, "reward")],
+        ["KL to SFT, nats per answer (first → last)", _first_last(batches.history, "kl")]])

@@ -1,0 +1,196 @@
+"""`zero-chatgpt ppo`: proximal policy optimization against the reward model (Schulman et al. 2017,
+arXiv:1707.06347; the RLHF recipe of Ziegler et al. 2019 and InstructGPT), through the one loop.
+
+Models: the actor starts from SFT; the reference is SFT, frozen; the critic starts from the reward
+model (its head's gain scaled by the RM's normalization, so values start in reward units); the RM,
+frozen, with its normalization. Each rollout (train/onpolicy.py) samples ppo.prompts_per_rollout
+answers of RL prompts (idioms the RM never saw) at rl.temperature, up to rl.max_new_tokens (the
+length the RM was trained on), then:
+
+    reward_t = -beta * (log pi - log pi_ref)_t            every answer token (k1 KL penalty)
+             + RM(prompt, answer) - missing_eos_penalty   at the answer's last token (normalized score)
+
+beta follows the adaptive controller toward ppo.kl_target (rl.AdaptiveKL); advantages by GAE
+(gamma, lambda) whitened over the rollout's answer tokens; returns for the critic. Then
+ppo.epochs x ppo.minibatches optimizer steps of the clipped policy loss plus ppo.vf_coef x the
+clipped value loss (one backward, an optimizer per model), optionally + ppo.ptx_coef x the SFT
+loss on SFT conversations. A rollout whose KL to SFT exceeds ppo.kl_budget ends the run, and
+final/ is the step with the best held-out gold char_f1 (train/alignment.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from zero_chatgpt import checkpoint as ckpt
+from zero_chatgpt.console import UserError, info
+from zero_chatgpt.loss import IGNORE, ScalarValues, TokenLogProbs
+from zero_chatgpt.rewards import RewardScorer
+from zero_chatgpt.rundir import begin
+from zero_chatgpt.train import alignment, loop
+from zero_chatgpt.train.onpolicy import RolloutBatches, RolloutSettings, last_answer_index
+from zero_chatgpt.train.rl import AdaptiveKL, clipped_policy_loss, clipped_value_loss, gae, masked_mean, masked_whiten
+
+
+def ended_mask(answers: list[list[int]], tok) -> torch.Tensor:
+    return torch.tensor([bool(a) and a[-1] in tok.stop_ids for a in answers], dtype=torch.float32)
+
+
+def sequence_rewards(scorer: RewardScorer | None, rule_fn, prompts, answers, idx, tok, missing_eos_penalty: float
+                     ) -> tuple[torch.Tensor, dict]:
+    """(N,) each answer's reward: the normalized RM score (if a scorer), + rule rewards (if rule_fn),
+    - missing_eos_penalty for an answer that never ended; with the parts for the logs."""
+    ended = ended_mask(answers, tok)
+    total = torch.zeros(len(answers))
+    stats = {}
+    if scorer is not None:
+        rm = torch.from_numpy(scorer.score(prompts, answers)).float()
+        total += rm
+        stats["rm_score"] = float(rm.mean())
+    if rule_fn is not None:
+        rules = torch.tensor(rule_fn(idx, answers), dtype=torch.float32)
+        total += rules
+        stats["rule_reward"] = float(rules.mean())
+    total -= missing_eos_penalty * (1 - ended)
+    stats["reward"] = float(total.mean())
+    return total, stats
+
+
+class PPOScoring:
+    """PPO's part of a rollout: values, per-token rewards with the KL penalty, GAE, whitened advantages."""
+
+    def __init__(self, critic, scorer: RewardScorer, kl: AdaptiveKL, c: dict, tok, prompts_per_rollout: int):
+        self.critic, self.scorer, self.kl, self.c, self.tok = critic, scorer, kl, c, tok
+        self.prompts_per_rollout = prompts_per_rollout
+
+    def score(self, buf: dict, prompts, answers, idx, src) -> dict:
+        mask = (buf["labels"] != IGNORE).float()
+        values = src.forward_rows(self.critic, lambda lab: ScalarValues()) * mask
+        seq, stats = sequence_rewards(self.scorer, None, prompts, answers, idx, self.tok,
+                                      float(self.c["missing_eos_penalty"]))
+        beta = self.kl.beta
+        rewards = -beta * (buf["old_logp"] - buf["ref_logp"]) * mask
+        last = last_answer_index(buf["labels"])
+        rewards[torch.arange(len(answers)), last] += seq
+        adv, returns = gae(rewards, values, mask, float(self.c["gamma"]), float(self.c["lam"]))
+        buf.update(old_values=values, returns=returns, advantages=masked_whiten(adv, mask))
+        return {**stats, "kl_coef": beta, "value": float(masked_mean(values, mask)),
+                "return": float(masked_mean(returns, mask))}
+
+    def update(self, stats: dict) -> None:
+        """After every rank's figures are in: move beta toward the target KL (Ziegler et al.: n = batch size)."""
+        self.kl.update(stats["kl"], self.prompts_per_rollout)
+
+    def state_dict(self) -> dict:
+        return self.kl.state_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        self.kl.load_state_dict(d)
+
+
+def ppo_loss(temperature: float, clip: float, value_clip: float, vf_coef: float, ptx_coef: float = 0.0):
+    """The loop's loss over {"model": actor, "critic": critic} and a rollout minibatch: the clipped policy
+    loss + vf_coef x the clipped value loss (+ ptx_coef x the SFT loss of the batch's `ptx` part)."""
+    def loss_fn(models, b):
+        mask = (b["labels"] != IGNORE).float()
+        logp = models["model"](b["ids"], output=TokenLogProbs(b["labels"], temperature))
+        pg, m = clipped_policy_loss(logp, b["old_logp"], b["advantages"], mask, clip)
+        values = models["critic"](b["ids"], output=ScalarValues())
+        vf = clipped_value_loss(values, b["old_values"], b["returns"], mask, value_clip)
+        loss = pg + vf_coef * vf
+        metrics = {**b["stats"], **m, "policy_loss": pg.detach(), "value_loss": vf.detach()}
+        if "ptx" in b:
+            ptx = alignment.sft_mix_loss(models["model"], b["ptx"])
+            loss = loss + ptx_coef * ptx
+            metrics["ptx_loss"] = ptx.detach()
+        return loss, metrics, int(mask.sum())
+    return loss_fn
+
+
+def critic_from(rm_path: Path, scorer: RewardScorer):
+    """The reward model as the critic's start, its head scaled by the normalization's gain."""
+    critic = ckpt.load_model(rm_path)
+    with torch.no_grad():
+        critic.score.weight.mul_(scorer.norm.gain)
+    return critic.train()
+
+
+def rollout_settings(cfg, c: dict, samples_per_prompt: int = 1) -> RolloutSettings:
+    return RolloutSettings(prompts=int(c["prompts_per_rollout"]), samples_per_prompt=samples_per_prompt,
+                           epochs=int(c["epochs"]), minibatches=int(c["minibatches"]),
+                           temperature=float(cfg["rl"]["temperature"]), max_new_tokens=int(cfg["rl"]["max_new_tokens"]),
+                           seed=int(cfg["run"]["seed"]), gen_batch_size=int(c["gen_batch_size"]),
+                           kl_budget=float(c["kl_budget"]))
+
+
+def policy_setup(ctx, name: str):
+    """What PPO and GRPO start alike: the distributed setup, the stage's begin, the tokenizer, the SFT path,
+    the RL prompts, the loop settings. None when the stage is current."""
+    from zero_chatgpt.evaluate import encode_prompts
+    from zero_chatgpt.tokenizer import load_tokenizer
+    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg[name]
+    d = loop.setup_distributed(cfg["run"]["device"])
+    run = begin(ctx, name, extra={"eval.gold_fraction": cfg["eval"]["gold_fraction"]})
+    if run.skip:
+        return None
+    if c["fsdp"]:
+        raise UserError(f"{name}.fsdp: RL samples from the model it trains, which needs its whole weights on every "
+                        f"process; use DDP (fsdp = false)")
+    tok = load_tokenizer(rd.tokenizer)
+    sft_path = Path(c["init_from"]) if c["init_from"] else rd / "sft" / "final"
+    records = alignment.rl_prompt_records(rd)
+    pool, _ = encode_prompts(tok, records, chat=True, limit=10 ** 9)
+    settings = loop.LoopSettings.from_section(c, grad_accum=1, seed=int(cfg["run"]["seed"]), init_from="",
+                                              schedule_steps=run.schedule_steps, select_metric="gold_char_f1",
+                                              eval_at_start=True)
+    return d, run, tok, sft_path, records, pool, settings
+
+
+def run_stage(ctx) -> None:
+    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["ppo"]
+    setup = policy_setup(ctx, "ppo")
+    if setup is None:
+        return
+    d, run, tok, sft_path, records, pool, settings = setup
+    precision = loop.resolve_precision(settings.precision, d.device)
+    scorer = RewardScorer.load(rd / "rm" / "final", tok.pad_id, device=d.device, max_len=int(cfg["rm"]["max_seq_len"]))
+    rs = rollout_settings(cfg, c)
+    kl = AdaptiveKL(beta=float(c["kl_coef"]), target=float(c["kl_target"]) or None, horizon=int(c["kl_horizon"]))
+    critic = critic_from(rd / "rm" / "final", scorer)
+    actor = ckpt.load_model(sft_path).train()
+    ref = ckpt.load_model(sft_path, device=d.device)
+    scoring = PPOScoring(critic, scorer, kl, c, tok, rs.prompts)
+    batches = RolloutBatches(rs, pool=pool, policy=actor, ref=ref, tok=tok, scoring=scoring, precision=precision,
+                             rank=d.rank, world=d.world)
+    ptx_coef = float(c["ptx_coef"])
+    if ptx_coef > 0:
+        batches = alignment.WithSFTMix(batches, alignment.sft_mix_data(ctx, tok), tok.pad_id, int(c["ptx_rows"]),
+                                       rs.seed)
+    loss_fn = ppo_loss(rs.temperature, float(c["clip"]), float(c["value_clip"]), float(c["vf_coef"]), ptx_coef)
+
+    gold = alignment.gold_records(cfg, rd)
+    info(f"ppo: {len(pool):,} RL prompts, {rs.prompts} per rollout, {rs.epochs} epochs x {rs.minibatches} "
+         f"minibatches per rollout, {settings.max_steps} steps (~{-(-settings.max_steps // rs.updates)} rollouts); "
+         f"KL target {c['kl_target']:g}, budget {c['kl_budget']:g} nats per answer; best of {len(gold)} gold "
+         f"prompts' char_f1 every {settings.eval_every} steps becomes final")
+    result = loop.train(settings, model=actor, stage="ppo", stage_dir=rd / "ppo", log_dir=rd.logs, batches=batches,
+                        loss_fn=loss_fn, eval_fn=alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"]),
+                        dist_info=d, meta={"stage_key": run.key, "init_from": str(sft_path)},
+                        extra_models={"critic": (critic, {"lr": float(c["critic_lr"])})})
+    if not d.main:
+        return
+    steps = [{k: h.get(k) for k in ("step", "rollout", "reward", "rm_score", "kl", "kl_coef", "entropy",
+                                    "answer_tokens", "eos_rate")} for h in batches.history]
+    alignment.write_curves(rd, "ppo", result, steps)
+    last = batches.history[-1] if batches.history else {}
+    alignment.finish(run, rd, "ppo", result, [
+        ["rollouts", len(batches.history)],
+        ["reward (first → last rollout)", _first_last(batches.history, "reward")],
+        ["KL to SFT, nats per answer (first → last)", _first_last(batches.history, "kl")],
+        ["KL coefficient now", last.get("kl_coef", float("nan"))]])
+
+
+def _first_last(history: list[dict], key: str) -> str:
+    vals = [h[key] for h in history if h.get(key) is not None]
+    return f"{vals[0]:.3f} → {vals[-1]:.3f}" if vals else "-"
