@@ -79,7 +79,7 @@ def test_ppo_and_grpo_keep_their_best_gold_step_and_log_their_curves(run, stage)
     c = curves[stage]
     per_rollout = {"ppo": 4, "grpo": 2}[stage]             # epochs x minibatches of the defaults
     assert [x["step"] for x in c["steps"]] == list(range(0, c["trained_steps"], per_rollout))
-    assert c["steps"][0]["kl"] == 0.0 and all(x["kl"] >= 0 and x["reward"] is not None for x in c["steps"])
+    assert c["steps"][0]["kl"] == 0.0 and all(abs(x["kl"]) < 1e3 and x["reward"] is not None for x in c["steps"])  # k1: may dip below 0
     gold = [g for g in c["gold"] if g["step"] > 0]
     assert c["gold"][0]["step"] == 0 and c["selected_step"] == max(gold, key=lambda g: g["gold_char_f1"])["step"]
     meta = json.loads((rd / stage / "final" / "meta.json").read_text())
