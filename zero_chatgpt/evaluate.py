@@ -399,10 +399,6 @@ def encode_prompts(tok, records: list[dict], *, chat: bool, limit: int) -> tuple
     return prompts, cut
 
 
-def _prompt_limit(model, max_new_tokens: int) -> int:
-    return max(8, model.config.max_position_embeddings - max_new_tokens)
-
-
 def answer_prompts(model, tok, records: list[dict], *, chat: bool, max_new_tokens: int, batch_size: int,
                    repetition_penalty: float = 1.0, desc: str = "answer"):
     """Greedy answers (Generation objects, in record order) and how many prompts were cut to fit the context.
@@ -413,8 +409,9 @@ def answer_prompts(model, tok, records: list[dict], *, chat: bool, max_new_token
     """
     from zero_chatgpt.console import progress
     from zero_chatgpt.generate import generate
+    from zero_chatgpt.train.rollout import prompt_limit
 
-    prompts, cut = encode_prompts(tok, records, chat=chat, limit=_prompt_limit(model, max_new_tokens))
+    prompts, cut = encode_prompts(tok, records, chat=chat, limit=prompt_limit(model, max_new_tokens))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths: little left padding
     gens = [None] * len(prompts)
     bar = progress(total=len(prompts), desc=desc, unit="answer")
@@ -639,6 +636,7 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
 
     from zero_chatgpt.checkpoint import load_model, stage_model_path
     from zero_chatgpt.console import info
+    from zero_chatgpt.train.rollout import prompt_limit
     from zero_chatgpt.train.sft import masked_val_loss
 
     e = ctx.cfg["eval"]
@@ -673,7 +671,7 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     elif ref is not None and chat:
         sft_model = load_model(stage_model_path(ctx.run_dir, "sft"))
         if sft_model.config.vocab_size == model.config.vocab_size:
-            prompts, _ = encode_prompts(tok, eval_recs, chat=True, limit=_prompt_limit(model, e["max_new_tokens"]))
+            prompts, _ = encode_prompts(tok, eval_recs, chat=True, limit=prompt_limit(model, e["max_new_tokens"]))
             kl = kl_along(model, sft_model, prompts, [g.tokens for g in gens], batch_size=e["batch_size"],
                           pad_id=tok.pad_id)
             values["kl_to_sft"] = [None if x is None else _sig(x) for x in kl]

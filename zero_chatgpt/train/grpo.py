@@ -25,6 +25,7 @@ from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt.console import UserError, info
 from zero_chatgpt.loss import IGNORE, TokenLogProbs
 from zero_chatgpt.rewards import RewardScorer
+from zero_chatgpt.train.reward import load_scorer
 from zero_chatgpt.train import alignment, loop
 from zero_chatgpt.train.onpolicy import RolloutBatches
 from zero_chatgpt.train.ppo import _first_last, policy_setup, rollout_settings, sequence_rewards
@@ -95,11 +96,10 @@ class GRPOScoring:
 
 def run_stage(ctx) -> None:
     cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["grpo"]
-    setup = policy_setup(ctx, "grpo")
-    if setup is None:
+    p = policy_setup(ctx, "grpo")
+    if p is None:
         return
-    d, run, tok, sft_path, records, pool, settings = setup
-    precision = loop.resolve_precision(settings.precision, d.device)
+    d, run, tok, sft_path, records, pool, settings = p.d, p.run, p.tok, p.sft_path, p.records, p.pool, p.settings
     reward = c["reward"]
     parts = reward.split("+")
     if reward == "rules":          # only the kinds with a checkable answer
@@ -110,8 +110,7 @@ def run_stage(ctx) -> None:
         records, pool = [records[i] for i in keep], [pool[i] for i in keep]
     scorer = rule_fn = None
     if "rm" in parts:
-        scorer = RewardScorer.load(rd / "rm" / "final", tok.pad_id, device=d.device,
-                                   max_len=int(cfg["rm"]["max_seq_len"]))
+        scorer = load_scorer(rd, tok, cfg, d.device)
     if "rules" in parts:
         idioms = None
         if all(r.get("meta", {}).get("source") == "builtin" for r in records):
@@ -124,7 +123,7 @@ def run_stage(ctx) -> None:
     actor = ckpt.load_model(sft_path).train()
     ref = ckpt.load_model(sft_path, device=d.device)
     batches = RolloutBatches(rs, pool=pool, policy=actor, ref=ref, tok=tok, scoring=GRPOScoring(scorer, rule_fn, k, c, tok),
-                             precision=precision, rank=d.rank, world=d.world)
+                             precision=p.precision, rank=d.rank, world=d.world)
     loss_fn = grpo_loss(rs.temperature, float(c["clip"]), float(c["kl_coef"]))
 
     gold = alignment.gold_records(cfg, rd)

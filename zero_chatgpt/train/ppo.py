@@ -19,6 +19,7 @@ final/ is the step with the best held-out gold char_f1 (train/alignment.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt.console import UserError, info
 from zero_chatgpt.loss import IGNORE, ScalarValues, TokenLogProbs
 from zero_chatgpt.rewards import RewardScorer
+from zero_chatgpt.train.reward import load_scorer
 from zero_chatgpt.rundir import begin
 from zero_chatgpt.train import alignment, loop
 from zero_chatgpt.train.onpolicy import RolloutBatches, RolloutSettings, last_answer_index
@@ -124,9 +126,22 @@ def rollout_settings(cfg, c: dict, samples_per_prompt: int = 1) -> RolloutSettin
                            kl_budget=float(c["kl_budget"]))
 
 
-def policy_setup(ctx, name: str):
-    """What PPO and GRPO start alike: the distributed setup, the stage's begin, the tokenizer, the SFT path,
-    the RL prompts, the loop settings. None when the stage is current."""
+@dataclass
+class PolicyRun:
+    """What PPO and GRPO start alike."""
+    d: loop.Dist
+    run: object                  # rundir.StageRun
+    tok: object
+    sft_path: Path
+    records: list[dict]          # the RL prompts' records
+    pool: list[list[int]]        # their prompt ids
+    settings: loop.LoopSettings
+    precision: str               # what the loop resolves settings.precision to (rollout log-probs use it)
+
+
+def policy_setup(ctx, name: str) -> PolicyRun | None:
+    """The distributed setup, the stage's begin, the tokenizer, the SFT path, the RL prompts, the loop
+    settings. None when the stage is current."""
     from zero_chatgpt.evaluate import encode_prompts
     from zero_chatgpt.tokenizer import load_tokenizer
     cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg[name]
@@ -144,17 +159,17 @@ def policy_setup(ctx, name: str):
     settings = loop.LoopSettings.from_section(c, grad_accum=1, seed=int(cfg["run"]["seed"]), init_from="",
                                               schedule_steps=run.schedule_steps, select_metric="gold_char_f1",
                                               eval_at_start=True)
-    return d, run, tok, sft_path, records, pool, settings
+    return PolicyRun(d, run, tok, sft_path, records, pool, settings,
+                     loop.resolve_precision(settings.precision, d.device))
 
 
 def run_stage(ctx) -> None:
     cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["ppo"]
-    setup = policy_setup(ctx, "ppo")
-    if setup is None:
+    p = policy_setup(ctx, "ppo")
+    if p is None:
         return
-    d, run, tok, sft_path, records, pool, settings = setup
-    precision = loop.resolve_precision(settings.precision, d.device)
-    scorer = RewardScorer.load(rd / "rm" / "final", tok.pad_id, device=d.device, max_len=int(cfg["rm"]["max_seq_len"]))
+    d, run, tok, sft_path, pool, settings, precision = p.d, p.run, p.tok, p.sft_path, p.pool, p.settings, p.precision
+    scorer = load_scorer(rd, tok, cfg, d.device)
     rs = rollout_settings(cfg, c)
     kl = AdaptiveKL(beta=float(c["kl_coef"]), target=float(c["kl_target"]) or None, horizon=int(c["kl_horizon"]))
     critic = critic_from(rd / "rm" / "final", scorer)

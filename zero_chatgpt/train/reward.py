@@ -223,6 +223,6 @@ def run_stage(ctx) -> None:
     run.complete({k: res[k] for k in ("accuracy", "probe_pass", "gold_agreement", "normalization")})
 
 
-def load_scorer(rd, tok, device="cpu") -> RewardScorer:
-    """The run's reward model with its normalization (for eval, PPO and GRPO)."""
-    return RewardScorer.load(rd / "rm" / "final", tok.pad_id, device=device)
+def load_scorer(rd, tok, cfg, device="cpu") -> RewardScorer:
+    """The run's reward model with its normalization, scoring at most rm.max_seq_len tokens (PPO, GRPO)."""
+    return RewardScorer.load(rd / "rm" / "final", tok.pad_id, device=device, max_len=int(cfg["rm"]["max_seq_len"]))
