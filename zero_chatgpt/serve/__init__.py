@@ -1,0 +1,2 @@
+"""The server: an OpenAI-compatible API (app.py, api.py) over continuous batching (engine.py), and a
+web chat page (static/index.html)."""

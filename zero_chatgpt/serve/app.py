@@ -1,0 +1,354 @@
+"""`zero-chatgpt serve`: an OpenAI-compatible chat API and a web chat page over one trained model.
+
+    zero-chatgpt serve --run-dir runs/demo [--stage grpo] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+Routes: POST /v1/chat/completions (plain or streamed as server-sent events), GET /v1/models,
+GET /v1/models/{id}, GET /health, GET /openapi.json (generated from serve/api.py's models, so it
+matches what is accepted and returned), and GET / (the chat page, serve/static/index.html: no CDN,
+no external font). Requests share the model through serve/engine.py's continuous batching.
+
+Safe by default: 127.0.0.1 unless --host says otherwise; with --api-key (or $ZC_API_KEY) every /v1
+request needs `Authorization: Bearer KEY`; bounded body, max_tokens, prompt and n; a bounded queue
+(429 with Retry-After beyond it); every error in OpenAI's shape, a 4xx for any bad input. SIGTERM
+drains: running requests finish (up to --drain-timeout), new ones get 503.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from zero_chatgpt.serve import api
+from zero_chatgpt.serve.engine import Draining, Engine, QueueFull, Request as EngineRequest, Sampling
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1 << 20     # 1 MiB of JSON is far more text than any context holds
+    max_tokens: int = 512
+    drain_timeout: float = 30.0
+
+
+@dataclass
+class Defaults:
+    """Sampling when a request does not say: the run's [chat] section."""
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 256
+
+
+def _error_response(e: api.ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class Gate:
+    """ASGI middleware in front of every route: the API key and the body size, checked before the
+    body is parsed (so a huge or unauthenticated request costs nothing, whatever it contains)."""
+
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def _refuse(self, send, e: api.ApiError) -> None:
+        body = json.dumps(e.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode(), str(v).encode()) for k, v in e.headers.items()]
+        await send({"type": "http.response.start", "status": e.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and scope["path"].startswith("/v1"):
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            given = auth[7:] if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                return await self._refuse(send, api.ApiError(
+                    401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+        too_big = api.ApiError(413, f"request body larger than {self.max_body} bytes", code="request_too_large")
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            return await self._refuse(send, too_big)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # Read the body here, counting, so that a chunked upload cannot pass the limit either.
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return await self._refuse(send, too_big)
+            chunks.append(chunk)
+            if not msg.get("more_body"):
+                break
+        body, given = b"".join(chunks), False
+
+        async def replay():
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()      # afterwards: the real stream (http.disconnect when the client goes)
+
+        await self.app(scope, replay, send)
+
+
+def _param(loc) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults = Defaults(), limits: Limits = Limits(),
+               api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="zero-chatgpt", version="1", summary=f"OpenAI-compatible chat API over {model_id}",
+                  docs_url=None, redoc_url=None)
+    app.state.draining = False
+    app.add_middleware(Gate, api_key=api_key, max_body=limits.max_body_bytes)
+    created = int(time.time())
+    fingerprint = f"zc-{model_id}"
+    context = engine.max_len
+
+    @app.exception_handler(api.ApiError)
+    async def _api_error(_, e: api.ApiError):
+        return _error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": ""}
+        if first.get("type") == "json_invalid":
+            return _error_response(api.ApiError(400, f"the body is not valid JSON: {first.get('msg')}",
+                                                code="invalid_json"))
+        param = _param(first.get("loc", ()))
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        msg = f"{param or 'body'}: {first.get('msg')}{more}"
+        return _error_response(api.ApiError(400, msg, param=param, code=first.get("type") or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error_response(api.ApiError(e.status_code, str(e.detail), type=kind, headers=e.headers))
+
+    @app.exception_handler(Exception)
+    async def _bug(_, e: Exception):
+        return _error_response(api.ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health", response_model=api.Health)
+    async def health():
+        return api.Health(status="draining" if app.state.draining else "ok", model=model_id, **engine.load())
+
+    card = api.ModelCard(id=model_id, created=created, owned_by="zero-chatgpt")
+
+    @app.get("/v1/models", response_model=api.ModelList, responses=api.ERRORS_V1)
+    async def models():
+        return api.ModelList(data=[card])
+
+    @app.get("/v1/models/{model}", response_model=api.ModelCard, responses=api.ERRORS_V1)
+    async def model(model: str):
+        if model != model_id:
+            raise api.ApiError(404, f"model {model!r} is not served here; this server serves {model_id!r}",
+                               type="not_found_error", param="model", code="model_not_found")
+        return card
+
+    def engine_request(body: api.ChatCompletionRequest, emit) -> EngineRequest:
+        if body.model != model_id:
+            raise api.ApiError(404, f"model {body.model!r} is not served here; use {model_id!r} (GET /v1/models)",
+                               type="not_found_error", param="model", code="model_not_found")
+        if body.n > engine.slots:
+            raise api.ApiError(400, f"n = {body.n} is more than this server's {engine.slots} slots", param="n")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > api.MAX_STOP or any(not s for s in stop):
+            raise api.ApiError(400, f"stop: up to {api.MAX_STOP} non-empty strings", param="stop")
+        asked = body.max_completion_tokens or body.max_tokens
+        if asked is not None and asked > limits.max_tokens:
+            raise api.ApiError(400, f"max_tokens {asked} is above this server's limit of {limits.max_tokens}",
+                               param="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        prompt = tok.encode_chat(messages, add_generation_prompt=True)[0]
+        if len(prompt) >= context:
+            raise api.ApiError(400, f"the messages are {len(prompt)} tokens; this model's context is {context} "
+                               f"(and the answer needs room): shorten them", param="messages",
+                               code="context_length_exceeded")
+        sampling = Sampling(
+            max_tokens=asked or defaults.max_tokens,
+            temperature=defaults.temperature if body.temperature is None else body.temperature,
+            top_p=defaults.top_p if body.top_p is None else body.top_p,
+            top_k=defaults.top_k, repetition_penalty=defaults.repetition_penalty, stop=tuple(stop), seed=body.seed)
+        return EngineRequest(prompt=prompt, sampling=sampling, n=body.n, emit=emit)
+
+    def submit(req: EngineRequest) -> None:
+        if app.state.draining:
+            raise api.ApiError(503, "the server is shutting down; retry on another instance", type="server_error",
+                               code="shutting_down")
+        try:
+            engine.submit(req)
+        except QueueFull as e:
+            raise api.ApiError(429, f"too many requests waiting ({e}); retry shortly", type="rate_limit_error",
+                               code="queue_full", headers={"Retry-After": "1"}) from None
+        except Draining:
+            raise api.ApiError(503, "the server is shutting down", type="server_error",
+                               code="shutting_down") from None
+
+    @app.post("/v1/chat/completions", response_model=api.ChatCompletion,
+              responses={200: {"content": {"text/event-stream": {"schema": {
+                  "type": "string", "description": "`data: <ChatCompletionChunk JSON>` events, then `data: [DONE]`"}}}},
+                  **api.ERRORS_CHAT})
+    async def chat_completions(body: api.ChatCompletionRequest, request: Request):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        def emit(ev):   # called from the engine thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:     # the event loop has closed: nobody is listening any more
+                pass
+        req = engine_request(body, emit)
+        submit(req)
+        cid = f"chatcmpl-{secrets.token_hex(12)}"
+        now = int(time.time())
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(engine, req, events, cid, now, model_id, fingerprint, usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        texts, reasons = [""] * body.n, ["length"] * body.n
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        engine.cancel(req)
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if ev[0] == "text":
+                    texts[ev[1]] += ev[2]
+                elif ev[0] == "finish":
+                    reasons[ev[1]] = ev[2]
+                elif ev[0] == "error":
+                    raise api.ApiError(500, ev[1], type="server_error")
+                else:
+                    return api.ChatCompletion(
+                        id=cid, created=now, model=model_id, system_fingerprint=fingerprint, usage=api.Usage(**ev[1]),
+                        choices=[api.Choice(index=i, message=api.AssistantMessage(content=texts[i]),
+                                            finish_reason=reasons[i]) for i in range(body.n)])
+        finally:
+            engine.cancel(req)    # a no-op once it finished; frees its slots if the handler was cancelled
+
+    return app
+
+
+async def _stream(engine, req, events, cid, now, model_id, fingerprint, include_usage):
+    def chunk(choices, usage=None) -> str:
+        c = api.ChatCompletionChunk(id=cid, created=now, model=model_id, system_fingerprint=fingerprint,
+                                    choices=choices, usage=usage)
+        return f"data: {c.model_dump_json()}\n\n"
+    try:
+        for i in range(req.n):
+            yield chunk([api.ChunkChoice(index=i, delta=api.Delta(role="assistant", content=""))])
+        while True:
+            ev = await events.get()
+            if ev[0] == "text":
+                yield chunk([api.ChunkChoice(index=ev[1], delta=api.Delta(content=ev[2]))])
+            elif ev[0] == "finish":
+                yield chunk([api.ChunkChoice(index=ev[1], delta=api.Delta(), finish_reason=ev[2])])
+            elif ev[0] == "error":
+                err = api.ApiError(500, ev[1], type="server_error")
+                yield f"data: {json.dumps(err.body())}\n\n"
+                return
+            else:
+                if include_usage:
+                    yield chunk([], usage=api.Usage(**ev[1]))
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        engine.cancel(req)     # the client went away mid-stream: its slots are free at the next step
+
+
+def serve(app: FastAPI, engine: Engine, host: str, port: int, drain_timeout: float, on_start=None) -> None:
+    """Run uvicorn until SIGINT/SIGTERM; the first signal drains (503 for new requests, running ones finish
+    up to drain_timeout seconds), then the server stops."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if app.state.draining:           # a second signal: stop now
+                return super().handle_exit(sig, frame)
+            app.state.draining = True
+            from zero_chatgpt.console import info
+            info(f"draining: new requests get 503, running ones have {drain_timeout:g} s to finish "
+                 "(a second Ctrl-C stops now)")
+
+            def finish():
+                done = engine.drain(drain_timeout)
+                info("drained: every request finished; stopped" if done else
+                     f"stopped: requests still running after {drain_timeout:g} s were cut")
+                # Stop as asked, exit status 0: uvicorn's own handler would re-raise the signal at exit.
+                self.should_exit = True
+            threading.Thread(target=finish, daemon=True).start()
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if on_start is not None and self.servers:
+                on_start(self.servers[0].sockets[0].getsockname()[1])
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                            access_log=False)
+    DrainingServer(config).run()
+
+
+def run_command(ctx) -> None:
+    import torch
+
+    from zero_chatgpt.chat import pick_stage
+    from zero_chatgpt.checkpoint import load_model, stage_model_path
+    from zero_chatgpt.console import info
+    from zero_chatgpt.tokenizer import load_tokenizer
+
+    rd, a = ctx.run_dir, ctx.args
+    stage = pick_stage(rd, a.get("stage"))
+    device = ctx.cfg["run"]["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(stage_model_path(rd, stage), device=device).eval()
+    tok = load_tokenizer(rd.tokenizer)
+    c = ctx.cfg["chat"]
+    limits = Limits(max_tokens=int(a.get("max_tokens") or 512), drain_timeout=float(a.get("drain_timeout") or 30))
+    defaults = Defaults(temperature=c["temperature"], top_p=c["top_p"] if c["top_p"] > 0 else 1.0, top_k=c["top_k"],
+                        repetition_penalty=c["repetition_penalty"], max_tokens=min(256, limits.max_tokens))
+    engine = Engine(model, tok, slots=int(a.get("slots") or 8), queue=int(a.get("queue") or 64)).start()
+    app = create_app(engine, tok, stage, defaults=defaults, limits=limits, api_key=a.get("api_key"))
+    host = a.get("host") or "127.0.0.1"
+
+    def started(port: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        key = ", API key required" if a.get("api_key") else ""
+        info(f"serving {stage} ({stage_model_path(rd, stage)}) on http://{shown}:{port}: web chat at /, "
+             f"API at /v1 (model id {stage!r}){key}; Ctrl-C to stop")
+    try:
+        serve(app, engine, host, int(a.get("port") if a.get("port") is not None else 8000), limits.drain_timeout,
+              on_start=started)
+    finally:
+        engine.stop()

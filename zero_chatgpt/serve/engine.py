@@ -1,0 +1,325 @@
+"""Continuous batching for the server: requests join and leave one running batch between decode steps.
+
+`generate.generate` decodes one fixed batch from start to end, which is what evaluation, RL rollouts
+and the terminal chat need (rows that are reproducible as a unit). A server's requests arrive and end
+at different times; decoding them one at a time leaves the batch dimension idle, and one thread per
+request runs several forwards where one would do. Here, as in llama.cpp's server slots (and vLLM,
+Kwon et al. 2023, arXiv:2309.06180, which pages the cache as well):
+
+- one KV cache of `slots` rows (`SlotCache`), each row a sequence at its own length;
+- a new request's prompt is prefilled alone, then its keys/values are copied into free rows (n > 1
+  choices share one prefill);
+- every decode step is one forward of one token for each busy row, with per-row positions and a
+  per-row length mask; a row that finishes is free at the next step, and a waiting request takes it.
+
+Sampling goes through the generator's `_process_logits` (repetition penalty, temperature, top-k,
+top-p), per sequence with its own torch.Generator, so `seed` reproduces an answer.
+
+The engine runs in one thread that owns the model; callers hand it `Request`s and receive events
+through the request's `emit` callback, called from that thread.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from zero_chatgpt.generate import _last_logits, _process_logits
+from zero_chatgpt.model import KVCache
+
+
+class QueueFull(Exception):
+    """More requests wait than the queue holds: the caller should answer 429."""
+
+
+class Draining(Exception):
+    """The engine stopped taking requests (shutting down): the caller should answer 503."""
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Request:
+    """One chat completion: `n` sequences continuing `prompt`. `emit(event)` receives, from the engine
+    thread, ("text", index, delta), ("finish", index, reason), and last ("done", usage) or
+    ("error", message)."""
+    prompt: list[int]
+    sampling: Sampling
+    n: int
+    emit: Callable[[tuple], None]
+    cancelled: bool = False
+    completion_tokens: int = 0
+    open_choices: int = 0
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class SlotCache(KVCache):
+    """A KVCache whose rows are independent sequences, each with its own length (`lens`).
+
+    Transformer.forward calls update(layer, k, v) with one new token per row; it is written at each
+    row's own position, and the keys/values up to `end` (the longest row, plus the new token) are
+    returned; the caller's attention mask hides what lies beyond a row's own length."""
+
+    def __init__(self, cfg, slots: int, max_len: int, device=None, dtype=torch.float32):
+        super().__init__(cfg, slots, max_len, device=device, dtype=dtype)
+        self.lens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.rows = slots     # rows [0, rows) take part in the current forward
+        self.end = 1
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kl, vl = self._k[layer], self._v[layer]
+        r = torch.arange(self.rows, device=k.device)
+        pos = self.lens[:self.rows]
+        kl[r, :, pos] = k[:, :, 0]
+        vl[r, :, pos] = v[:, :, 0]
+        return kl[:self.rows, :, :self.end], vl[:self.rows, :, :self.end]
+
+    def load(self, slot: int, prefilled: KVCache, length: int) -> None:
+        """Copy a prefilled single-row cache into row `slot`."""
+        self.k[:, slot, :, :length] = prefilled.k[:, 0, :, :length]
+        self.v[:, slot, :, :length] = prefilled.v[:, 0, :, :length]
+        self.lens[slot] = length
+
+
+class _Seq:
+    """One sequence being decoded in a slot."""
+
+    def __init__(self, req: Request, index: int, slot: int, device, vocab: int):
+        self.req, self.index, self.slot = req, index, slot
+        self.tokens: list[int] = []
+        self.emitted = 0          # characters of decoded text already sent
+        s = req.sampling
+        seed = s.seed + index if s.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.seen = None
+        if s.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
+            self.seen[0, torch.as_tensor(req.prompt, device=device)] = True
+
+
+class Engine:
+    """The decode loop and its scheduler. start() launches the thread; submit() queues a request;
+    cancel() frees its slots at the next step; drain() stops intake and waits for the running ones."""
+
+    def __init__(self, model, tok, *, slots: int = 8, queue: int = 64):
+        self.model, self.tok = model, tok
+        self.slots, self.queue_limit = slots, queue
+        self.max_len = model.config.max_position_embeddings
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.stop_ids = set(tok.stop_ids)
+        self.cond = threading.Condition()
+        self.pending: collections.deque[Request] = collections.deque()
+        self.active: dict[int, _Seq] = {}          # slot -> sequence
+        self.free = list(range(slots))             # kept sorted: the lowest rows are used first
+        self.accepting = True
+        self._stop = False
+        self.thread: threading.Thread | None = None
+        self.steps = 0                             # decode forwards so far (one per step, any batch)
+        self.max_batch = 0                         # the most sequences one decode step has carried
+
+    # ------------------------------------------------------------------ callers' side (any thread)
+
+    def start(self) -> "Engine":
+        self.thread = threading.Thread(target=self._run, name="zero-chatgpt-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def submit(self, req: Request) -> None:
+        with self.cond:
+            if not self.accepting:
+                raise Draining("the server is shutting down")
+            if len(self.pending) >= self.queue_limit:
+                raise QueueFull(f"{len(self.pending)} requests are already waiting")
+            req.open_choices = req.n
+            self.pending.append(req)
+            self.cond.notify()
+
+    def cancel(self, req: Request) -> None:
+        with self.cond:
+            req.cancelled = True
+            self.cond.notify()
+
+    def load(self) -> dict:
+        with self.cond:
+            return {"slots": self.slots, "busy": len(self.active), "queued": len(self.pending)}
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new requests; wait up to `timeout` s for queued and running ones. True if all finished."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            self.accepting = False
+            while self.pending or self.active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(min(left, 0.1))
+        return True
+
+    def stop(self) -> None:
+        with self.cond:
+            self._stop = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        with torch.inference_mode(), self.model.fused_for_inference():
+            self.cache = SlotCache(self.model.config, self.slots, self.max_len, device=self.device, dtype=self.dtype)
+            while True:
+                with self.cond:
+                    while not self._stop and not self.pending and not self.active:
+                        self.cond.wait()
+                    if self._stop:
+                        break
+                    self._drop_cancelled()
+                    admitted = []
+                    while self.pending and len(self.free) >= self.pending[0].n:
+                        req = self.pending.popleft()
+                        admitted.append((req, [self.free.pop(0) for _ in range(req.n)]))
+                for req, slots in admitted:
+                    self._guard(req, self._prefill, req, slots)
+                if self.active:
+                    self._guard(None, self._decode_step)
+                with self.cond:
+                    self.cond.notify_all()      # drain() waits on the same condition
+
+    def _guard(self, req: Request | None, fn, *args) -> None:
+        """A failed forward fails its requests (an error event), never the engine."""
+        try:
+            fn(*args)
+        except Exception as e:   # noqa: BLE001 - reported to the client, the loop goes on
+            victims = [req] if req is not None else list({id(s.req): s.req for s in self.active.values()}.values())
+            for r in victims:
+                self._finish_request(r, error=f"generation failed: {type(e).__name__}: {e}")
+
+    def _drop_cancelled(self) -> None:
+        """(under the lock) Cancelled requests leave the queue and free their slots now."""
+        if any(r.cancelled for r in self.pending):
+            self.pending = collections.deque(r for r in self.pending if not r.cancelled)
+        for slot in [s for s, q in self.active.items() if q.req.cancelled]:
+            del self.active[slot]
+            self._release(slot)
+
+    def _release(self, slot: int) -> None:
+        self.cache.lens[slot] = 0       # an idle row in a decode batch then costs one position, not its old length
+        self.free.append(slot)
+        self.free.sort()
+
+    def _prefill(self, req: Request, slots: list[int]) -> None:
+        P = len(req.prompt)
+        tmp = KVCache(self.model.config, 1, P, device=self.device, dtype=self.dtype)
+        ids = torch.as_tensor([req.prompt], dtype=torch.long, device=self.device)
+        logits = _last_logits(self.model, self.model(ids, kv_cache=tmp, return_hidden=True))
+        seqs = []
+        for i, slot in enumerate(slots):
+            self.cache.load(slot, tmp, P)
+            seq = _Seq(req, i, slot, self.device, self.model.config.vocab_size)
+            with self.cond:
+                self.active[slot] = seq
+            seqs.append(seq)
+        for seq in seqs:
+            self._accept(seq, self._sample(seq, logits))
+
+    def _decode_step(self) -> None:
+        with self.cond:
+            seqs = list(self.active.values())
+        rows = max(s.slot for s in seqs) + 1
+        last = torch.zeros(rows, dtype=torch.long)
+        for s in seqs:
+            last[s.slot] = s.tokens[-1]
+        cache = self.cache
+        lens = cache.lens[:rows]
+        cache.rows, cache.end = rows, int(lens.max()) + 1
+        # Row r attends to its own positions [0, lens[r]] (the new token included) and nothing else.
+        mask = (torch.arange(cache.end, device=self.device)[None, :] <= lens[:, None])[:, None, None, :]
+        hidden = self.model(last.to(self.device)[:, None], position_ids=lens[:, None].clone(),
+                            attention_mask=mask, kv_cache=cache, return_hidden=True)
+        cache.pos = 0                     # SlotCache tracks lengths per row, not one position
+        for s in seqs:
+            cache.lens[s.slot] += 1
+        logits = _last_logits(self.model, hidden)
+        self.steps += 1
+        self.max_batch = max(self.max_batch, len(seqs))
+        for s in seqs:
+            if not s.req.cancelled:
+                self._accept(s, self._sample(s, logits[s.slot:s.slot + 1]))
+
+    def _sample(self, seq: _Seq, logits: torch.Tensor) -> int:
+        sp = seq.req.sampling
+        scores = _process_logits(logits, seq.seen, sp.repetition_penalty, sp.temperature, sp.top_k, sp.top_p)
+        if sp.temperature > 0:
+            tok = int(torch.multinomial(scores.softmax(-1), 1, generator=seq.gen))
+        else:
+            tok = int(scores.max(-1).indices)
+        if seq.seen is not None:
+            seq.seen[0, tok] = True
+        return tok
+
+    def _accept(self, seq: _Seq, tok: int) -> None:
+        """Take one sampled token: send the text that is safe to send, finish the sequence when it stops."""
+        req = seq.req
+        seq.tokens.append(tok)
+        req.completion_tokens += 1
+        reason = None
+        if tok in self.stop_ids:
+            reason = "stop"
+        elif len(seq.tokens) >= req.sampling.max_tokens or len(req.prompt) + len(seq.tokens) >= self.max_len:
+            reason = "length"
+        body = seq.tokens[:-1] if reason == "stop" else seq.tokens
+        text = self.tok.decode(body)
+        for s in req.sampling.stop:
+            at = text.find(s)
+            if at >= 0:
+                text, reason = text[:at], "stop"
+        if reason is None:
+            # Hold back an incomplete UTF-8 character (decoded as U+FFFD until its last byte comes)
+            # and any tail that may be the start of a stop string: a client must never see either.
+            safe = len(text.rstrip("\ufffd"))
+            held = 0
+            for s in req.sampling.stop:
+                held = max(held, next((k for k in range(min(len(s) - 1, safe), 0, -1)
+                                       if text[:safe].endswith(s[:k])), 0))
+            safe -= held
+        else:
+            safe = len(text)
+        if safe > seq.emitted:
+            req.emit(("text", seq.index, text[seq.emitted:safe]))
+            seq.emitted = safe
+        if reason is not None:
+            with self.cond:
+                self.active.pop(seq.slot, None)
+                self._release(seq.slot)
+            req.emit(("finish", seq.index, reason))
+            req.open_choices -= 1
+            if req.open_choices == 0:
+                self._finish_request(req)
+
+    def _finish_request(self, req: Request, error: str | None = None) -> None:
+        if error is not None:
+            with self.cond:
+                for slot in [s for s, q in self.active.items() if q.req is req]:
+                    del self.active[slot]
+                    self._release(slot)
+            req.open_choices = 0
+            req.emit(("error", error))
+            return
+        usage = {"prompt_tokens": len(req.prompt), "completion_tokens": req.completion_tokens,
+                 "total_tokens": len(req.prompt) + req.completion_tokens}
+        req.emit(("done", usage))
