@@ -1,6 +1,7 @@
 """Reward model and DPO components: the score index under both paddings, losses equal to TRL's
 RewardTrainer and DPOTrainer on the same batch and model, the rule-made negatives, a tiny reward model
 that learns, and the loop keeping its best-evaluated checkpoint as final."""
+import dataclasses
 import json
 import random
 
@@ -167,3 +168,16 @@ def test_the_best_evaluated_step_becomes_final(tmp_path, tok):
     best = ckpt.read_model_state(tmp_path / "x" / "best")
     last = ckpt.read_model_state(tmp_path / "x" / "step-20")
     assert all(torch.equal(final[k], best[k]) for k in final) and not all(torch.equal(final[k], last[k]) for k in final)
+
+    # With select_from_start the starting weights compete too: when nothing beats them, final/ holds them.
+    seen.clear()
+    gold = iter([0.6, 0.3, 0.5, 0.2, 0.6])                              # a tie does not replace the start
+    s2 = dataclasses.replace(s, select_from_start=True)
+    start = _tiny_model(tok)
+    init = {k: v.clone() for k, v in start.state_dict().items()}
+    r = loop.train(s2, model=start, stage="y", stage_dir=tmp_path / "y", log_dir=tmp_path / "logs",
+                   batches=batches, loss_fn=lm_loss_fn, eval_fn=lambda m: {"gold": next(gold)}, dist_info=loop.Dist())
+    assert r.selected_step == 0
+    final = ckpt.read_model_state(tmp_path / "y" / "final")
+    assert json.loads((tmp_path / "y" / "final" / "meta.json").read_text())["step"] == 0
+    assert all(torch.equal(final[k], init[k]) for k in final)

@@ -250,6 +250,9 @@ def test_openai_client_plain_stream_n_stop_usage(toy_server):
     r = client.chat.completions.create(model="sft", messages=QUESTION, temperature=0, max_completion_tokens=1)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 1
 
+    r = client.chat.completions.create(model="sft", messages=QUESTION, temperature=1e-300, max_tokens=16)
+    assert r.choices[0].message.content == TOY["苹果"]           # a vanishing temperature is greedy, not NaN
+
     same = [client.chat.completions.create(model="sft", messages=QUESTION, temperature=1.5, max_tokens=12,
                                            seed=3).choices[0].message.content for _ in range(2)]
     assert same[0] == same[1]
@@ -410,14 +413,15 @@ def test_sigterm_drains_running_streams_and_refuses_new_ones(endless):
 
 # ---------------------------------------------------------------- fuzzing from the schema
 
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(toy_server):
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(toy_server, tmp_path):
     exe = Path(sys.executable).parent / "schemathesis"
     r = subprocess.run([str(exe), "run", f"{toy_server.base}/openapi.json", "--checks",
                         "not_a_server_error,response_schema_conformance,status_code_conformance,"
                         "content_type_conformance", "-n", "40", "--seed", "1", "-w", "1",
                         "--request-timeout", "20", "--no-color"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)   # its cache folder goes there
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "Tested: 4" in r.stdout, r.stdout[-2000:]       # every operation of the schema was exercised
 
 
 # ---------------------------------------------------------------- the web page, in a real browser

@@ -34,6 +34,15 @@ class Generation:
     text: str | None = None           # decoded new text without stop token / stop string (needs tokenizer)
 
 
+# Below this temperature, sampling is greedy: logits / 1e-247 overflow fp32 to inf and the softmax to NaN
+# (found by fuzzing the server), and any temperature this small picks the maximum anyway.
+MIN_TEMPERATURE = 1e-4
+
+
+def effective_temperature(t: float) -> float:
+    return 0.0 if t < MIN_TEMPERATURE else t
+
+
 def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """fp32 logits of each row's last position."""
     logits = model.logits(hidden[:, -1])
@@ -74,7 +83,8 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     generator: a torch.Generator (on the model's device) for reproducible sampling.
     """
     with torch.inference_mode(), model.fused_for_inference():
-        return _generate(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        return _generate(model, prompts, max_new_tokens=max_new_tokens,
+                         temperature=effective_temperature(temperature), top_k=top_k,
                          top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=stop_ids,
                          stop_strings=stop_strings, tokenizer=tokenizer, stream=stream,
                          return_logprobs=return_logprobs, generator=generator)

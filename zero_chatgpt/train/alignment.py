@@ -4,7 +4,8 @@ summary they leave behind.
 
 Checkpoint selection (rlhf.md; the seed kept its last PPO step, its worst): every `eval_every` steps
 the model answers rl.gold_prompts prompts of the eval split's gold part greedily; the step with the
-best `gold_char_f1` becomes final/ (the loop's select_metric). The gold part's idioms are never in
+best `gold_char_f1` becomes final/ (the loop's select_metric), the SFT model itself (step 0) included: when
+no trained step beats it, final/ is SFT, and the stage says so. The gold part's idioms are never in
 SFT, RM or RL data, and `zero-chatgpt eval` never reports them, so the reported test prompts stay
 untouched by the selection.
 """
@@ -118,6 +119,8 @@ def finish(run, rd, stage: str, result: loop.TrainResult, rows: list[list] | Non
     rows = (rows or []) + loop.summary_rows(result)
     if gold:
         rows.append(["gold char_f1 by step", ", ".join(f"{e['step']}: {e['gold_char_f1']:.3f}" for e in gold)])
+    if result.selected_step == 0:
+        rows.append(["final/", "the SFT model: no trained step beat it on the gold prompts (step-N/ keep them)"])
     table(["", stage], rows, title=f"{stage}: done → {rd / stage / 'final'}")
     run.complete({"selected_step": result.selected_step, "stopped": result.stopped, "gold_char_f1": max(
         (e["gold_char_f1"] for e in gold if e["step"] > 0), default=None),

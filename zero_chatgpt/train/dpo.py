@@ -79,7 +79,7 @@ def run_stage(ctx) -> None:
     seed = int(cfg["run"]["seed"])
     settings = loop.LoopSettings.from_section(c, grad_accum=accum, seed=seed, init_from="",
                                               schedule_steps=run.schedule_steps, select_metric="gold_char_f1",
-                                              eval_at_start=True)
+                                              eval_at_start=True, select_from_start=True)
     batches = DPOBatches(enc, tok.pad_id, micro, accum, seed, ref_model=ckpt.load_model(sft_path, device=d.device))
     gold = alignment.gold_records(cfg, rd)
     beta, sft_w = float(c["beta"]), float(c["sft_loss"])

@@ -99,6 +99,9 @@ class LoopSettings:
     select_metric: str = ""          # an eval_fn key to maximize: the best evaluated step (after step 0)
                                      # becomes final/, not the last (RL keeps its best-by-gold checkpoint)
     eval_at_start: bool = False      # also evaluate before the first step (the curve starts at the SFT model)
+    select_from_start: bool = False  # with eval_at_start: the starting weights are a candidate too, so when
+                                     # no trained step beats them, final/ holds them (RL never ships a model
+                                     # worse on its held-out metric than the SFT model it started from)
 
     @classmethod
     def from_section(cls, section: dict, **overrides) -> "LoopSettings":
@@ -485,7 +488,8 @@ def _save(ts: TrainState, name: str, members: list[Member], batches, stage: str,
 
 def _improved(ts: TrainState, rec: dict, s: LoopSettings, d: Dist) -> bool:
     """Whether this evaluation is the best of select_metric so far (rank 0 decides for all)."""
-    better = [bool(s.select_metric and rec["step"] > 0 and s.select_metric in rec and rec[s.select_metric] > ts.best_value)]
+    candidate = rec["step"] > 0 or s.select_from_start
+    better = [bool(s.select_metric and candidate and s.select_metric in rec and rec[s.select_metric] > ts.best_value)]
     if d.world > 1:
         dist.broadcast_object_list(better, src=0, group=cpu_group())
     return better[0]

@@ -158,7 +158,7 @@ def policy_setup(ctx, name: str) -> PolicyRun | None:
     pool, _ = encode_prompts(tok, records, chat=True, limit=10 ** 9)
     settings = loop.LoopSettings.from_section(c, grad_accum=1, seed=int(cfg["run"]["seed"]), init_from="",
                                               schedule_steps=run.schedule_steps, select_metric="gold_char_f1",
-                                              eval_at_start=True)
+                                              eval_at_start=True, select_from_start=True)
     return PolicyRun(d, run, tok, sft_path, records, pool, settings,
                      loop.resolve_precision(settings.precision, d.device))
 
