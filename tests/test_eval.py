@@ -163,9 +163,10 @@ def test_win_rate_vs_sft_is_half_when_a_stage_answers_as_sft(run, tmp_path, caps
     ppo = json.loads((root / "eval" / "ppo.json").read_text())
     assert ppo["per_prompt"]["answer"] == json.loads((root / "eval" / "sft.json").read_text())["per_prompt"]["answer"]
     assert ppo["win_rate_vs_sft"] == 0.5 and ppo["kl_to_sft"] == 0.0
+    out = capsys.readouterr().err
+    assert ppo["same_weights_as"] == "sft" and "its final/ is the SFT model" in out
     assert ppo["vs_sft"]["win_rate_vs_sft"] == {"diff": 0.0, "n": 10, "ci95": [0.0, 0.0]}
     assert all(d["diff"] == 0.0 for d in ppo["vs_sft"].values())
-    out = capsys.readouterr().err
     assert "win_rate_vs_sft" in out and "ppo" in out
     # the reward model decides otherwise when the answers differ: a stage with other weights
     other = ckpt.load_model(root / "pretrain" / "final")

@@ -647,6 +647,13 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     penalty = float(e["repetition_penalty"])
     kinds = [r.get("meta", {}).get("kind", "chat") for r in eval_recs]
     ids = [prompt_id(r) for r in eval_recs]
+    if stage not in ("sft", "pretrain") and ref is not None and ref.get("per_prompt", {}).get("ids") == ids \
+            and _same_weights(model, load_model(stage_model_path(ctx.run_dir, "sft"))):
+        info(f"eval {stage}: its final/ is the SFT model (no trained step beat it on the gold prompts): "
+             f"SFT's answers, KL 0, every comparison a tie")
+        res = _as_sft(ref, kinds, ids, scorer is not None, int(e["bootstrap"]), int(ctx.cfg["run"]["seed"]))
+        res["eval_seconds"] = res["answer_seconds"] = time.perf_counter() - t0
+        return _write_merged(ctx, stage, res, chat)
     res: dict = {}
     gens, cut, values = [], 0, {}
     for rp in ([1.0, penalty] if penalty != 1.0 else [1.0]):
@@ -721,7 +728,39 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
         res["vs_sft"] = compare(kinds, ids, values, ref, int(e["bootstrap"]), int(ctx.cfg["run"]["seed"]))
     res["eval_seconds"] = time.perf_counter() - t0
     res["answer_seconds"] = t_answer
+    del model
+    return _write_merged(ctx, stage, res, chat)
 
+
+def _same_weights(a, b) -> bool:
+    import torch
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _as_sft(ref: dict, kinds: list[str], ids: list[str], with_rm: bool, resamples: int, seed: int) -> dict:
+    """The result of a stage whose weights are SFT's: greedy decoding gives SFT's answers exactly, so its
+    per-prompt values are SFT's, its KL to SFT 0 and each reward-model comparison a tie (counted half)."""
+    pp = ref["per_prompt"]
+    values = {k: list(v) for k, v in pp.items() if k not in ("ids", "kind", "answer")}
+    values["kl_to_sft"] = [0.0] * len(ids)
+    if with_rm:
+        values["win_rate_vs_sft"] = [0.5] * len(ids)
+    res = aggregate(kinds, values)
+    for k in ("n_prompts", "n_scored", "decoding", "truncated_answers", "truncated_prompts", "chat_val_loss",
+              "samples", "prompt_format", "plain_greedy"):
+        if k in ref:
+            res[k] = ref[k]
+    res["samples"] = [{**smp, "kl_to_sft": 0.0, **({"win_vs_sft": 0.5} if with_rm else {})}
+                      for smp in res.get("samples", [])]
+    res["same_weights_as"] = "sft"
+    res["per_prompt"] = {"ids": ids, "kind": kinds, **values, "answer": list(pp["answer"])}
+    res["vs_sft"] = compare(kinds, ids, values, ref, resamples, seed)
+    return res
+
+
+def _write_merged(ctx, stage: str, res: dict, chat: bool) -> dict:
+    """Write eval/<stage>.json: this evaluation's keys over what was there (a training stage's own keys)."""
     path = ctx.run_dir.eval / f"{stage}.json"
     ctx.run_dir.eval.mkdir(parents=True, exist_ok=True)
     old = {}
@@ -737,7 +776,6 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     merged = {**old, **res}
     if chat and "chat_val_loss" in res:
         merged["val_loss"] = res["chat_val_loss"]          # a chat stage's validation loss is the SFT val loss
-    del model
     write_result(path, merged)
     return merged
 
