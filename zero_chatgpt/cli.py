@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from zero_chatgpt import config as config_mod
-from zero_chatgpt.console import UserError, info, table
+from zero_chatgpt import timings
+from zero_chatgpt.console import UserError, info, is_main_process, table
 from zero_chatgpt.rundir import Context, RunDir, RunLock
 from zero_chatgpt.stages import PIPELINE, READ_ONLY, STAGES, TOOLS, Stage, is_built, model_stages
 
@@ -134,6 +135,8 @@ def run_stage(ctx: Context, st: Stage) -> str:
         fn(ctx)
     rec = ctx.outcomes.setdefault(st.name, {"action": "ran"})
     rec["seconds"] = round(time.time() - t0, 1)
+    if not ctx.read_only and st.name in STAGES and is_main_process():
+        timings.record(ctx.run_dir, st.name, rec)      # after each stage: a stage run alone counts too
     return rec["action"]
 
 
@@ -150,6 +153,30 @@ def run_pipeline(ctx: Context, until: str | None) -> None:
     rows = [[name, _SAID.get(o["action"], o["action"]), f"{o.get('seconds', 0.0):.1f}"]
             for name, o in ctx.outcomes.items()]
     table(["stage", "result", "time (s)"], rows, title=f"run: {ctx.run_dir.root}")
+    _say_where_next(ctx)
+
+
+def _say_where_next(ctx: Context) -> None:
+    """The last lines of `run`: where the report is, and how to talk to the model."""
+    import shlex
+
+    from zero_chatgpt.rundir import pick_model
+    rd = ctx.run_dir
+    where = shlex.quote(str(rd.root))
+    html = rd.report / "report.html"
+    if "report" in ctx.outcomes and html.exists():
+        info(f"report: {html}")
+    else:
+        info(f"report: not made by this run; make it with `zero-chatgpt report --run-dir {where}`")
+    try:
+        pick_model(rd, None, chat=True)
+    except UserError:
+        pre = (rd / "pretrain" / "final").is_dir()
+        info(f"chat, serve: need an SFT model: `zero-chatgpt run --run-dir {where}`" +
+             (f" (the pretrained model talks with `zero-chatgpt chat --run-dir {where} --stage pretrain`)" if pre else ""))
+        return
+    info(f"chat:   zero-chatgpt chat --run-dir {where}")
+    info(f"serve:  zero-chatgpt serve --run-dir {where}")
 
 
 def _dispatch(args, ctx: Context) -> None:

@@ -36,7 +36,9 @@ def progress(iterable: Iterable | None = None, *, total: int | float | None = No
                 unit_scale=unit not in ("it", "step"), file=sys.stderr, **kw)
 
 
-def _cell(v) -> str:
+def format_cell(v) -> str:
+    """A table cell as every summary table shows it: thousands separators, 4 decimals, small and huge
+    numbers in e-notation."""
     if isinstance(v, float):
         if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
             return f"{v:.3e}"
@@ -52,7 +54,7 @@ def _width(s: str) -> int:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], title: str = "") -> str:
-    cells = [[_cell(v) for v in r] for r in rows]
+    cells = [[format_cell(v) for v in r] for r in rows]
     widths = [max([_width(h)] + [_width(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
     def line(vals, numeric_right=True):

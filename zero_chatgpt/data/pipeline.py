@@ -354,7 +354,9 @@ def _clean_dedup_write(ctx: Context, cfg: dict, out_dir: Path, work: Path, run, 
     return stats
 
 
-def _print_funnel(stats: dict) -> None:
+def funnel_rows(stats: dict) -> list[list]:
+    """The funnel of a stats.json as [step, docs (negative: dropped), docs left, note] rows: the console
+    summary here and the report card show the same rows."""
     rows = [["read", stats["docs_in"], "", f"{stats['chars_in']:,} chars"]]
     left = stats["docs_in"]
 
@@ -372,7 +374,11 @@ def _print_funnel(stats: dict) -> None:
     row("near duplicates", stats["dropped"]["near_dup"], f"{dd.get('clusters', 0):,} duplicate clusters")
     rows.append(["kept", stats["docs_out"], "",
                  f"train {stats['train_docs']:,} / val {stats['val_docs']:,}, {stats['chars_out']:,} chars"])
-    table(["step", "docs", "left", "note"], rows,
+    return rows
+
+
+def _print_funnel(stats: dict) -> None:
+    table(["step", "docs", "left", "note"], funnel_rows(stats),
           title=f"data: {stats['docs_in']:,} documents in → {stats['docs_out']:,} out "
                 f"({stats['seconds']['total']:.1f} s)")
     if len(stats["by_source"]) > 1:
