@@ -435,14 +435,19 @@ def test_web_page_streams_a_reply_in_chromium(toy_server, endless_server, tmp_pa
             "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
         page = browser.new_page()
-        requests = []
+        requests, console = [], []
         page.on("request", lambda req: requests.append(req.url))
+        page.on("console", lambda msg: console.append(msg.text))
         page.goto(toy_server.base + "/")
         page.wait_for_selector("#model:has-text('model: sft')")
         page.fill("#temp", "0")
+        page.fill("#maxtok", "16")                 # the toy server allows 64
         page.fill("#input", "苹果是什么？")
         page.keyboard.press("Enter")
-        page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=20_000)
+        try:
+            page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=20_000)
+        except Exception:
+            raise AssertionError(f"no finished reply; page log: {console}; page text: {page.inner_text('body')}")
         assert page.inner_text(".msg.assistant") == TOY["苹果"]
         bodies = []
         page.on("request", lambda req: bodies.append(req.post_data_json) if req.method == "POST" else None)
@@ -452,6 +457,10 @@ def test_web_page_streams_a_reply_in_chromium(toy_server, endless_server, tmp_pa
                                timeout=20_000)
         assert [m["role"] for m in bodies[-1]["messages"]] == ["user", "assistant", "user"]
         assert bodies[-1]["messages"][1]["content"] == TOY["苹果"] and bodies[-1]["stream"] is True
+        page.fill("#maxtok", "9999")               # over the server's limit: the page shows the API's message
+        page.fill("#input", "老虎是什么？")
+        page.click("#send")
+        page.wait_for_selector(".note.error:has-text('max_tokens 9999 is above')")
 
         # Stop: a long answer is cut by the button, the page says so, and the server frees the slot.
         page2 = browser.new_page()

@@ -437,7 +437,7 @@ def _step(step: int, members: list[Member], batches, loss_fn, autocast, d: Dist)
         sums[0] += float(loss.detach()) * n
         sums[1] += n
         for k, v in (metrics or {}).items():
-            msums[k] = msums.get(k, 0.0) + float(v) * n
+            msums[k] = msums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * n
     loss_sum, n_sum, msums = _reduce_by_name(sums, msums, d)
     n_total = max(n_sum, 1.0)
     norms = {}
