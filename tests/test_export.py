@@ -102,8 +102,8 @@ def test_export_hf_parity_with_transformers(run, tmp_path):
 
 def test_export_errors_are_one_line(run, tmp_path):
     rd, _ = run
-    r = cli("export", "--run-dir", str(rd), "--format", "gguf", "--out", str(tmp_path / "m.gguf"), check=False)
-    assert r.returncode == 2 and "not built yet" in r.stderr
+    r = cli("export", "--run-dir", str(rd), "--format", "gguf", "--out", str(tmp_path), check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "writes one file" in r.stderr
     r = cli("export", "--run-dir", str(tmp_path), "--out", str(tmp_path / "x"), check=False)
     assert r.returncode == 2 and "no trained model" in r.stderr
 

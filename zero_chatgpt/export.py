@@ -7,6 +7,9 @@ tokenizer_config.json with the ChatML template, special_tokens_map.json) and a
 generation_config.json whose eos ids stop at <|im_end|> and <|endoftext|>.
 tests/test_export.py loads the result with AutoModelForCausalLM / AutoTokenizer and
 checks logits (≤ 1e-4) and greedy generations against our model.
+
+`--format gguf` (gguf_export.py) writes one file for llama.cpp instead, with the same safety: an
+export replaces only what an earlier export wrote, known by its marker.
 """
 from __future__ import annotations
 
@@ -33,10 +36,28 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "zero_chatgpt.json")
 
 
-def _replaceable(out: Path) -> str | None:
+def file_marker(out: Path) -> str:
+    """The marker of a one-file export (gguf), beside it: the file cannot hold its own hash."""
+    return f".{out.name}{EXPORT_MARKER}"
+
+
+def _replaceable(out: Path, file: bool = False) -> str | None:
     """None if `out` may be replaced by an export: absent, an empty folder, or a folder holding exactly
-    what an earlier export wrote there (its marker lists every file, unchanged); else why not."""
+    what an earlier export wrote there (its marker lists every file, unchanged); with file=True, a file
+    an earlier export wrote (the marker beside it lists it, unchanged). Else why not."""
     if not out.exists():
+        return None
+    if file:
+        if out.is_dir():
+            return f"{out} is a folder; --format gguf writes one file: give --out a file path, e.g. {out / 'model.gguf'}"
+        m = manifest.read(out.parent, file_marker(out))
+        if m is None or list(m.get("files") or {}) != [out.name]:
+            return (f"{out} exists and was not written by `zero-chatgpt export`; nothing was changed: choose a new "
+                    f"--out file (or remove that one yourself)")
+        changed = manifest.problem(out.parent, name=file_marker(out))
+        if changed:
+            return (f"{out} was written by `zero-chatgpt export` but changed since ({changed}); nothing was changed: "
+                    f"choose a new --out file (or remove that one yourself)")
         return None
     if not out.is_dir():
         return f"{out} is a file, not a folder; give --out a new or empty folder"
@@ -54,6 +75,12 @@ def _replaceable(out: Path) -> str | None:
         what = f"files export did not write: {', '.join(foreign[:4])}" if foreign else f"a file changed since: {changed}"
         return f"{out} holds an earlier export plus {what}; nothing was changed: choose a new or empty --out folder"
     return None
+
+
+def generation_settings(sampling: dict | None) -> dict:
+    """`zero-chatgpt chat`'s sampling ([chat] section over its defaults), which both formats record as the
+    model's own defaults (generation_config.json; GGUF's general.sampling.* keys)."""
+    return {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.1, **(sampling or {})}
 
 
 def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, sampling: dict | None = None) -> Path:
@@ -80,7 +107,7 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, sampling: dict | 
         shutil.copyfile(model_dir / ckpt.MODEL_FILE, tmp / ckpt.MODEL_FILE)
         cfg.update(eos_token_id=tok.eot_id, pad_token_id=tok.pad_id, bos_token_id=None)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        c = {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.1, **(sampling or {})}
+        c = generation_settings(sampling)
         gen = {"eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id, "do_sample": c["temperature"] > 0,
                **({k: c[k] for k in ("temperature", "top_k", "top_p")} if c["temperature"] > 0 else {}),
                "repetition_penalty": c["repetition_penalty"]}
@@ -113,11 +140,21 @@ def run_command(ctx) -> None:
     if damaged:
         raise UserError(f"{model_dir}: damaged checkpoint ({damaged}); rerun `zero-chatgpt {stage} --run-dir "
                         f"{ctx.run_dir.root}` to rebuild it from its last checkpoint")
-    if fmt == "gguf":
-        raise UserError("--format gguf is not built yet; export with --format hf and convert that folder with "
-                        "llama.cpp's convert_hf_to_gguf.py")
     if not ctx.run_dir.tokenizer.is_dir():
         raise UserError(f"no tokenizer in {ctx.run_dir.tokenizer}; run `zero-chatgpt tokenizer` first")
+    if fmt == "gguf":
+        from zero_chatgpt.gguf_export import DEFAULT_GGUF_TYPE, export_gguf
+        kind = ctx.args.get("gguf_type") or DEFAULT_GGUF_TYPE
+        name = f"zero-chatgpt {ctx.run_dir.root.resolve().name} {stage}"
+        s = export_gguf(model_dir, ctx.run_dir.tokenizer, Path(out), name=name, gguf_type=kind,
+                        sampling=ctx.cfg.get("chat"))
+        info(f"exported {stage} model to {out}")
+        table(["", "export"], [["stage", stage], ["format", f"gguf (llama, {kind}; norms f32)"], ["file", str(out)],
+                               ["size (MB)", s["bytes"] / 1e6], ["parameters", s["params"]], ["tensors", s["tensors"]],
+                               ["vocabulary", s["vocab"]],
+                               ["embeddings", "tied (token_embd only)" if s["tied"] else "untied"],
+                               ["run with", f"llama-cli -m {out}   |   llama-server -m {out}"]])
+        return
     path = export_hf(model_dir, ctx.run_dir.tokenizer, Path(out), sampling=ctx.cfg.get("chat"))
     size = (path / ckpt.MODEL_FILE).stat().st_size
     info(f"exported {stage} model to {path}")
