@@ -96,10 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="longest answer, in tokens")
         if st.name == "serve":
             p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: local only)")
-            p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+            p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+            p.add_argument("--api-key", default=os.environ.get("ZC_API_KEY"),
+                           help="require 'Authorization: Bearer KEY' on /v1/* (default: $ZC_API_KEY; none: open)")
+            p.add_argument("--slots", type=_positive_int, default=8,
+                           help="sequences decoded together in one batch (continuous batching; default 8)")
+            p.add_argument("--queue", type=_positive_int, default=64,
+                           help="requests allowed to wait for a slot; beyond it 429 with Retry-After (default 64)")
+            p.add_argument("--max-tokens", type=_positive_int, default=512,
+                           help="the largest max_tokens a request may ask for (default 512)")
+            p.add_argument("--drain-timeout", type=float, default=30.0,
+                           help="on SIGTERM, seconds running streams get to finish (default 30)")
         if st.name == "export":
             p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf: transformers folder; gguf")
             p.add_argument("--out", type=Path, required=True, help="output folder (hf) or file (gguf)")
+            p.add_argument("--gguf-type", choices=["f16", "f32"], default=None,
+                           help="gguf weight type (default f16, llama.cpp's fast path; norms always f32; "
+                                "f32 keeps the trained weights exactly)")
     return ap
 
 
