@@ -135,3 +135,11 @@ def test_rule_rewards_check_pinyin_and_chaining_exactly(tok):
     got = fn([0, 0, 1, 1, 1, 2], [ans("yi1 jian4 qing1 xin1"), ans("yī jiàn qīng xìn"), ans("心花怒放。"),
                                   ans("心心相印"), ans("一见倾心"), ans("初次见面就十分爱慕。")])
     assert got == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]   # a wrong tone; not an idiom; the one asked; no rule for meaning
+
+    # the reference reward: char_f1 against the record's reference, on the kinds with one right answer only
+    from zero_chatgpt.evaluate import char_f1
+    ref = rule_rewards(recs, tok, {"一见倾心", "心花怒放"}, rules=False, reference=True)
+    got = ref([2, 2, 1], [ans("初次见面就十分爱慕。"), ans("初次见面"), ans("心花怒放。")])
+    assert got == [1.0, char_f1("初次见面", "初次见面就十分爱慕。"), 0.0] and 0 < got[1] < 1
+    both = rule_rewards(recs, tok, {"一见倾心", "心花怒放"}, rules=True, reference=True)
+    assert both([0], [ans("yī jiàn qīng xīn")]) == [1.0 + char_f1("yī jiàn qīng xīn", "yī jiàn qīng xīn")]

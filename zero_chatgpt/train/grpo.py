@@ -9,7 +9,12 @@ grpo.prompts_per_rollout RL prompts; every answer's reward is
                               answer equals the dictionary's (tone marks normalized), 1 when a chaining
                               answer is a dictionary idiom starting with the right character, else 0
                               (RL with verifiable rewards; only those kinds are sampled)
-                  "rm+rules"  both, the rules weighted by grpo.rules_weight
+                  "reference" char_f1 of the answer against the RL idiom's dictionary answer, on the kinds
+                              with one right answer (meaning, origin, example, pinyin): a reference-overlap
+                              reward, as ROUGE-L was for summarization RL (Paulus et al. 2018,
+                              arXiv:1705.04304); the reported char_f1 is on other idioms (eval's test part)
+                  "a+b"       the sum ("rm+rules", "rm+reference", ...); rules and reference weighted by
+                              grpo.rules_weight
     minus grpo.missing_eos_penalty for an answer that never ended;
 
 the advantage of each answer is its reward normalized within its prompt's group (rl.group_advantages),
@@ -40,22 +45,27 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(r) - r - 1
 
 
-def rule_rewards(records: list[dict], tok, idioms: set[str] | None):
-    """rule_fn(prompt indices, answers) -> rewards: pinyin_exact / chain_valid where defined, else 0."""
-    from zero_chatgpt.evaluate import chain_valid, pinyin_exact
+def rule_rewards(records: list[dict], tok, idioms: set[str] | None, rules: bool = True, reference: bool = False):
+    """rule_fn(prompt indices, answers) -> rewards: with `rules`, pinyin_exact / chain_valid where defined;
+    with `reference`, plus char_f1 against the record's reference on the kinds with one right answer."""
+    from zero_chatgpt.data.chat_data import SCORED_KINDS
+    from zero_chatgpt.evaluate import chain_valid, char_f1, pinyin_exact
 
     def fn(idx: list[int], answers: list[list[int]]) -> list[float]:
         out = []
         for i, a in zip(idx, answers):
             rec = records[i]
             meta = rec.get("meta", {})
+            kind = meta.get("kind")
             text = tok.decode([t for t in a if t not in tok.stop_ids])
-            if meta.get("kind") == "pinyin":
-                out.append(float(pinyin_exact(text, rec.get("reference", ""))))
-            elif meta.get("kind") == "chain" and idioms is not None:
-                out.append(float(chain_valid(text, meta["first_char"], idioms, meta.get("idiom", ""))))
-            else:
-                out.append(0.0)
+            r = 0.0
+            if rules and kind == "pinyin":
+                r += float(pinyin_exact(text, rec.get("reference", "")))
+            elif rules and kind == "chain" and idioms is not None:
+                r += float(chain_valid(text, meta["first_char"], idioms, meta.get("idiom", "")))
+            if reference and kind in SCORED_KINDS and rec.get("reference"):
+                r += char_f1(text, rec["reference"])
+            out.append(r)
         return out
     return fn
 
@@ -102,21 +112,24 @@ def run_stage(ctx) -> None:
     d, run, tok, sft_path, records, pool, settings = p.d, p.run, p.tok, p.sft_path, p.records, p.pool, p.settings
     reward = c["reward"]
     parts = reward.split("+")
-    if reward == "rules":          # only the kinds with a checkable answer
-        keep = [i for i, r in enumerate(records) if r.get("meta", {}).get("kind") in RULE_KINDS]
+    if "rm" not in parts:          # without the reward model: only the kinds some reward is defined on
+        from zero_chatgpt.data.chat_data import SCORED_KINDS
+        kinds = set(RULE_KINDS if "rules" in parts else ()) | set(SCORED_KINDS if "reference" in parts else ())
+        keep = [i for i, r in enumerate(records) if r.get("meta", {}).get("kind") in kinds]
         if not keep:
-            raise UserError(f"grpo.reward = \"rules\": no {' or '.join(RULE_KINDS)} prompts in "
+            raise UserError(f"grpo.reward = \"{reward}\": no {' or '.join(sorted(kinds))} prompts in "
                             f"{rd.sft_data / 'rl.jsonl'}; use grpo.reward = \"rm\"")
         records, pool = [records[i] for i in keep], [pool[i] for i in keep]
     scorer = rule_fn = None
     if "rm" in parts:
         scorer = load_scorer(rd, tok, cfg, d.device)
-    if "rules" in parts:
+    if "rules" in parts or "reference" in parts:
         idioms = None
         if all(r.get("meta", {}).get("source") == "builtin" for r in records):
             from zero_chatgpt.data.builtin import load_idioms
             idioms = {x["word"] for x in load_idioms()}
-        base, w = rule_rewards(records, tok, idioms), float(c["rules_weight"])
+        base = rule_rewards(records, tok, idioms, rules="rules" in parts, reference="reference" in parts)
+        w = float(c["rules_weight"])
         rule_fn = (lambda idx, answers: [w * x for x in base(idx, answers)])
     k = int(c["samples_per_prompt"])
     rs = rollout_settings(cfg, c, samples_per_prompt=k)
