@@ -220,6 +220,33 @@ def test_engine_cancel_frees_slots_at_once(endless):
     engine.stop()
 
 
+def test_engine_drain_waits_for_a_request_it_is_still_prefilling(endless):
+    """drain() returns only once every submitted request has ended, including one taken from the queue whose
+    prompt is being prefilled (in neither the queue nor the batch at that moment)."""
+    from zero_chatgpt.checkpoint import load_model
+    from zero_chatgpt.serve.engine import Draining, Engine, Request, Sampling
+    root, tok = endless
+    model = load_model(root / "sft" / "final")
+    prompt = tok.encode_chat([{"role": "user", "content": "苹果是什么？" * 40}], add_generation_prompt=True)[0]
+    engine = Engine(model, tok, slots=1)
+    prefill = engine._prefill
+
+    def slow_prefill(*a):        # widen the window in which the request is in neither the queue nor the batch
+        time.sleep(0.3)
+        prefill(*a)
+    engine._prefill = slow_prefill
+    engine.start()
+    for _ in range(2):
+        done = threading.Event()
+        engine.accepting = True
+        engine.submit(Request(prompt=prompt, sampling=Sampling(max_tokens=30, temperature=0.0), n=1,
+                              emit=lambda ev: done.set() if ev[0] == "done" else None))
+        assert engine.drain(30) and done.is_set()
+    with pytest.raises(Draining):
+        engine.submit(Request(prompt=prompt, sampling=Sampling(max_tokens=1), n=1, emit=lambda ev: None))
+    engine.stop()
+
+
 # ---------------------------------------------------------------- the HTTP API through the openai client
 
 def test_openai_client_plain_stream_n_stop_usage(toy_server):

@@ -126,6 +126,7 @@ class Engine:
         self.pending: collections.deque[Request] = collections.deque()
         self.active: dict[int, _Seq] = {}          # slot -> sequence
         self.free = list(range(slots))             # kept sorted: the lowest rows are used first
+        self.live: dict[int, Request] = {}         # every request submitted and not yet ended, wherever it is
         self.accepting = True
         self._stop = False
         self.thread: threading.Thread | None = None
@@ -147,6 +148,7 @@ class Engine:
                 raise QueueFull(f"{len(self.pending)} requests are already waiting")
             req.open_choices = req.n
             self.pending.append(req)
+            self.live[id(req)] = req
             self.cond.notify()
 
     def cancel(self, req: Request) -> None:
@@ -163,7 +165,8 @@ class Engine:
         deadline = time.monotonic() + timeout
         with self.cond:
             self.accepting = False
-            while self.pending or self.active:
+            # `live`, not pending + active: a request being prefilled is in neither
+            while self.live:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -216,6 +219,9 @@ class Engine:
         for slot in [s for s, q in self.active.items() if q.req.cancelled]:
             del self.active[slot]
             self._release(slot)
+        running = {id(q.req) for q in self.active.values()} | {id(r) for r in self.pending}
+        for key in [k for k, r in self.live.items() if r.cancelled and k not in running]:
+            del self.live[key]
 
     def _release(self, slot: int) -> None:
         self.cache.lens[slot] = 0       # an idle row in a decode batch then costs one position, not its old length
@@ -313,6 +319,8 @@ class Engine:
                 self._finish_request(req)
 
     def _finish_request(self, req: Request, error: str | None = None) -> None:
+        with self.cond:
+            self.live.pop(id(req), None)
         if error is not None:
             with self.cond:
                 for slot in [s for s, q in self.active.items() if q.req is req]:
