@@ -27,8 +27,9 @@ setup-dev: $(VENV)/.installed-dev
 demo: setup
 	$(BIN)/zero-chatgpt run --preset demo --run-dir $(RUN_DIR)
 
+# One test file per worker, as many workers as cores: a file's tests share its fixtures and keep their order.
 test: setup-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 bench: setup-dev
 	for b in bench/*.py; do $(BIN)/python $$b --quick || exit 1; done

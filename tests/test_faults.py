@@ -102,9 +102,11 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_outputs(setup, tmp_
     assert sorted(got) == sorted(want)
     for k in want:
         assert got[k] == want[k], f"{k} differs from the uninterrupted run (seed {seed})"
-    # parts reused from a killed run were finished while that command still ran
+    # parts reused from a killed run were finished while that command still ran: by the kill, give or take
+    # the kernel's delivery of SIGKILL and of the workers' PDEATHSIG (milliseconds, more on a loaded
+    # machine); an orphaned worker that went on working would write its parts seconds later
     for part in json.loads((run / "data" / "stats.json").read_text())["resumed_parts"]:
-        assert part["command_pid"] in killed and part["written"] <= killed[part["command_pid"]], part
+        assert part["command_pid"] in killed and part["written"] <= killed[part["command_pid"]] + 0.5, part
 
 
 def test_the_kills_landed_inside_the_work():

@@ -144,12 +144,22 @@ class Engine:
         with self.cond:
             if not self.accepting:
                 raise Draining("the server is shutting down")
-            if len(self.pending) >= self.queue_limit:
-                raise QueueFull(f"{len(self.pending)} requests are already waiting")
+            if self._waiting() >= self.queue_limit:
+                raise QueueFull(f"{self._waiting()} requests are already waiting for a slot")
             req.open_choices = req.n
             self.pending.append(req)
             self.live[id(req)] = req
             self.cond.notify()
+
+    def _waiting(self) -> int:
+        """(under the lock) Queued requests that the free slots will not take at the next step: a request
+        submitted a moment ago is not waiting while a slot is free for it."""
+        free = len(self.free)
+        for i, r in enumerate(self.pending):     # admitted in order, as _run does: the first that does not fit waits
+            if r.n > free:
+                return len(self.pending) - i
+            free -= r.n
+        return 0
 
     def cancel(self, req: Request) -> None:
         with self.cond:
@@ -158,7 +168,7 @@ class Engine:
 
     def load(self) -> dict:
         with self.cond:
-            return {"slots": self.slots, "busy": len(self.active), "queued": len(self.pending)}
+            return {"slots": self.slots, "busy": len(self.active), "queued": self._waiting()}
 
     def drain(self, timeout: float) -> bool:
         """Refuse new requests; wait up to `timeout` s for queued and running ones. True if all finished."""
