@@ -260,6 +260,9 @@ def test_openai_client_plain_stream_n_stop_usage(toy_server):
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == TOY["苹果"]
+    raw = [c.model_dump(exclude_unset=True) for c in chunks if c.choices]
+    assert raw[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("role" not in r["choices"][0]["delta"] for r in raw[1:])      # as OpenAI: no "role": null
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 MAX_CHOICES = 8        # n: the most choices one request may ask for (also bounded by the slots)
 MAX_STOP = 4           # as OpenAI's API
@@ -83,8 +83,14 @@ class ChatCompletion(BaseModel):
 
 
 class Delta(BaseModel):
+    """Only the fields a chunk carries: the first chunk of a choice has the role, later ones the text
+    (OpenAI sends no `"role": null`); the last one is empty."""
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer
+    def _present(self) -> dict:
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
 
 
 class ChunkChoice(BaseModel):
