@@ -140,7 +140,9 @@ def repl(session: ChatSession, lines, out, interactive: bool) -> None:
             print(prompt, end="", file=sys.stderr, flush=True)
 
 
-def run_command(ctx) -> None:
+def load_chat_model(ctx):
+    """(stage, model in eval mode on run.device, tokenizer) of the chat model `--stage` names or pick_stage picks:
+    what `chat` and `serve` talk with."""
     import torch
 
     from zero_chatgpt.checkpoint import load_model, stage_model_path
@@ -148,12 +150,18 @@ def run_command(ctx) -> None:
 
     rd = ctx.run_dir
     stage = pick_stage(rd, ctx.args.get("stage"))
-    c = ctx.cfg["chat"]
     device = ctx.cfg["run"]["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(stage_model_path(rd, stage), device=device)
-    tok = load_tokenizer(rd.tokenizer)
+    return stage, load_model(stage_model_path(rd, stage), device=device).eval(), load_tokenizer(rd.tokenizer)
+
+
+def run_command(ctx) -> None:
+    from zero_chatgpt.checkpoint import stage_model_path
+
+    rd = ctx.run_dir
+    stage, model, tok = load_chat_model(ctx)
+    c = ctx.cfg["chat"]
     session = ChatSession(model, tok, max_new_tokens=int(ctx.args.get("max_new_tokens") or 256),
                           temperature=c["temperature"], top_k=c["top_k"], top_p=c["top_p"],
                           repetition_penalty=c["repetition_penalty"], seed=int(ctx.cfg["run"]["seed"]))

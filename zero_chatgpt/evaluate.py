@@ -647,8 +647,10 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     penalty = float(e["repetition_penalty"])
     kinds = [r.get("meta", {}).get("kind", "chat") for r in eval_recs]
     ids = [prompt_id(r) for r in eval_recs]
-    if stage not in ("sft", "pretrain") and ref is not None and ref.get("per_prompt", {}).get("ids") == ids \
-            and _same_weights(model, load_model(stage_model_path(ctx.run_dir, "sft"))):
+    # the SFT model, loaded once: to tell whether this stage kept SFT's weights, else for the KL along its answers
+    sft_model = load_model(stage_model_path(ctx.run_dir, "sft")) if stage != "sft" and ref is not None and chat \
+        else None
+    if sft_model is not None and ref.get("per_prompt", {}).get("ids") == ids and _same_weights(model, sft_model):
         info(f"eval {stage}: its final/ is the SFT model (no trained step beat it on the gold prompts): "
              f"SFT's answers, KL 0, every comparison a tie")
         res = _as_sft(ref, kinds, ids, scorer is not None, int(e["bootstrap"]), int(ctx.cfg["run"]["seed"]))
@@ -675,8 +677,7 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     # the comparisons with SFT: the KL along this stage's answers, the reward model's preference
     if stage == "sft":
         values["kl_to_sft"] = [0.0] * len(eval_recs)
-    elif ref is not None and chat:
-        sft_model = load_model(stage_model_path(ctx.run_dir, "sft"))
+    elif sft_model is not None:
         if sft_model.config.vocab_size == model.config.vocab_size:
             prompts, _ = encode_prompts(tok, eval_recs, chat=True, limit=prompt_limit(model, e["max_new_tokens"]))
             kl = kl_along(model, sft_model, prompts, [g.tokens for g in gens], batch_size=e["batch_size"],

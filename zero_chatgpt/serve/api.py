@@ -72,14 +72,18 @@ class Choice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletion(BaseModel):
+class _Completion(BaseModel):
+    """What a completion and each of its stream chunks both carry."""
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str
+
+
+class ChatCompletion(_Completion):
+    object: Literal["chat.completion"] = "chat.completion"
     choices: list[Choice]
     usage: Usage
-    system_fingerprint: str
 
 
 class Delta(BaseModel):
@@ -100,15 +104,11 @@ class ChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Completion):
     """One `data:` event of a stream (documented here; the stream itself is text/event-stream)."""
-    id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    system_fingerprint: str
 
 
 class ModelCard(BaseModel):

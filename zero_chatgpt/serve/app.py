@@ -62,12 +62,9 @@ class Gate:
     def __init__(self, app, api_key: str | None, max_body: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body
 
-    async def _refuse(self, send, e: api.ApiError) -> None:
-        body = json.dumps(e.body()).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        headers += [(k.lower().encode(), str(v).encode()) for k, v in e.headers.items()]
-        await send({"type": "http.response.start", "status": e.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    @staticmethod
+    async def _refuse(scope, receive, send, e: api.ApiError) -> None:
+        await _error_response(e)(scope, receive, send)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -77,13 +74,13 @@ class Gate:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:] if auth[:7].lower() == "bearer " else ""
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                return await self._refuse(send, api.ApiError(
+                return await self._refuse(scope, receive, send, api.ApiError(
                     401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                     code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
         too_big = api.ApiError(413, f"request body larger than {self.max_body} bytes", code="request_too_large")
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            return await self._refuse(send, too_big)
+            return await self._refuse(scope, receive, send, too_big)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         # Read the body here, counting, so that a chunked upload cannot pass the limit either.
@@ -95,7 +92,7 @@ class Gate:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                return await self._refuse(send, too_big)
+                return await self._refuse(scope, receive, send, too_big)
             chunks.append(chunk)
             if not msg.get("more_body"):
                 break
@@ -320,20 +317,12 @@ def serve(app: FastAPI, engine: Engine, host: str, port: int, drain_timeout: flo
 
 
 def run_command(ctx) -> None:
-    import torch
-
-    from zero_chatgpt.chat import pick_stage
-    from zero_chatgpt.checkpoint import load_model, stage_model_path
+    from zero_chatgpt.chat import load_chat_model
+    from zero_chatgpt.checkpoint import stage_model_path
     from zero_chatgpt.console import info
-    from zero_chatgpt.tokenizer import load_tokenizer
 
     rd, a = ctx.run_dir, ctx.args
-    stage = pick_stage(rd, a.get("stage"))
-    device = ctx.cfg["run"]["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(stage_model_path(rd, stage), device=device).eval()
-    tok = load_tokenizer(rd.tokenizer)
+    stage, model, tok = load_chat_model(ctx)
     c = ctx.cfg["chat"]
     limits = Limits(max_tokens=int(a.get("max_tokens") or 512), drain_timeout=float(a.get("drain_timeout") or 30))
     defaults = Defaults(temperature=c["temperature"], top_p=c["top_p"] if c["top_p"] > 0 else 1.0, top_k=c["top_k"],
