@@ -91,3 +91,21 @@ def zc(*args, env=None, timeout=300, **kw):
     e = {**os.environ, "ZC_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "zero_chatgpt", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=e, **kw)
+
+
+def node_tree(p) -> list:
+    """A launcher and its workers (torchrun starts each worker in a session of its own, so killing
+    the launcher's process group would leave the worker running)."""
+    import psutil
+    root = psutil.Process(p.pid)
+    return [root] + root.children(recursive=True)
+
+
+def kill(procs: list) -> None:
+    import psutil
+    for q in procs:
+        try:
+            q.kill()
+            q.wait(10)
+        except psutil.NoSuchProcess:
+            pass

@@ -49,9 +49,9 @@ def test_fsdp_run_killed_after_a_checkpoint_resumes_exactly(tmp_path):
     """FSDP2 under torchrun: SIGKILL the whole job after its step-2 checkpoint, start it again, and
     the resumed run (sharded optimizer state restored from the gathered checkpoint) logs the losses
     of an uninterrupted FSDP run."""
-    import os
-    import signal
     import time
+
+    from runs import kill, node_tree
     ref, run = tmp_path / "ref", tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HERE)]
     opts = ["--steps", "4", "--ckpt-every", "2", "--fsdp"]
@@ -64,7 +64,7 @@ def test_fsdp_run_killed_after_a_checkpoint_resumes_exactly(tmp_path):
         assert p.poll() is None, "the FSDP run exited before writing step-2"
         assert time.time() - t0 < 120, "timed out waiting for step-2"
         time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)   # torchrun and both workers, mid-step 3
+    kill(node_tree(p))   # torchrun and both workers (each in a session of its own), mid-step 3
     p.wait()
     assert not (run / "pretrain" / "final").exists()
     r = subprocess.run(cmd + [str(run)] + opts, env=run_env(), capture_output=True, text=True, timeout=180)
