@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from collections import Counter
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, wait
@@ -74,12 +75,35 @@ def _hasher(cfg: dict) -> MinHasher:
                      cfg["near_threshold"])
 
 
+def _test_fault(i: int) -> None:
+    """A test hook: with ZC_DATA_FAULT_DIR set, the worker that cleans part i while the file
+    kill-part-<i> exists there claims it (the first one only) and dies as if killed."""
+    d = os.environ.get("ZC_DATA_FAULT_DIR")
+    if not d:
+        return
+    arm = Path(d) / f"kill-part-{i}"
+    try:
+        os.rename(arm, arm.with_name(arm.name + ".fired"))
+    except OSError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _executor(cfg: dict, nworkers: int):
+    """Where the parts are cleaned and written: a process pool here, or Ray tasks."""
+    if cfg.get("executor", "local") == "ray":
+        from zero_chatgpt.data.ray_executor import ray_executor
+        return ray_executor(str(cfg.get("ray_address") or ""), nworkers)
+    return process_pool(nworkers)
+
+
 def clean_part(cfg: dict, work: Path, i: int, records: list[dict], command_pid: int) -> dict:
     """Clean one part and write its kept documents, index arrays and counts (the .json last).
 
     The .json is what makes a part count as finished (a rerun after a kill reuses it), so it is
     published only while the command that asked for it still runs: a worker that outlived a
     killed command (for the few milliseconds its watchdog allows) never publishes a part."""
+    _test_fault(i)
     cleaner = Cleaner(CleanConfig.from_cfg(cfg))
     paths = _part_paths(work, i)
     dropped: Counter = Counter()
@@ -251,7 +275,8 @@ def run_stage(ctx: Context) -> dict:
 
     nworkers = _workers(cfg)
     what = "the built-in corpus" if not cfg["sources"] else ", ".join(cfg["sources"])
-    info(f"data: reading {what}; cleaning with {nworkers} processes")
+    how = "Ray tasks" if cfg.get("executor", "local") == "ray" else f"{nworkers} processes"
+    info(f"data: reading {what}; cleaning with {how}")
     try:
         return _clean_dedup_write(ctx, cfg, out_dir, work, run, nworkers)
     except BrokenProcessPool:
@@ -268,7 +293,7 @@ def _clean_dedup_write(ctx: Context, cfg: dict, out_dir: Path, work: Path, run, 
     part_stats: dict[int, dict] = {}
     resumed: list[dict] = []     # parts finished by an earlier, killed run: which, by whom, when
     bar = progress(desc="clean", unit="doc")
-    with process_pool(nworkers) as pool:
+    with _executor(cfg, nworkers) as pool:
         pending = {}
 
         def collect(block: bool) -> None:

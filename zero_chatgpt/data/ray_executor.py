@@ -1,0 +1,52 @@
+"""The data stage's tasks as Ray tasks: `--set data.executor=ray [--set data.ray_address=...]`.
+
+An executor here is anything with `submit(fn, *args) -> concurrent.futures.Future`: the local
+one is workers.process_pool; this one runs each call as a Ray task (`max_retries=3`: a worker
+that dies mid-task is retried, and the tasks write their files atomically, so a retry gives the
+same bytes) and hands back the ObjectRef's Future, so the pipeline waits on both the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future
+from typing import Iterator
+
+from zero_chatgpt.console import UserError, info
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError("data.executor = 'ray' needs Ray: pip install 'zero-chatgpt[ray]'") from None
+    return ray
+
+
+class RayExecutor:
+    def __init__(self, ray):
+        self._ray = ray
+        self._remote = {}
+
+    def submit(self, fn, /, *args) -> Future:
+        rf = self._remote.get(fn)
+        if rf is None:
+            rf = self._remote[fn] = self._ray.remote(max_retries=3)(fn)
+        return rf.remote(*args).future()
+
+
+@contextlib.contextmanager
+def ray_executor(address: str, nworkers: int) -> Iterator[RayExecutor]:
+    """Ray tasks on the cluster at `address` ("" = a local Ray of `nworkers` CPUs); Ray is started
+    only when this process has not already started it, and then shut down at the end."""
+    ray = _ray()
+    started = False
+    if not ray.is_initialized():
+        kw = {} if address else {"num_cpus": nworkers}
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False, **kw)
+        started = True
+    info(f"data: Ray tasks on {address or 'a local Ray'} ({int(ray.cluster_resources().get('CPU', 0))} CPUs)")
+    try:
+        yield RayExecutor(ray)
+    finally:
+        if started:
+            ray.shutdown()
