@@ -108,3 +108,14 @@ def test_ray_resumes_finished_parts(ray_cluster, source, local, tmp_path):
     assert [r["part"] for r in stats["resumed_parts"]] == [0, 1]
     assert _comparable(stats) == _comparable(local[0])
     assert _outputs(run) == local[1]
+
+
+def test_missing_ray_is_a_user_error(monkeypatch):
+    import sys
+
+    from zero_chatgpt.console import UserError
+    from zero_chatgpt.data.ray_executor import ray_executor
+    monkeypatch.setitem(sys.modules, "ray", None)      # import ray raises ImportError
+    with pytest.raises(UserError, match=r"pip install 'zero-chatgpt\[ray\]'"):
+        with ray_executor("", 2):
+            pass

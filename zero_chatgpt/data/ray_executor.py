@@ -8,6 +8,7 @@ same bytes) and hands back the ObjectRef's Future, so the pipeline waits on both
 from __future__ import annotations
 
 import contextlib
+import os
 from concurrent.futures import Future
 from typing import Iterator
 
@@ -22,16 +23,22 @@ def _ray():
     return ray
 
 
+def _task(fn, *args):
+    # Ray ends a job's tasks when its driver exits, and a task on another host cannot watch the
+    # driver's pid: clean_part skips its pid check (workers.command_alive) under Ray
+    os.environ["ZC_RAY_TASK"] = "1"
+    return fn(*args)
+
+
 class RayExecutor:
     def __init__(self, ray):
         self._ray = ray
-        self._remote = {}
+        self._task = None
 
     def submit(self, fn, /, *args) -> Future:
-        rf = self._remote.get(fn)
-        if rf is None:
-            rf = self._remote[fn] = self._ray.remote(max_retries=3)(fn)
-        return rf.remote(*args).future()
+        if self._task is None:
+            self._task = self._ray.remote(max_retries=3)(_task)
+        return self._task.remote(fn, *args).future()
 
 
 @contextlib.contextmanager
