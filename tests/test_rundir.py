@@ -295,10 +295,10 @@ def test_runs_of_the_previous_version_are_adopted_not_redone(tmp_path, capsys):
     assert tree(run) == {**before, ".lock": tree(run)[".lock"]}
     # given again, everything is adopted as it is
     code, err = cli(capsys, "data", "--run-dir", run, "--source", f"jsonl:{corpus}")
-    assert code == 0 and "data: adopted the record" in err
+    assert code == 0 and "data: adopted the record" in err, err
     code, err = cli(capsys, "run", "--run-dir", run, "--until", "pretrain")
     assert code == 0 and "tokenizer: adopted" in err and "pretrain: adopted" in err
     code, err = cli(capsys, "sft", "--run-dir", run, "--source", f"messages:{chat}")
-    assert code == 0 and "sft: adopted" in err and "sft: up to date" in err
+    assert code == 0 and "sft: adopted" in err and "sft: up to date" in err, err
     assert outputs(tree(run)) == outputs(before)          # no shard, token file or weight rewritten
     assert pick_model(RunDir(run), None, chat=True)[0] == "sft"

@@ -20,6 +20,22 @@ _SFT_DATA_KEYS = ("sources", "eval_fraction", "rl_fraction", "val_fraction", "mu
                   "identity_fraction", "min_prompt_chars", "max_prompt_chars", "dedup_threshold")
 
 
+# keys added to a section after that version, with the value that gives that version's behaviour:
+# at that value they were not part of what it hashed
+_ADDED_SINCE = {"data": {"executor": "local", "ray_address": ""}}
+
+
+def _as_then(cfg: dict, section: str):
+    sec = cfg.get(section, {})
+    if section not in _ADDED_SINCE:
+        return sec
+    sec = dict(sec)
+    for k, v in _ADDED_SINCE[section].items():
+        if sec.get(k) == v:
+            sec.pop(k, None)
+    return sec
+
+
 def _marker(folder: Path) -> dict:
     try:
         return json.loads((Path(folder) / ".stage.json").read_text())
@@ -36,7 +52,7 @@ def _old_key_of(folder: Path) -> str:
 def _stage_key(cfg: dict, sections, upstream=(), extra=None) -> str:
     """That version's rundir.stage_key, verbatim in effect."""
     h = hashlib.sha256()
-    h.update(json.dumps({s: cfg.get(s, {}) for s in sections}, sort_keys=True).encode())
+    h.update(json.dumps({s: _as_then(cfg, s) for s in sections}, sort_keys=True).encode())
     h.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
     for up in upstream:
         h.update(_old_key_of(up).encode())
