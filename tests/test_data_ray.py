@@ -6,7 +6,12 @@ import random
 
 import pytest
 
-ray = pytest.importorskip("ray")
+try:
+    import ray
+except ImportError:
+    if os.environ.get("CI") == "true":   # the dev extras install ray: in CI its absence is a failure
+        raise
+    pytest.skip("ray is not installed (pip install 'zero-chatgpt[ray]')", allow_module_level=True)
 
 from test_data_pipeline import ctx_for, reviews  # noqa: E402
 

@@ -91,9 +91,9 @@ def _test_fault(i: int) -> None:
 
 def _executor(cfg: dict, nworkers: int):
     """Where the parts are cleaned and written: a process pool here, or Ray tasks."""
-    if cfg.get("executor", "local") == "ray":
+    if cfg["executor"] == "ray":
         from zero_chatgpt.data.ray_executor import ray_executor
-        return ray_executor(str(cfg.get("ray_address") or ""), nworkers)
+        return ray_executor(str(cfg["ray_address"]), nworkers)
     return process_pool(nworkers)
 
 
@@ -275,7 +275,7 @@ def run_stage(ctx: Context) -> dict:
 
     nworkers = _workers(cfg)
     what = "the built-in corpus" if not cfg["sources"] else ", ".join(cfg["sources"])
-    how = "Ray tasks" if cfg.get("executor", "local") == "ray" else f"{nworkers} processes"
+    how = "Ray tasks" if cfg["executor"] == "ray" else f"{nworkers} processes"
     info(f"data: reading {what}; cleaning with {how}")
     try:
         return _clean_dedup_write(ctx, cfg, out_dir, work, run, nworkers)
