@@ -7,8 +7,8 @@ import pytest
 
 from zero_chatgpt.data.builtin import iter_peoples_daily
 from zero_chatgpt.data.clean import normalize
-from zero_chatgpt.data.dedup import (MinHasher, UnionFind, candidate_pairs, candidate_probability, find_duplicates,
-                                     jaccard, lsh_params, shingle_hashes)
+from zero_chatgpt.data.dedup import (MinHasher, UnionFind, candidate_pairs, candidate_probability, exact_hash,
+                                     find_duplicates, jaccard, lsh_params, shingle_hashes)
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,48 @@ def test_lsh_parameters():
     h = MinHasher(num_perm=120, bands=15)
     keys = h.keys_for(["今天天气很好。" * 20, ""])
     assert keys.shape == (2, 15) and keys.dtype == np.uint64 and keys.nbytes / 2 == 120
+
+
+@pytest.mark.parametrize("nworkers,pairs_per_chunk", [(1, 20_000), (3, 7)])
+def test_dedup_over_parts_equals_in_memory(corpus, tmp_path, monkeypatch, nworkers, pairs_per_chunk):
+    """The data stage's partitioned dedup (by hash, by band, by chunk of pairs, as executor tasks over
+    files) keeps the same documents as find_duplicates over the whole list, however the work is cut."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zero_chatgpt.data import dedup_parts
+    from zero_chatgpt.io import JsonlZstWriter
+    from zero_chatgpt.workers import InlineExecutor
+
+    text, base = corpus
+    rng = random.Random(1)
+    docs = list(base[:150])
+    for rate in (0.0, 0.01, 0.02):
+        docs += [edit(rng, base[rng.randrange(150)], rate, text) for _ in range(30)]
+    rng.shuffle(docs)
+    want = find_duplicates(docs)
+    hasher = MinHasher()
+    cuts = [0, 17, 18, 120, 121, len(docs)]      # uneven parts, one of a single document
+    index, files, sizes = [], [], []
+    for k in range(len(cuts) - 1):
+        part = docs[cuts[k]:cuts[k + 1]]
+        index.append(tmp_path / f"part-{k}.npz")
+        np.savez(index[-1], exact=np.array([exact_hash(t) for t in part], dtype=np.uint64), keys=hasher.keys_for(part))
+        files.append(tmp_path / f"part-{k}.jsonl.zst")
+        with JsonlZstWriter(files[-1]) as w:
+            for t in part:
+                w.write({"text": t})
+        sizes.append(len(part))
+    monkeypatch.setattr(dedup_parts, "PAIRS_PER_CHUNK", pairs_per_chunk)
+    cfg = {"exact_dedup": True, "near_dedup": True, "near_threshold": 0.7, "shingle_chars": 5, "drop_samples": 3}
+    pool = InlineExecutor() if nworkers == 1 else ThreadPoolExecutor(nworkers)
+    keep, offsets, summary = dedup_parts.deduplicate(cfg, tmp_path, index, files, sizes, hasher.bands, pool, nworkers)
+    assert offsets.tolist() == cuts
+    assert keep.tolist() == want.keep.tolist()
+    assert summary["exact_dup"] == want.n_exact and summary["near_dup"] == want.n_near >= 40
+    assert sorted(summary["largest_clusters"], reverse=True) == want.cluster_sizes[:10]
+    assert summary["verified_pairs"] <= summary["candidate_pairs"]
+    hist = summary["cluster_size_histogram"]
+    assert sum((int(k) - 1) * v for k, v in hist.items()) == want.n_exact + want.n_near   # every removal in a cluster
+    assert sum(hist.values()) == summary["clusters"] == len(want.cluster_sizes)
+    assert len(summary["near_dup_samples"]) == 3 and all(s["jaccard"] >= 0.7 for s in summary["near_dup_samples"])
+    assert not (tmp_path / "verify").exists()

@@ -78,10 +78,14 @@ def test_ray_equals_local(ray_cluster, source, local, tmp_path):
 
 
 def test_killed_worker_is_retried(ray_cluster, source, local, tmp_path):
-    arm = ray_cluster / "kill-part-1"
-    arm.write_text("")
+    # one worker killed in each kind of task: cleaning a part, exact dedup of a hash partition,
+    # the candidates of a band group, gathering a part's texts and verifying a chunk of pairs
+    names = ["part-1", "exact-0", "band-0", "gather-0", "verify-0"]
+    for name in names:
+        (ray_cluster / f"kill-{name}").write_text("")
     stats = _run(tmp_path, source, "data.executor=ray")
-    assert (ray_cluster / "kill-part-1.fired").exists() and not arm.exists()   # the first try died
+    for name in names:   # the first try died, and Ray ran the task again
+        assert (ray_cluster / f"kill-{name}.fired").exists() and not (ray_cluster / f"kill-{name}").exists(), name
     assert _comparable(stats) == _comparable(local[0])
     assert _outputs(tmp_path) == local[1]
 

@@ -82,6 +82,20 @@ class InlineExecutor(Executor):
         return fut
 
 
+def fault_point(name: str) -> None:
+    """A test hook: with ZC_DATA_FAULT_DIR set, the task that reaches `name` while the file
+    kill-<name> exists there claims it (the first one only) and dies as if killed."""
+    d = os.environ.get("ZC_DATA_FAULT_DIR")
+    if not d:
+        return
+    arm = os.path.join(d, f"kill-{name}")
+    try:
+        os.rename(arm, arm + ".fired")
+    except OSError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def process_pool(n: int, start_method: str = "forkserver") -> Iterator[Executor]:
     """An executor of `n` worker processes that die with this one (see the module docstring).

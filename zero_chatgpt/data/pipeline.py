@@ -8,8 +8,9 @@
    the kept documents, their exact hashes + LSH band keys, and the part's counts. A killed
    run resumes: parts whose `.json` exists are not cleaned again.
 2. Exact duplicates (first occurrence kept), then near duplicates over the band keys of all
-   parts (numpy arrays, ~128 bytes per document), verified on the documents' true shingle
-   Jaccard, merged with union-find (dedup.py).
+   parts (~128 bytes per document), verified on the documents' true shingle Jaccard, merged
+   with union-find (dedup.py): as tasks on the same executor, partitioned by hash, by band and
+   by chunk of candidate pairs (dedup_parts.py), so the driver never holds the index.
 3. The pool writes the kept documents of each part to `D/data/train-NNNNN.jsonl.zst` /
    `val-NNNNN.jsonl.zst` (the split is a stable hash of the text), and the main process
    writes `D/data/stats.json` and prints the funnel. The accounting is exact:
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import time
 from collections import Counter
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, wait
@@ -34,11 +34,12 @@ import numpy as np
 from zero_chatgpt.console import UserError, info, progress, table
 from zero_chatgpt.data import builtin
 from zero_chatgpt.data.clean import REASONS, Cleaner, CleanConfig
-from zero_chatgpt.data.dedup import MinHasher, ShingleJaccard, candidate_pairs, cluster_pairs, exact_hash
+from zero_chatgpt.data.dedup import MinHasher, exact_hash
+from zero_chatgpt.data.dedup_parts import deduplicate
 from zero_chatgpt.data.sources import BadRecords, iter_records, parse_source
 from zero_chatgpt.io import JsonlZstWriter, atomic_write_json, iter_jsonl
 from zero_chatgpt.rundir import Context, begin, inputs_or_recorded, source_fingerprints
-from zero_chatgpt.workers import command_alive, process_pool
+from zero_chatgpt.workers import command_alive, fault_point, process_pool
 
 DEDUP_REASONS = ("exact_dup", "near_dup")
 
@@ -75,20 +76,6 @@ def _hasher(cfg: dict) -> MinHasher:
                      cfg["near_threshold"])
 
 
-def _test_fault(i: int) -> None:
-    """A test hook: with ZC_DATA_FAULT_DIR set, the worker that cleans part i while the file
-    kill-part-<i> exists there claims it (the first one only) and dies as if killed."""
-    d = os.environ.get("ZC_DATA_FAULT_DIR")
-    if not d:
-        return
-    arm = Path(d) / f"kill-part-{i}"
-    try:
-        os.rename(arm, arm.with_name(arm.name + ".fired"))
-    except OSError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _executor(cfg: dict, nworkers: int):
     """Where the parts are cleaned and written: a process pool here, or Ray tasks."""
     if cfg["executor"] == "ray":
@@ -103,7 +90,7 @@ def clean_part(cfg: dict, work: Path, i: int, records: list[dict], command_pid: 
     The .json is what makes a part count as finished (a rerun after a kill reuses it), so it is
     published only while the command that asked for it still runs: a worker that outlived a
     killed command (for the few milliseconds its watchdog allows) never publishes a part."""
-    _test_fault(i)
+    fault_point(f"part-{i}")
     cleaner = Cleaner(CleanConfig.from_cfg(cfg))
     paths = _part_paths(work, i)
     dropped: Counter = Counter()
@@ -174,75 +161,6 @@ def _write_part(cfg: dict, work: Path, out_dir: Path, i: int, keep: np.ndarray) 
     return counts
 
 
-# ── phase 2: dedup across parts (in the main process) ──────────────────────────────────────────
-
-def _load_texts(work: Path, parts: list[int], offsets: np.ndarray, wanted: np.ndarray) -> dict[int, str]:
-    """Texts of the wanted global document ids, streamed from the parts that hold them."""
-    out: dict[int, str] = {}
-    wanted = np.unique(wanted)
-    for k, i in enumerate(parts):
-        lo, hi = offsets[k], offsets[k + 1]
-        need = wanted[(wanted >= lo) & (wanted < hi)]
-        if len(need) == 0:
-            continue
-        need_set = set((need - lo).tolist())
-        for row, doc in enumerate(iter_jsonl(_part_paths(work, i)["docs"])):
-            if row in need_set:
-                out[int(lo + row)] = doc["text"]
-    return out
-
-
-def deduplicate(cfg: dict, work: Path, parts: list[int]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """keep mask over all kept-after-cleaning documents (in part order), part offsets, and a summary."""
-    exact_list, key_list = [], []
-    for i in parts:
-        with np.load(_part_paths(work, i)["index"]) as z:
-            exact_list.append(z["exact"])
-            key_list.append(z["keys"])
-    sizes = np.array([len(e) for e in exact_list], dtype=np.int64)
-    offsets = np.concatenate(([0], np.cumsum(sizes)))
-    n = int(offsets[-1])
-    exact = np.concatenate(exact_list) if n else np.zeros(0, np.uint64)
-    keep = np.ones(n, dtype=bool)
-    summary = {"exact_dup": 0, "near_dup": 0, "candidate_pairs": 0, "verified_pairs": 0,
-               "index_bytes_per_doc": 0.0, "largest_clusters": []}
-    root = np.arange(n)
-    if cfg["exact_dedup"] and n:
-        _, first, inverse = np.unique(exact, return_index=True, return_inverse=True)
-        root = first[inverse.reshape(-1)]
-        keep = root == np.arange(n)
-        summary["exact_dup"] = int(n - keep.sum())
-    if cfg["near_dedup"] and n > 1:
-        keys = np.concatenate(key_list)
-        summary["index_bytes_per_doc"] = (keys.nbytes + exact.nbytes) / n
-        ids = np.flatnonzero(keep)
-        pairs = candidate_pairs(keys[ids], ids)
-        summary["candidate_pairs"] = int(len(pairs))
-        if len(pairs):
-            texts = _load_texts(work, parts, offsets, pairs.reshape(-1))
-            sim = ShingleJaccard(texts.__getitem__, cfg["shingle_chars"])
-            thr = cfg["near_threshold"]
-            uf, checked = cluster_pairs(n, pairs, lambda a, b: sim(a, b) >= thr)
-            summary["verified_pairs"] = checked
-            samples = summary["near_dup_samples"] = []
-            for d in np.unique(pairs[:, 1]).tolist():
-                r = uf.find(d)
-                if r != d and keep[d]:
-                    keep[d] = False
-                    root[d] = r
-                    summary["near_dup"] += 1
-                    if len(samples) < cfg["drop_samples"] and r in texts:
-                        samples.append({"kept": texts[r][:150], "dropped": texts[d][:150],
-                                        "jaccard": round(sim(r, d), 3)})
-    if n:
-        sizes = np.bincount(root, minlength=n)
-        summary["largest_clusters"] = sorted((int(s) for s in sizes[sizes > 1]), reverse=True)[:10]
-        summary["clusters"] = int((sizes > 1).sum())
-        hist = np.bincount(sizes[sizes > 1])
-        summary["cluster_size_histogram"] = {str(k): int(v) for k, v in enumerate(hist) if v}
-    return keep, offsets, summary
-
-
 # ── the stage ───────────────────────────────────────────────────────────────────────────────────
 
 def _batches(it: Iterator[dict], size: int) -> Iterator[list[dict]]:
@@ -280,7 +198,7 @@ def run_stage(ctx: Context) -> dict:
     try:
         return _clean_dedup_write(ctx, cfg, out_dir, work, run, nworkers)
     except BrokenProcessPool:
-        raise UserError(f"data: a cleaning worker process died (killed, or out of memory?); the parts it finished "
+        raise UserError(f"data: a worker process died (killed, or out of memory?); the parts already finished "
                         f"are kept in {work}: run the same command again to resume, with fewer "
                         f"--set data.workers or a smaller data.shard_docs if it happens again") from None
 
@@ -321,10 +239,14 @@ def _clean_dedup_write(ctx: Context, cfg: dict, out_dir: Path, work: Path, run, 
             info(f"data: resumed {len(resumed)} finished part(s) from {work}")
         parts = sorted(part_stats)
         t_clean = time.time() - t0
-        keep, offsets, dd = deduplicate(cfg, work, parts)
+        keep, offsets, dd = deduplicate(cfg, work, [_part_paths(work, i)["index"] for i in parts],
+                                        [_part_paths(work, i)["docs"] for i in parts],
+                                        [part_stats[i]["kept"] for i in parts], _hasher(cfg).bands,
+                                        pool, getattr(pool, "workers", nworkers))
         t_dedup = time.time() - t0 - t_clean
         info(f"data: {dd['exact_dup']:,} exact and {dd['near_dup']:,} near duplicates "
-             f"({dd['candidate_pairs']:,} LSH candidate pairs, {dd['verified_pairs']:,} verified) in {t_dedup:.1f} s")
+             f"({dd['candidate_pairs']:,} LSH candidate pairs, {dd['verified_pairs']:,} at Jaccard "
+             f"≥ {cfg['near_threshold']}) in {t_dedup:.1f} s")
         futs = [pool.submit(_write_part, cfg, work, out_dir, i, keep[offsets[k]:offsets[k + 1]])
                 for k, i in enumerate(parts)]
         written = [f.result() for f in progress(futs, desc="write", unit="part")]

@@ -34,6 +34,8 @@ class RayExecutor:
     def __init__(self, ray):
         self._ray = ray
         self._task = None
+        # how many tasks to cut the dedup in: the cluster's CPUs, not this machine's
+        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
 
     def submit(self, fn, /, *args) -> Future:
         if self._task is None:
