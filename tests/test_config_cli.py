@@ -68,3 +68,14 @@ def test_help_lists_the_registry_and_marks_what_is_not_built(capsys):
             main([st.name, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert ("[not built yet in this version]" in text) == (not is_built(st)), st.name
+
+
+def test_a_key_added_later_enters_stage_keys_only_when_set():
+    """pretrain.ema_decay came after run directories with stage records: at its default (off, the
+    behaviour before it) it is not in the closure, so those runs' stages stay current; set, it is."""
+    from zero_chatgpt import config
+    cfg = config.defaults()
+    assert "pretrain.ema_decay" not in config.result_items(cfg, ["pretrain"])
+    assert "pretrain.lr" in config.result_items(cfg, ["pretrain"])
+    cfg["pretrain"]["ema_decay"] = 0.99
+    assert config.result_items(cfg, ["pretrain"])["pretrain.ema_decay"] == 0.99

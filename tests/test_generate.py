@@ -99,3 +99,20 @@ def test_stop_strings_and_text(tmp_path):
     with pytest.raises(ValueError, match="tokenizer"):
         generate(m, [[1]], max_new_tokens=2, stop_strings=["x"])
 
+
+
+def test_draw_samples_the_softmax_and_never_a_filtered_token():
+    from zero_chatgpt.generate import draw
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(60, generator=g) * 2
+    scores[[0, 7, 59]] = float("-inf")            # filtered (top-k / top-p), also at both ends
+    n = 200_000
+    got = torch.bincount(draw(scores.expand(n, -1).contiguous(), g), minlength=60).double() / n
+    p = scores.softmax(-1).double()
+    assert got[[0, 7, 59]].sum() == 0
+    # every frequency within 5 standard errors of its probability
+    assert ((got - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all(), (got - p).abs().max()
+    # one token left after filtering: always that one
+    one = torch.full((1000, 60), float("-inf"))
+    one[:, 59] = 0.0
+    assert (draw(one, g) == 59).all()

@@ -154,3 +154,80 @@ def test_tokenizer_and_encoder_import_no_stage():
     tree = ast.parse(open(t.__file__).read())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not {"zero_chatgpt.encode", "zero_chatgpt.data.tokenize"} & imported
+
+
+def _lm_loss(model, batch):
+    n = batch["labels"].numel()
+    return model(batch["input_ids"], output=LMLoss(batch["labels"])) / n, {}, n
+
+
+def _train_with_ema(stage_dir, steps, seen=None, decay=0.6, select=False):
+    """A tiny LM with an EMA of its weights; `seen` collects the live weights each step starts from."""
+    s = loop.LoopSettings(max_steps=steps, lr=3e-3, warmup_steps=0, schedule="constant", checkpoint_every=3,
+                          eval_every=2, log_every=1, precision="fp32", tensorboard=False, seed=5, keep_last=5,
+                          ema_decay=decay, select_metric="score" if select else "")
+    model = _model()
+
+    def loss_fn(m, batch):
+        if seen is not None:
+            seen.append([p.detach().clone() for p in model.parameters()])
+        return _lm_loss(m, batch)
+
+    evals = []
+
+    def eval_fn(m):                      # what the evaluation sees: a fingerprint of the weights it is given
+        w = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+        evals.append(w.clone())
+        return {"score": float(-w.double().norm())}
+
+    res = loop.train(s, model=model, stage="lm", stage_dir=stage_dir, log_dir=stage_dir / "logs", batches=_Toy(),
+                     loss_fn=loss_fn, eval_fn=eval_fn, dist_info=loop.Dist())
+    return res, model, evals
+
+
+def _weights(folder):
+    return [p.detach() for p in ckpt.load_model(folder).parameters()]
+
+
+def test_ema_of_the_weights_is_evaluated_and_shipped_and_resumes_exactly(tmp_path):
+    seen = []
+    res, model, evals = _train_with_ema(tmp_path / "one", 8, seen)
+    live = [p.detach() for p in model.parameters()]
+    # the expected average, folded by hand over the weights after each step
+    after = seen[1:] + [live]
+    ema = [p.clone() for p in seen[0]]
+    for w in after:
+        ema = [0.6 * e + 0.4 * x for e, x in zip(ema, w)]
+    final = _weights(tmp_path / "one" / "final")
+    assert all(torch.allclose(f, e, atol=1e-6) for f, e in zip(final, ema))
+    assert not all(torch.allclose(f, x, atol=1e-4) for f, x in zip(final, live)), "final/ holds the live weights"
+    # step-N keeps both: the live weights at its root (training resumes from them) and the average in ema/
+    step = tmp_path / "one" / "step-8"
+    assert all(torch.equal(a, b) for a, b in zip(_weights(step), live))
+    assert all(torch.equal(a, b) for a, b in zip(_weights(step / "ema"), final))
+    # the last evaluation saw the average
+    assert torch.allclose(evals[-1], torch.cat([e.reshape(-1) for e in ema]), atol=1e-6)
+    meta = json.loads((tmp_path / "one" / "final" / "meta.json").read_text())
+    assert meta["weights"] == "exponential moving average, decay 0.6"
+    # stopped at step 4 (checkpoint step-3) and continued: bitwise the same average and weights
+    _train_with_ema(tmp_path / "two", 4)
+    _train_with_ema(tmp_path / "two", 8)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(tmp_path / "two" / "final"), final))
+    assert all(torch.equal(a, b) for a, b in zip(_weights(tmp_path / "two" / "step-8"), live))
+
+
+def test_ema_selected_by_metric_ships_the_best_average(tmp_path):
+    res, _, evals = _train_with_ema(tmp_path, 8, select=True)
+    best = res.selected_step
+    assert best > 0
+    want = evals[[e["step"] for e in res.evals].index(best)]
+    got = torch.cat([p.reshape(-1) for p in _weights(tmp_path / "final")])
+    assert torch.equal(got, want)
+
+
+def test_ema_settings_are_checked():
+    from zero_chatgpt.console import UserError
+    with pytest.raises(UserError, match="ema_decay must be in"):
+        loop.LoopSettings.from_section({"ema_decay": 1.0})
+    with pytest.raises(UserError, match="fsdp"):
+        loop.LoopSettings.from_section({"ema_decay": 0.9, "fsdp": True})

@@ -56,6 +56,9 @@ class Rule:
     """What a key allows. `check(value)` returns None when fine, else what is allowed."""
     check: Callable[[Any], str | None]
     operational: bool = False       # True: never part of a stage key (see the module docstring)
+    # a key added after run directories were made with this version's records: at this value (the
+    # behaviour from before it) it is left out of stage keys, so those runs' stages stay current
+    added_at: Any = None
 
 
 def _num(lo=None, hi=None, lo_open=False, hi_open=False, integer=False) -> Callable[[Any], str | None]:
@@ -125,7 +128,7 @@ def _loop_rules(checkpoint_every: bool = True) -> dict[str, Rule]:
         "compile": Any_(operational=True), "fsdp": Any_(),
         "checkpoint_every": Int(0, operational=True), "keep_last": Int(1, operational=True),
         "eval_every": Int(0, operational=True), "log_every": Int(1, operational=True),
-        "tensorboard": Any_(operational=True),
+        "tensorboard": Any_(operational=True), "ema_decay": Frac(hi_open=True, added_at=0.0),
     }
 
 
@@ -139,8 +142,9 @@ RULES: dict[str, dict[str, Rule]] = {
                               "'peoples-daily', 'reviews', 'idioms'", nonempty=True),
         "text_field": Rule(lambda v: None if v else "a non-empty field name"),
         "text_unit": Choice("line", "block"), "max_record_bytes": Int(1),
-        "workers": Int(0, operational=True), "executor": Choice("local", "ray", operational=True),
-        "ray_address": Any_(operational=True), "shard_docs": Int(1), "drop_samples": Int(0, operational=True),
+        "workers": Int(0, operational=True),
+        "executor": Choice("local", "ray", operational=True, added_at="local"),
+        "ray_address": Any_(operational=True, added_at=""), "shard_docs": Int(1), "drop_samples": Int(0, operational=True),
         "nfkc": Any_(), "t2s": Any_(), "remove_citations": Any_(), "collapse_punct": Any_(), "mask_pii": Any_(),
         "min_chars": Int(0), "min_cjk_chars": Int(0), "min_cjk_ratio": Frac(), "min_line_punct_ratio": Frac(),
         "max_dup_line_frac": Frac(),
@@ -270,7 +274,8 @@ def validate(cfg: dict) -> dict:
 
 def result_items(cfg: dict, sections) -> dict:
     """{"section.key": value} of the keys that change a stage's result (not the operational ones)."""
-    return {f"{s}.{k}": v for s in sections for k, v in cfg[s].items() if not RULES[s][k].operational}
+    return {f"{s}.{k}": v for s in sections for k, v in cfg[s].items()
+            if not RULES[s][k].operational and not (RULES[s][k].added_at is not None and v == RULES[s][k].added_at)}
 
 
 # ---------------------------------------------------------------- merging, presets, overrides

@@ -69,6 +69,20 @@ def _process_logits(logits: torch.Tensor, seen: torch.Tensor | None, repetition_
     return logits
 
 
+def draw(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of softmax(scores) ((B, V) fp32, -inf = filtered): (B,) long.
+
+    Inverse-CDF sampling: one uniform per row located by binary search in the cumulative
+    probabilities. The same distribution as torch.multinomial, which on CPU costs more than a small
+    model's whole decoding step (measured on 2 cores, a (64, 4096) batch: multinomial ~34 ms, this
+    ~6 ms). A uniform in (0, 1] never lands on a zero-probability token: such a token's cumulative
+    value equals its predecessor's, and the search returns the first index reaching the draw.
+    """
+    cum = scores.softmax(-1).cumsum_(-1)
+    u = torch.rand(cum.shape[0], 1, generator=generator, device=cum.device)
+    return torch.searchsorted(cum, (1.0 - u) * cum[:, -1:]).clamp_(max=cum.shape[1] - 1).squeeze(1)
+
+
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer=None,
@@ -146,8 +160,7 @@ def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repe
     for t in range(max_new):
         scores = _process_logits(logits, seen, repetition_penalty, temperature, top_k, top_p)
         if temperature > 0:
-            probs = scores.softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            nxt = draw(scores, generator)
         else:
             nxt = scores.max(-1).indices   # the first maximum, as argmax (which is 2.5x slower on CPU)
         if return_logprobs:

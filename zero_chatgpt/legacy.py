@@ -20,20 +20,15 @@ _SFT_DATA_KEYS = ("sources", "eval_fraction", "rl_fraction", "val_fraction", "mu
                   "identity_fraction", "min_prompt_chars", "max_prompt_chars", "dedup_threshold")
 
 
-# keys added to a section after that version, with the value that gives that version's behaviour:
-# at that value they were not part of what it hashed
-_ADDED_SINCE = {"data": {"executor": "local", "ray_address": ""}}
-
-
 def _as_then(cfg: dict, section: str):
-    sec = cfg.get(section, {})
-    if section not in _ADDED_SINCE:
+    """The section as that version saw it: keys added since (config.Rule.added_at) are left out at the
+    value that gives that version's behaviour."""
+    from zero_chatgpt.config import RULES
+    rules, sec = RULES.get(section, {}), cfg.get(section, {})
+    if not isinstance(sec, dict):      # a plain value hashed beside the sections (the sft data's seed)
         return sec
-    sec = dict(sec)
-    for k, v in _ADDED_SINCE[section].items():
-        if sec.get(k) == v:
-            sec.pop(k, None)
-    return sec
+    return {k: v for k, v in sec.items()
+            if not (k in rules and rules[k].added_at is not None and v == rules[k].added_at)}
 
 
 def _marker(folder: Path) -> dict:

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from zero_chatgpt.generate import _last_logits, _process_logits, effective_temperature
+from zero_chatgpt.generate import _last_logits, _process_logits, draw, effective_temperature
 from zero_chatgpt.model import KVCache
 
 
@@ -282,7 +282,7 @@ class Engine:
         temperature = effective_temperature(sp.temperature)
         scores = _process_logits(logits, seq.seen, sp.repetition_penalty, temperature, sp.top_k, sp.top_p)
         if temperature > 0:
-            tok = int(torch.multinomial(scores.softmax(-1), 1, generator=seq.gen))
+            tok = int(draw(scores, seq.gen))
         else:
             tok = int(scores.max(-1).indices)
         if seq.seen is not None:

@@ -102,6 +102,9 @@ class LoopSettings:
     select_from_start: bool = False  # with eval_at_start: the starting weights are a candidate too, so when
                                      # no trained step beats them, final/ holds them (RL never ships a model
                                      # worse on its held-out metric than the SFT model it started from)
+    ema_decay: float = 0.0           # > 0: keep an exponential moving average of the primary model's weights
+                                     # (ema = d * ema + (1 - d) * w after every step); evaluations, best/ and
+                                     # final/ use it, training goes on with the live weights; 0 = off
 
     @classmethod
     def from_section(cls, section: dict, **overrides) -> "LoopSettings":
@@ -113,6 +116,10 @@ class LoopSettings:
             raise UserError(f"schedule must be cosine, wsd or constant, got {s.schedule!r}")
         if s.precision not in ("auto", "fp32", "bf16"):
             raise UserError(f"precision must be auto, fp32 or bf16, got {s.precision!r}")
+        if not 0.0 <= s.ema_decay < 1.0:
+            raise UserError(f"ema_decay must be in [0, 1), got {s.ema_decay!r}")
+        if s.ema_decay and s.fsdp:
+            raise UserError("ema_decay with fsdp: the average would be sharded like the weights; use DDP (fsdp = false)")
         return s
 
 
@@ -159,6 +166,45 @@ def build_optimizer(model: torch.nn.Module, s: LoopSettings, device: torch.devic
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu") and not s.fsdp
     return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, fused=fused)
+
+
+class WeightEMA:
+    """An exponential moving average of a model's parameters (Polyak averaging; the "EMA of the actor"
+    of InstructGPT-style RLHF, e.g. DeepSpeed-Chat's --enable_ema): the average, not the last noisy
+    step, is what is evaluated and shipped. Kept in fp32 beside the weights, on their device."""
+
+    FOLDER = "ema"     # its subfolder in a step-N checkpoint (restored on resume, so resume stays exact)
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p.detach().float().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        torch._foreach_lerp_(self.params, [p.detach().float() for p in model.parameters()], 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: torch.nn.Module):
+        """The model holds the average inside the block and its own weights again after it."""
+        live = [p.detach().clone() for p in model.parameters()]
+        with torch.no_grad():
+            for p, e in zip(model.parameters(), self.params):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(model.parameters(), live):
+                    p.copy_(w)
+
+    def state_dict(self, model: torch.nn.Module) -> dict:
+        with self.swapped_in(model):
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def load(self, model: torch.nn.Module, folder: Path) -> None:
+        with self.swapped_in(model):
+            ckpt.load_weights(model, folder)
+            self.params = [p.detach().float().clone() for p in model.parameters()]
 
 
 # ---------------------------------------------------------------- logging
@@ -303,7 +349,7 @@ def plain(obj, where: str = "trainer state"):
     raise TypeError(f"{where}: {type(obj).__name__} cannot be saved in a trainer state (tensors and plain values only)")
 
 
-def _restore(stage: str, stage_dir: Path, members: list[Member], d: Dist) -> tuple[TrainState, dict | None]:
+def _restore(stage: str, stage_dir: Path, members: list[Member], d: Dist) -> tuple[TrainState, dict | None, Path | None]:
     """Weights from the newest intact checkpoint (else init_from, else as built), and its state."""
     primary = members[0]
     latest = _agreed_checkpoint(stage_dir, primary.settings.max_steps, d)
@@ -316,7 +362,7 @@ def _restore(stage: str, stage_dir: Path, members: list[Member], d: Dist) -> tup
                                 f"{str(e)[:300]}") from None
             info(f"{stage}: initialized from {primary.settings.init_from}")
         torch.manual_seed(primary.settings.seed + d.rank)
-        return TrainState(), None
+        return TrainState(), None, None
     for m in members:
         folder = latest if m.name == PRIMARY else latest / m.name
         if ckpt.read_model_config(folder) != m.raw.config:
@@ -330,7 +376,7 @@ def _restore(stage: str, stage_dir: Path, members: list[Member], d: Dist) -> tup
     ts = TrainState(step=step, tokens=int(state.get("tokens", 0)), seconds_before=float(state.get("seconds", 0.0)),
                     evals=list(state.get("evals", [])), resumed_from=step, best_step=int(best[0]),
                     best_value=float(best[1]))
-    return ts, state
+    return ts, state, latest
 
 
 def _agreed_checkpoint(stage_dir: Path, max_steps: int, d: Dist) -> Path | None:
@@ -451,14 +497,19 @@ def _step(step: int, members: list[Member], batches, loss_fn, autocast, d: Dist)
 
 
 def _save(ts: TrainState, name: str, members: list[Member], batches, stage: str, stage_dir: Path, d: Dist,
-          meta: dict | None) -> None:
-    """Checkpoint `name`: step-N holds the models and the trainer state; best the primary model at the
-    best select_metric; final the primary model only, hard-linked from best when a metric selects it,
-    else from step-N (saved just before it with the same weights)."""
+          meta: dict | None, ema: WeightEMA | None = None) -> None:
+    """Checkpoint `name`: step-N holds the models and the trainer state (and the weight average); best the
+    primary model at the best select_metric; final the primary model only, hard-linked from best when a
+    metric selects it, else from step-N (saved just before it with the same weights), else (with an
+    average) the average."""
     is_step = name.startswith("step-")
+    selected = name == "final" and ts.best_step >= 0 and (stage_dir / "best").is_dir()
+    own_final = name == "final" and ema is not None and not selected
     full, per_rank = [({}, None)] * len(members), None
     if is_step or name == "best":   # every rank takes part (FSDP gathers the full state)
         full = [_full_state(m) for m in (members if is_step else members[:1])]
+    if own_final:
+        full = [(ema.state_dict(members[0].raw), None)]
     if is_step:
         per_rank = gather_to_all(plain({"rng": _rng_state(d.device),
                                         "data": batches.state_dict() if hasattr(batches, "state_dict") else None}), d)
@@ -471,15 +522,19 @@ def _save(ts: TrainState, name: str, members: list[Member], batches, stage: str,
                                    "seconds": ts.seconds_before + time.perf_counter() - ts.t_start,
                                    "evals": ts.evals, "ranks": per_rank, "best": [ts.best_step, ts.best_value],
                                    "rng": per_rank[0]["rng"], "data": per_rank[0]["data"]})
-        selected = name == "final" and ts.best_step >= 0 and (stage_dir / "best").is_dir()
-        link = None if name != "final" else stage_dir / ("best" if selected else f"step-{ts.step}")
+        link = None if name != "final" or own_final else stage_dir / ("best" if selected else f"step-{ts.step}")
+        extra = {m.name: (f[0], m.raw.config) for m, f in zip(members[1:], full[1:])} if is_step else None
+        if is_step and ema is not None:
+            extra[WeightEMA.FOLDER] = (ema.state_dict(primary.raw), primary.raw.config)
         ckpt.save_checkpoint(
             stage_dir, name, model_state=full[0][0], cfg=primary.raw.config, trainer_state=trainer_state,
-            extra_models={m.name: (f[0], m.raw.config) for m, f in zip(members[1:], full[1:])} if is_step else None,
+            extra_models=extra,
             meta={"stage": stage, "step": ts.best_step if selected or name == "best" else ts.step,
                   "loss": ts.last_loss, "tokens": ts.tokens, "evals": ts.evals[-1:],
                   **({"selected_by": primary.settings.select_metric, "selected_value": ts.best_value,
                       "trained_steps": ts.step} if selected else {}),
+                  **({"weights": f"exponential moving average, decay {ema.decay:g}"}
+                     if ema is not None and not is_step else {}),
                   **({"stopped": ts.stopped} if ts.stopped else {}), **(meta or {})},
             keep_last=primary.settings.keep_last if is_step else 0, link_from=link)
     if d.world > 1:
@@ -521,9 +576,12 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
             raise ValueError(f"extra model name {name!r} is reserved or not a folder name")
         members.append(Member(name, module, replace(s, **overrides)))
 
-    ts, state = _restore(stage, stage_dir, members, d)
+    ts, state, latest = _restore(stage, stage_dir, members, d)
     _wrap(members, state, batches, d)
     raw = model
+    ema = WeightEMA(raw, s.ema_decay) if s.ema_decay else None
+    if ema is not None and latest is not None and (latest / WeightEMA.FOLDER).is_dir():
+        ema.load(raw, latest / WeightEMA.FOLDER)
     logger = Logger(log_dir, stage, ts.step, d.main, s.tensorboard)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     peak = peak_flops(d.device, precision) if (flops_per_token and d.main) else 0.0
@@ -531,16 +589,18 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
     def run_eval(step: int) -> None:
         if eval_fn is None:
             return
-        raw.eval()
-        with torch.no_grad(), autocast:
-            res = eval_fn(raw)
-        raw.train()
-        rec = {"step": step, **{k: float(v) for k, v in res.items()}}
-        ts.evals.append(rec)
-        logger.write({"kind": "eval", **rec})
-        if _improved(ts, rec, s, d):
-            ts.best_step, ts.best_value = step, rec[s.select_metric]
-            _save(ts, "best", members, batches, stage, stage_dir, d, meta)
+        # with an average, it is what is evaluated and, when best, saved
+        with ema.swapped_in(raw) if ema is not None else contextlib.nullcontext():
+            raw.eval()
+            with torch.no_grad(), autocast:
+                res = eval_fn(raw)
+            raw.train()
+            rec = {"step": step, **{k: float(v) for k, v in res.items()}}
+            ts.evals.append(rec)
+            logger.write({"kind": "eval", **rec})
+            if _improved(ts, rec, s, d):
+                ts.best_step, ts.best_value = step, rec[s.select_metric]
+                _save(ts, "best", members, batches, stage, stage_dir, d, meta)
 
     for m in members:
         m.raw.train()
@@ -558,6 +618,8 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
                 info(f"{stage}: stopped before step {step + 1}: {ts.stopped}")
                 break
             loss, _, metrics, norms = _step(step, members, batches, loss_fn, autocast, d)
+            if ema is not None:
+                ema.update(raw)
             ts.last_loss, ts.step = loss, step + 1
             ts.tokens += tokens_per_step
             done = ts.step
@@ -576,13 +638,13 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
             if s.eval_every and done % s.eval_every == 0 and done < s.max_steps:
                 run_eval(done)
             if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.max_steps:
-                _save(ts, f"step-{done}", members, batches, stage, stage_dir, d, meta)
+                _save(ts, f"step-{done}", members, batches, stage, stage_dir, d, meta, ema)
         if not ts.stopped:
             ts.step = max(ts.step, s.max_steps)
         if not ts.evals or ts.evals[-1]["step"] != ts.step:
             run_eval(ts.step)
-        _save(ts, f"step-{ts.step}", members, batches, stage, stage_dir, d, meta)
-        _save(ts, "final", members, batches, stage, stage_dir, d, meta)
+        _save(ts, f"step-{ts.step}", members, batches, stage, stage_dir, d, meta, ema)
+        _save(ts, "final", members, batches, stage, stage_dir, d, meta, ema)
     finally:
         bar.close()
         logger.close()
