@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zero_chatgpt.data.dedup import ShingleJaccard, UnionFind, candidate_pairs, jaccard, shingle_hashes, sorted_unique
+from zero_chatgpt.data.dedup import ShingleJaccard, UnionFind, candidate_pairs
 from zero_chatgpt.io import atomic_write_json, iter_jsonl
 from zero_chatgpt.workers import fault_point
 
@@ -89,7 +89,6 @@ def _gather_texts(docs_path: str, lo: int, wanted: dict[int, np.ndarray], out: d
 def _verify_chunk(v: int, pairs: np.ndarray, text_files: list[str], ngram: int) -> np.ndarray:
     """The true shingle Jaccard of each pair of chunk v (float32), from the texts the gather tasks wrote."""
     fault_point(f"verify-{v}")
-
     texts: dict[int, str] = {}
     for path in text_files:
         texts.update((int(k), t) for k, t in json.loads(Path(path).read_text(encoding="utf-8")).items())
@@ -170,6 +169,11 @@ def _clusters(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[dup], roots[dup]
 
 
+def _in_part(ids: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The global ids in [lo, hi): those one part holds."""
+    return ids[(ids >= lo) & (ids < hi)]
+
+
 def _verify(cfg: dict, work: Path, pairs: np.ndarray, offsets: np.ndarray, docs_paths: list[Path],
             pool: Executor, nworkers: int) -> np.ndarray:
     """The true Jaccard of every candidate pair, computed by the shuffle of the module docstring."""
@@ -183,7 +187,7 @@ def _verify(cfg: dict, work: Path, pairs: np.ndarray, offsets: np.ndarray, docs_
     gathers, files = [], {v: [] for v in range(len(chunks))}
     for k, docs in enumerate(docs_paths):
         lo, hi = int(offsets[k]), int(offsets[k + 1])
-        mine = {v: w[(w >= lo) & (w < hi)] for v, w in enumerate(wanted)}
+        mine = {v: _in_part(w, lo, hi) for v, w in enumerate(wanted)}
         mine = {v: w for v, w in mine.items() if len(w)}
         if not mine:
             continue
@@ -207,17 +211,12 @@ def _near_samples(cfg: dict, near: list[tuple[int, int]], offsets: np.ndarray, d
     texts: dict[int, str] = {}
     for k, docs in enumerate(docs_paths):
         lo, hi = int(offsets[k]), int(offsets[k + 1])
-        need = set((wanted[(wanted >= lo) & (wanted < hi)] - lo).tolist())
+        need = set((_in_part(wanted, lo, hi) - lo).tolist())
         if not need:
             continue
         for row, doc in enumerate(iter_jsonl(docs)):
             if row in need:
                 texts[lo + row] = doc["text"]
-    ngram = int(cfg["shingle_chars"])
-
-    def shingles(i: int) -> np.ndarray:
-        return sorted_unique(shingle_hashes(texts[i], ngram))
-
-    return [{"kept": texts[r][:150], "dropped": texts[d][:150], "jaccard": round(jaccard(shingles(r), shingles(d)), 3)}
-            for r, d in near]
+    sim = ShingleJaccard(texts.__getitem__, int(cfg["shingle_chars"]))
+    return [{"kept": texts[r][:150], "dropped": texts[d][:150], "jaccard": round(sim(r, d), 3)} for r, d in near]
 
