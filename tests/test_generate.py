@@ -56,6 +56,41 @@ def test_stop_ids_and_length_limit(model):
     assert len(g[0].tokens) == 4
 
 
+def test_rows_that_finish_leave_the_batch_without_changing_any_answer(model):
+    """Rows stop at different steps (a common token as the stop id), so the batch drops finished rows
+    more than once; every answer, log-prob and stream must be what the prompt gets alone."""
+    import zero_chatgpt.generate as gen_mod
+    prompts = [[i % 90 + 1, (7 * i) % 90 + 1, (3 * i) % 50 + 2][: 1 + i % 3] for i in range(16)]
+    free = generate(model, prompts, max_new_tokens=20, temperature=0)
+    counts = {}
+    for g in free:
+        for t in set(g.tokens):
+            counts[t] = counts.get(t, 0) + 1
+    stop = max(counts, key=counts.get)           # the token most answers reach, at different steps
+    ends = sorted(g.tokens.index(stop) for g in free if stop in g.tokens)
+    assert len(ends) >= 8 and len(set(ends)) >= 3, "the batch must lose rows at several steps"
+    drops = []
+    real_keep = gen_mod.KVCache.keep_rows
+
+    def keep_rows(self, rows):
+        drops.append(len(rows))
+        real_keep(self, rows)
+    gen_mod.KVCache.keep_rows = keep_rows
+    try:
+        seen = []
+        batch = generate(model, prompts, max_new_tokens=20, temperature=0, stop_ids=(stop,), repetition_penalty=1.3,
+                         return_logprobs=True, stream=lambda i, t: seen.append((i, t)))
+    finally:
+        gen_mod.KVCache.keep_rows = real_keep
+    assert len(drops) >= 2, drops
+    for i, (p, g) in enumerate(zip(prompts, batch)):
+        alone = generate(model, [p], max_new_tokens=20, temperature=0, stop_ids=(stop,), repetition_penalty=1.3,
+                         return_logprobs=True)[0]
+        assert g.tokens == alone.tokens and g.finish_reason == alone.finish_reason, i
+        assert max(abs(a - b) for a, b in zip(g.logprobs, alone.logprobs)) < 1e-4
+        assert [t for j, t in seen if j == i] == g.tokens
+
+
 def test_sampling_is_seeded_and_topk1_is_greedy(model):
     prompts = [[5, 6], [7]]
     a = generate(model, prompts, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(1))

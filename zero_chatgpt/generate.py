@@ -38,6 +38,10 @@ class Generation:
 # (found by fuzzing the server), and any temperature this small picks the maximum anyway.
 MIN_TEMPERATURE = 1e-4
 
+# Finished rows are dropped from the batch once the live ones are at most this share of it: each drop
+# copies the cache, so not at every finish (the share makes the copies a geometric series).
+COMPACT_AT = 0.75
+
 
 def effective_temperature(t: float) -> float:
     return 0.0 if t < MIN_TEMPERATURE else t
@@ -149,10 +153,10 @@ def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repe
     out_tokens: list[list[int]] = [[] for _ in range(B)]
     out_logprobs: list[list[float]] | None = [[] for _ in range(B)] if return_logprobs else None
     finish = ["length"] * B
+    live = list(range(B))            # the prompt index of each batch row
     alive = torch.ones(B, dtype=torch.bool, device=device)
     alive_list = [True] * B
     n_alive = B
-    rows = torch.arange(B, device=device)
     mask4 = mask.bool()[:, None, None, :]
     texts: list[str | None] = [None] * B
     max_stop_len = max((len(s) for s in stop_strings), default=0)
@@ -166,33 +170,42 @@ def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repe
         if return_logprobs:
             base = logits / temperature if temperature > 0 else logits
             lp = base.log_softmax(-1).gather(1, nxt[:, None]).squeeze(1).tolist()
-        if n_alive < B:
+        if n_alive < len(live):
             nxt = torch.where(alive, nxt, torch.zeros_like(nxt))
         hit_stop = torch.isin(nxt, stop_set) & alive if stop_set is not None else None
         nxt_list = nxt.tolist()
         hit_list = hit_stop.tolist() if hit_stop is not None else None
-        for i in range(B):
-            if not alive_list[i]:
+        for c, i in enumerate(live):
+            if not alive_list[c]:
                 continue
-            tok = nxt_list[i]
+            tok = nxt_list[c]
             out_tokens[i].append(tok)
             if out_logprobs is not None:
-                out_logprobs[i].append(lp[i])
+                out_logprobs[i].append(lp[c])
             if stream is not None:
                 stream(i, tok)
-            if hit_list is not None and hit_list[i]:
-                finish[i], alive_list[i] = "stop", False
+            if hit_list is not None and hit_list[c]:
+                finish[i], alive_list[c] = "stop", False
             elif stop_strings:
                 tail = tokenizer.decode(out_tokens[i][-(max_stop_len + 8):])
                 if any(s in tail for s in stop_strings):
-                    finish[i], alive_list[i] = "stop", False
+                    finish[i], alive_list[c] = "stop", False
         if not any(alive_list) or t == max_new - 1:
             break
         if n_alive != sum(alive_list):   # rebuild the device-side flags only when a row finished
             n_alive = sum(alive_list)
+            if n_alive <= COMPACT_AT * len(live):
+                # Finished rows leave the batch: answers end at very different lengths (the demo's eval
+                # answers: mean 16 tokens, a few run to the limit), and a decode step costs about its rows.
+                keep = [c for c, a in enumerate(alive_list) if a]
+                rows_t = torch.tensor(keep, device=device)
+                cache.keep_rows(rows_t)
+                nxt, next_pos, mask4 = nxt[rows_t], next_pos[rows_t], mask4[rows_t]
+                seen = seen[rows_t] if seen is not None else None
+                live, alive_list = [live[c] for c in keep], [True] * len(keep)
             alive = torch.tensor(alive_list, device=device)
         if seen is not None:
-            seen[rows, nxt] = True
+            seen[torch.arange(len(live), device=device), nxt] = True
         # One new token per row: it may attend to every cached position that is not padding,
         # so the (B, 1, 1, S) mask is a view of the padding mask; no causal part is needed.
         hidden = model(nxt[:, None], position_ids=next_pos if padded else None,

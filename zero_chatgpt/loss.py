@@ -144,8 +144,12 @@ class LMLoss:
 class TokenLogProbs:
     """(B, T) log-probabilities of `labels` under softmax(logits / temperature), fp32, differentiable;
     positions where labels == ignore_index get 0. With entropy=True, also the (B, T) entropy of that
-    distribution. RL scores its samples with these: the temperature and precision must be the ones
-    the sampler used, or the ratio of the first update is not 1 (rlhf.md)."""
+    distribution (0 where labels == ignore_index). RL scores its samples with these: the temperature
+    and precision must be the ones the sampler used, or the ratio of the first update is not 1 (rlhf.md).
+
+    The output projection runs on the labelled positions only: an RL row is mostly prompt and padding
+    (a demo rollout labels about a third of its positions), and the (positions x vocabulary) logits,
+    their log-softmax and its backward are most of a small model's step."""
 
     def __init__(self, labels: torch.Tensor, temperature: float = 1.0, ignore_index: int = IGNORE,
                  entropy: bool = False):
@@ -154,15 +158,16 @@ class TokenLogProbs:
         self.labels, self.temperature, self.ignore_index, self.entropy = labels, temperature, ignore_index, entropy
 
     def __call__(self, model: nn.Module, hidden: torch.Tensor):
-        logits = model.lm_head(hidden).float()
+        valid = self.labels != self.ignore_index
+        logits = model.lm_head(hidden[valid]).float()              # (N, V), N = labelled positions
         if self.temperature != 1.0:
             logits = logits / self.temperature
         logp = torch.log_softmax(logits, dim=-1)
-        valid = self.labels != self.ignore_index
-        picked = logp.gather(-1, torch.where(valid, self.labels, 0).unsqueeze(-1)).squeeze(-1) * valid
+        picked = logp.gather(-1, self.labels[valid].unsqueeze(-1)).squeeze(-1)
+        zeros = torch.zeros(self.labels.shape, dtype=torch.float32, device=hidden.device)
         if not self.entropy:
-            return picked
-        return picked, -(logp.exp() * logp).sum(-1)
+            return zeros.masked_scatter(valid, picked)
+        return zeros.masked_scatter(valid, picked), zeros.masked_scatter(valid, -(logp.exp() * logp).sum(-1))
 
 
 class ScalarValues:

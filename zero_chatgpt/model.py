@@ -199,6 +199,16 @@ class KVCache:
         vl.narrow(2, self.pos, T).copy_(v)
         return kl.narrow(2, 0, end), vl.narrow(2, 0, end)
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows, in this order (the generator drops finished answers); only the
+        filled positions are copied."""
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty((old.shape[0], len(rows), *old.shape[2:]))
+            new[:, :, :, :self.pos] = old[:, rows, :, :self.pos]
+            setattr(self, name, new)
+        self._k, self._v = self.k.unbind(0), self.v.unbind(0)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):

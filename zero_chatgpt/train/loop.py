@@ -634,7 +634,10 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
                 if peak:
                     rec["mfu"] = flops_per_token * tps / peak
                 logger.write(rec)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.1e}", tok_s=f"{tps:,.0f}")
+                shown = {"loss": f"{loss:.3f}", "lr": f"{rec['lr']:.1e}"}
+                if tokens_per_step:   # stages that count no tokens per step (RM, DPO, RL) show no rate of 0
+                    shown["tok_s"] = f"{tps:,.0f}"
+                bar.set_postfix(**shown)
             if s.eval_every and done % s.eval_every == 0 and done < s.max_steps:
                 run_eval(done)
             if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.max_steps:
@@ -663,9 +666,10 @@ def _scale_grads(model: torch.nn.Module, factor: float) -> None:
 
 
 def summary_rows(result: TrainResult) -> list[list]:
-    rows = [["steps", result.step], ["resumed from step", result.resumed_from], ["tokens", result.tokens],
-            ["final train loss", result.last_loss], ["precision", result.precision],
-            ["time (s)", result.seconds]]
+    rows = [["steps", result.step], ["resumed from step", result.resumed_from]]
+    if result.tokens:        # stages that count no tokens per step (RM, DPO, RL) leave the row out
+        rows.append(["tokens", result.tokens])
+    rows += [["final train loss", result.last_loss], ["precision", result.precision], ["time (s)", result.seconds]]
     if result.stopped:
         rows.append(["stopped early", result.stopped])
     if result.selected_step >= 0:
