@@ -128,3 +128,31 @@ def test_missing_ray_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match=r"pip install 'zero-chatgpt\[ray\]'"):
         with ray_executor("", 2):
             pass
+
+
+def _tokenize(run_dir, source, *sets):
+    from zero_chatgpt.data.tokenize import run_stage as tokenizer_stage
+    tokenizer_stage(ctx_for(run_dir, "data.shard_docs=50", "data.val_fraction=0.1", "data.workers=2",
+                            "tokenizer.vocab_size=600", *sets, sources=[source]))
+    shards = {p.name: p.read_bytes() for p in sorted((run_dir / "tokens").glob("*.bin"))}
+    manifest = json.loads((run_dir / "tokens" / "manifest.json").read_text())
+    return shards, manifest, (run_dir / "tokenizer" / "tokenizer.json").read_bytes()
+
+
+def test_tokenizer_encodes_shards_as_ray_tasks(ray_cluster, source, tmp_path, capfd):
+    # under data.executor = "ray" each corpus shard is encoded by a Ray task; one is killed and retried
+    # by Ray (a killed local pool worker would instead print that the pool failed and encode here)
+    local_dir, ray_dir = tmp_path / "local", tmp_path / "ray"
+    _run(local_dir, source)
+    _run(ray_dir, source, "data.executor=ray")
+    local = _tokenize(local_dir, source)
+    (ray_cluster / "kill-encode-shard").write_text("")
+    capfd.readouterr()
+    on_ray = _tokenize(ray_dir, source, "data.executor=ray")
+    assert (ray_cluster / "kill-encode-shard.fired").exists(), "no shard was encoded in a task"
+    assert "worker processes failed" not in capfd.readouterr().err, "the shards were not encoded by Ray tasks"
+    assert len(local[0]) >= 4 and on_ray[0] == local[0]
+    assert on_ray[2] == local[2]
+    strip = {"source_mtime_ns"}
+    assert ({k: {f: v for f, v in r.items() if f not in strip} for k, r in on_ray[1]["shards"].items()}
+            == {k: {f: v for f, v in r.items() if f not in strip} for k, r in local[1]["shards"].items()})

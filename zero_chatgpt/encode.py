@@ -5,7 +5,8 @@ in the `zero_chatgpt.tokens` format (each document's ids followed by <|endoftext
 uint16 when the vocabulary fits). Encoding runs on every core: with few shards, tiktoken's
 Rust encoder (which releases the GIL) runs in a thread pool while the main thread
 decompresses and parses the next batch and writes the last one; with many shards, whole
-shards go to worker processes (see `run_jobs`). The tokenizer stage (data/tokenize.py) drives it.
+shards go to worker processes, and with data.executor = "ray" each shard is a Ray task (see
+`run_jobs`). The tokenizer stage (data/tokenize.py) drives it.
 
 Resumable: `tokens/manifest.json` records each finished shard with the tokenizer and
 the source file it came from; a rerun skips shards whose record still matches and whose
@@ -25,7 +26,7 @@ import zstandard
 from zero_chatgpt import tokens as tokens_mod
 from zero_chatgpt.console import info
 from zero_chatgpt.tokenizer import load_tokenizer, shard_texts
-from zero_chatgpt.workers import process_pool
+from zero_chatgpt.workers import fault_point, process_pool
 
 MANIFEST = "manifest.json"
 BATCH_CHARS = 4 << 20     # characters handed to the thread pool at a time
@@ -120,7 +121,8 @@ class _NoBar:
 
 
 def _encode_in_process(tokenizer_dir: str, src: Path, dst: Path) -> dict:
-    """One shard in a worker process (single-threaded: the processes are the parallelism)."""
+    """One shard in a worker process or a Ray task (single-threaded: the tasks are the parallelism)."""
+    fault_point("encode-shard")
     tok = load_tokenizer(tokenizer_dir, num_threads=1)
     encoder = ShardEncoder(tok, 1)
     try:
@@ -129,22 +131,28 @@ def _encode_in_process(tokenizer_dir: str, src: Path, dst: Path) -> dict:
         encoder.close()
 
 
-def run_jobs(jobs: list, tok, tokenizer_dir: Path, bar) -> Iterator[tuple]:
+def run_jobs(jobs: list, tok, tokenizer_dir: Path, bar, executor=None) -> Iterator[tuple]:
     """Yield (job, stats) as shards finish.
 
-    With at least two shards per core, whole shards go to worker processes: each parses its
+    executor: a context manager giving an executor (data.executor = "ray": Ray tasks, see
+    data/pipeline.executor_for) that encodes every shard as its own task, wherever the cluster runs it;
+    each task writes its shard atomically, so a retried task gives the same bytes.
+    Else, with at least two shards per core, whole shards go to worker processes: each parses its
     own JSON, so reading scales with the cores too (one reader thread parses ~75 MB/s, the
     throughput of ~7 encoding cores). With fewer shards (the demo writes a few uneven ones),
     one process reads and a thread pool encodes every shard in turn, so a big shard still
     uses every core.
     """
+    from concurrent.futures import as_completed
+    from concurrent.futures.process import BrokenProcessPool
     n = tok.num_threads
-    if n > 1 and len(jobs) >= 2 * n:
-        from concurrent.futures import as_completed
-        from concurrent.futures.process import BrokenProcessPool
+    local = executor is None
+    if local and n > 1 and len(jobs) >= 2 * n:
+        executor = process_pool(n, "spawn")
+    if executor is not None and jobs:
         left = list(jobs)
         try:
-            with process_pool(n, "spawn") as pool:
+            with executor as pool:
                 futures = {pool.submit(_encode_in_process, str(tokenizer_dir), job[1], job[2]): job for job in jobs}
                 for fut in as_completed(futures):
                     stats = fut.result()
@@ -153,6 +161,8 @@ def run_jobs(jobs: list, tok, tokenizer_dir: Path, bar) -> Iterator[tuple]:
                     yield futures[fut], stats
             return
         except BrokenProcessPool as e:
+            if not local:
+                raise
             # e.g. a __main__ that spawned workers cannot re-import (code piped to python)
             info(f"tokens: worker processes failed ({e}); encoding the remaining {len(left)} shards here")
             jobs = left

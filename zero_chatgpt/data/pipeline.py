@@ -76,8 +76,9 @@ def _hasher(cfg: dict) -> MinHasher:
                      cfg["near_threshold"])
 
 
-def _executor(cfg: dict, nworkers: int):
-    """Where the parts are cleaned and written: a process pool here, or Ray tasks."""
+def executor_for(cfg: dict, nworkers: int):
+    """Where the data stage's tasks run (cfg: the data section): a process pool of `nworkers` here, or
+    Ray tasks. The tokenizer stage encodes the corpus shards on the same executor under Ray."""
     if cfg["executor"] == "ray":
         from zero_chatgpt.data.ray_executor import ray_executor
         return ray_executor(str(cfg["ray_address"]), nworkers)
@@ -211,7 +212,7 @@ def _clean_dedup_write(ctx: Context, cfg: dict, out_dir: Path, work: Path, run, 
     part_stats: dict[int, dict] = {}
     resumed: list[dict] = []     # parts finished by an earlier, killed run: which, by whom, when
     bar = progress(desc="clean", unit="doc")
-    with _executor(cfg, nworkers) as pool:
+    with executor_for(cfg, nworkers) as pool:
         pending = {}
 
         def collect(block: bool) -> None:

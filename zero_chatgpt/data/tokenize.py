@@ -64,6 +64,15 @@ def train_step(ctx: Context, key: str) -> float:
     return train_s
 
 
+def _executor(ctx: Context, tok):
+    """Ray tasks when the data stage runs on Ray (data.executor = "ray"), else None: run_jobs' own pool."""
+    data = ctx.cfg["data"]
+    if data["executor"] != "ray":
+        return None
+    from zero_chatgpt.data.pipeline import executor_for
+    return executor_for(data, tok.num_threads)
+
+
 def encode_step(ctx: Context, tok) -> dict:
     """Encode data/{train,val} into tokens/, skipping shards already encoded by this tokenizer from
     these corpus shards; returns {split: {shards, docs, tokens, chars}}."""
@@ -106,7 +115,7 @@ def encode_step(ctx: Context, tok) -> dict:
 
     total_docs = sum(count_lines(src) for _, src, _, _ in jobs)
     with progress(total=total_docs, desc="encoding", unit="doc") as bar:
-        for (split, src, dst, ident), stats in run_jobs(jobs, tok, rd.tokenizer, bar):
+        for (split, src, dst, ident), stats in run_jobs(jobs, tok, rd.tokenizer, bar, executor=_executor(ctx, tok)):
             done[dst.name] = {**ident, "split": split, **stats}
             atomic_write_json(manifest_path, manifest)
 
