@@ -222,7 +222,7 @@ def curves_section(r: Run) -> list:
         rows.append([stage, train[-1]["step"], train[0].get("loss"), train[-1].get("loss"),
                      ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()
                                if k not in ("step", "kind") and isinstance(v, float)) or "-",
-                     train[-1].get("tokens")])
+                     train[-1].get("tokens") or "-"])     # the reward model counts pairs, not tokens
     if rows:
         out.append(doc.table(["stage", "steps", "first loss", "last loss", "last evaluation", "tokens"], rows))
     pre = r.evals.get("pretrain", {})
