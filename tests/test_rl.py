@@ -2,6 +2,7 @@
 GRPO's group normalization, and PPO's clipped losses (ratio 1 before any update: no clip, no KL)."""
 import math
 
+import pytest
 import torch
 
 from zero_chatgpt.train.rl import (AdaptiveKL, clipped_policy_loss, clipped_value_loss, gae, group_advantages,
@@ -58,6 +59,46 @@ def test_group_advantages_are_normalized_within_each_prompt():
     r = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0])
     a = group_advantages(r, k=4)
     assert torch.allclose(a[:4], (r[:4] - 2.5) / (r[:4].std() + 1e-4)) and torch.allclose(a[4:], torch.zeros(4))
+
+
+def test_group_advantages_scaled_by_the_batch_or_not_at_all():
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.5, 9.5])
+    centred = torch.cat([r[:4] - 2.5, r[4:] - 10.0])
+    assert torch.allclose(group_advantages(r, k=4, scale="none"), centred)
+    batch = group_advantages(r, k=4, scale="batch")
+    assert torch.allclose(batch, centred / (r.std() + 1e-4))
+    # the near-flat group keeps a small advantage under the batch's std, but a unit-size one under its own
+    assert batch[4:].abs().max() < 0.2 < 0.5 < group_advantages(r, k=4)[4:].abs().max()
+    assert torch.allclose(group_advantages(r, k=4, scale="batch", batch_std=2.0), centred / 2.0001)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        group_advantages(r, k=4, scale="std")
+
+
+def _std_worker(rank: int, port: int, rewards: torch.Tensor, out):
+    import torch.distributed as dist
+
+    from zero_chatgpt.train.grpo import _all_ranks_std
+
+    class Src:
+        world, device = 2, torch.device("cpu")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        out[rank] = float(_all_ranks_std(rewards.view(2, -1)[rank], Src()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_std_is_over_every_rank():
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    rewards = torch.tensor([0.1, 0.5, 0.2, 0.9, 3.0, 2.5, 2.0, 4.0])   # ranks' halves have very different spreads
+    out = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_std_worker, args=(port, rewards, out), nprocs=2, join=True)
+    assert abs(out[0] - float(rewards.std())) < 1e-6 and abs(out[1] - float(rewards.std())) < 1e-6
 
 
 def test_clipped_losses_before_and_after_a_change():

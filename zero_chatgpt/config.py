@@ -209,7 +209,8 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "grpo": {
         **_loop_rules(), "eval_every": Int(0), "prompts_per_rollout": Int(1), "samples_per_prompt": Int(2),
-        "reward": Choice("rm", "rules", "rm+rules", "reference", "rm+reference", "rules+reference", "rm+rules+reference"), "rules_weight": Float(0.0, lo_open=True), "epochs": Int(1),
+        "reward": Choice("rm", "rules", "rm+rules", "reference", "rm+reference", "rules+reference", "rm+rules+reference"), "rules_weight": Float(0.0, lo_open=True),
+        "scale_rewards": Choice("group", "batch", "none", added_at="group"), "epochs": Int(1),
         "minibatches": Int(1), "gen_batch_size": Int(1, operational=True), "kl_coef": Float(0.0),
         "kl_budget": Float(0.0), "missing_eos_penalty": Float(0.0), "clip": Float(0.0, lo_open=True),
     },

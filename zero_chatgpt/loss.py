@@ -157,6 +157,7 @@ class TokenLogProbs:
             raise ValueError(f"temperature must be > 0 for log-probabilities, got {temperature}")
         self.labels, self.temperature, self.ignore_index, self.entropy = labels, temperature, ignore_index, entropy
 
+    @torch.compiler.disable     # the labelled positions make a data-dependent shape: keep it out of the graph
     def __call__(self, model: nn.Module, hidden: torch.Tensor):
         valid = self.labels != self.ignore_index
         logits = model.lm_head(hidden[valid]).float()              # (N, V), N = labelled positions

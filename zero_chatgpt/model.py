@@ -202,6 +202,7 @@ class KVCache:
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows, in this order (the generator drops finished answers); only the
         filled positions are copied."""
+        self._k = self._v = ()            # the per-layer views would keep the old tensors alive meanwhile
         for name in ("k", "v"):
             old = getattr(self, name)
             new = old.new_empty((old.shape[0], len(rows), *old.shape[2:]))

@@ -25,6 +25,7 @@ exceeds grpo.kl_budget ends the run; final/ is the step with the best held-out g
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt.console import UserError, info
@@ -81,6 +82,19 @@ def grpo_loss(temperature: float, clip: float, kl_coef: float):
     return loss_fn
 
 
+def _all_ranks_std(x: torch.Tensor, src) -> torch.Tensor:
+    """The std (n - 1 in the denominator, as torch.std) of x over every rank's rows, so that a rollout split
+    over processes is scaled as it would be in one."""
+    if src.world == 1:
+        return x.std()
+    x64 = x.double()
+    t = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x64.sum(), (x64 * x64).sum()])
+    t = t.to(src.device)
+    dist.all_reduce(t)
+    n, total, sq = t.cpu().tolist()
+    return torch.tensor(max(sq - total * total / n, 0.0) / max(n - 1, 1.0), dtype=x.dtype).sqrt()
+
+
 class GRPOScoring:
     def __init__(self, scorer: RewardScorer | None, rule_fn, k: int, c: dict, tok):
         self.scorer, self.rule_fn, self.k, self.c, self.tok = scorer, rule_fn, k, c, tok
@@ -89,7 +103,8 @@ class GRPOScoring:
         mask = (buf["labels"] != IGNORE).float()
         seq, stats = sequence_rewards(self.scorer, self.rule_fn, prompts, answers, idx, self.tok,
                                       float(self.c["missing_eos_penalty"]))
-        adv = group_advantages(seq, self.k)
+        scale = str(self.c.get("scale_rewards", "group"))
+        adv = group_advantages(seq, self.k, scale=scale, batch_std=_all_ranks_std(seq, src) if scale == "batch" else None)
         buf["advantages"] = adv[:, None] * mask
         flat = (seq.view(-1, self.k).std(1) < 1e-6).float().mean()
         return {**stats, "flat_groups": float(flat)}     # groups whose answers all scored alike teach nothing

@@ -75,10 +75,29 @@ class AdaptiveKL:
         self.beta = float(d["beta"])
 
 
-def group_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO: rewards (n*k,) of k samples per prompt (grouped consecutively) → (r - group mean) / group std."""
+SCALES = ("group", "batch", "none")
+
+
+def group_advantages(rewards: torch.Tensor, k: int, eps: float = 1e-4, scale: str = "group",
+                     batch_std: torch.Tensor | float | None = None) -> torch.Tensor:
+    """GRPO: rewards (n*k,) of k samples per prompt (grouped consecutively) → r - its group's mean, divided by
+
+    "group"  the group's std (DeepSeekMath, Shao et al. 2024);
+    "batch"  the whole rollout's std (`batch_std`, all ranks; default this tensor's): "Lite PPO", Liu et al.
+             2025, arXiv:2508.08221. A group whose answers score almost alike keeps a small advantage instead
+             of having its noise blown up to unit size; on the demo this is what let the reference reward
+             raise held-out char_f1 (presets/demo.toml);
+    "none"   nothing (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783: the std adds a per-question difficulty bias).
+    """
     r = rewards.view(-1, k)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+    centred = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        return (centred / (r.std(1, keepdim=True) + eps)).view(-1)
+    if scale == "batch":
+        return (centred / ((rewards.std() if batch_std is None else batch_std) + eps)).view(-1)
+    if scale == "none":
+        return centred.view(-1)
+    raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
 
 
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
