@@ -17,8 +17,8 @@ grpo.prompts_per_rollout RL prompts; every answer's reward is
                               grpo.rules_weight
     minus grpo.missing_eos_penalty for an answer that never ended;
 
-the advantage of each answer is its reward normalized within its prompt's group (rl.group_advantages),
-on every token of it. The loss is the clipped ratio loss plus grpo.kl_coef x the k3 estimate of
+the advantage of each answer is its reward minus its prompt's group mean, divided by the group's std,
+the rollout's std or nothing (grpo.scale_rewards, rl.group_advantages), on every token of it. The loss is the clipped ratio loss plus grpo.kl_coef x the k3 estimate of
 KL(pi || pi_ref) per token (the paper's unbiased, always positive form). A rollout whose KL to SFT
 exceeds grpo.kl_budget ends the run; final/ is the step with the best held-out gold char_f1.
 """
