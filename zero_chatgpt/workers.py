@@ -121,6 +121,13 @@ def process_pool(n: int, start_method: str = "forkserver") -> Iterator[Executor]
         for p in procs:
             with contextlib.suppress(Exception):
                 p.join(timeout=5)
+        # The pool's manager thread closes its wake-up pipe as it ends; exiting while it does races
+        # CPython's atexit hook, which writes to that pipe (an "Exception ignored ... Bad file descriptor"
+        # traceback after Ctrl-C; the hook takes a lock from 3.12 on). Let it finish first.
+        manager = getattr(pool, "_executor_manager_thread", None)
+        if manager is not None:
+            with contextlib.suppress(Exception):
+                manager.join(timeout=5)
         raise
     else:
         pool.shutdown(wait=True)
