@@ -78,9 +78,11 @@ def _std_worker(rank: int, port: int, rewards: torch.Tensor, out):
     import torch.distributed as dist
 
     from zero_chatgpt.train.grpo import _all_ranks_std
+    from zero_chatgpt.train.onpolicy import RolloutBatches
 
-    class Src:
+    class Src:                        # the rollout source's seam for figures over ranks
         world, device = 2, torch.device("cpu")
+        all_ranks_mean = RolloutBatches.all_ranks_mean
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         out[rank] = float(_all_ranks_std(rewards.view(2, -1)[rank], Src()))

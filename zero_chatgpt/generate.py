@@ -205,7 +205,7 @@ def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repe
                 live, alive_list = [live[c] for c in keep], [True] * len(keep)
             alive = torch.tensor(alive_list, device=device)
         if seen is not None:
-            seen[torch.arange(len(live), device=device), nxt] = True
+            seen.scatter_(1, nxt[:, None], True)
         # One new token per row: it may attend to every cached position that is not padding,
         # so the (B, 1, 1, S) mask is a view of the padding mask; no causal part is needed.
         hidden = model(nxt[:, None], position_ids=next_pos if padded else None,

@@ -18,14 +18,13 @@ grpo.prompts_per_rollout RL prompts; every answer's reward is
     minus grpo.missing_eos_penalty for an answer that never ended;
 
 the advantage of each answer is its reward minus its prompt's group mean, divided by the group's std,
-the rollout's std or nothing (grpo.scale_rewards, rl.group_advantages), on every token of it. The loss is the clipped ratio loss plus grpo.kl_coef x the k3 estimate of
-KL(pi || pi_ref) per token (the paper's unbiased, always positive form). A rollout whose KL to SFT
+the rollout's std or nothing (grpo.scale_rewards, rl.group_advantages), on every token of it. The loss
+is the clipped ratio loss plus grpo.kl_coef x the k3 estimate of KL(pi || pi_ref) per token (the paper's unbiased, always positive form). A rollout whose KL to SFT
 exceeds grpo.kl_budget ends the run; final/ is the step with the best held-out gold char_f1.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt.console import UserError, info
@@ -83,16 +82,13 @@ def grpo_loss(temperature: float, clip: float, kl_coef: float):
 
 
 def _all_ranks_std(x: torch.Tensor, src) -> torch.Tensor:
-    """The std (n - 1 in the denominator, as torch.std) of x over every rank's rows, so that a rollout split
-    over processes is scaled as it would be in one."""
+    """The std (n - 1 in the denominator, as torch.std) of x over every rank's rows (each rank holds as many),
+    so that a rollout split over processes is scaled as it would be in one."""
     if src.world == 1:
         return x.std()
-    x64 = x.double()
-    t = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x64.sum(), (x64 * x64).sum()])
-    t = t.to(src.device)
-    dist.all_reduce(t)
-    n, total, sq = t.cpu().tolist()
-    return torch.tensor(max(sq - total * total / n, 0.0) / max(n - 1, 1.0), dtype=x.dtype).sqrt()
+    m = src.all_ranks_mean({"mean": float(x.double().mean()), "sq": float((x.double() ** 2).mean())})
+    n = x.numel() * src.world
+    return torch.tensor(max(m["sq"] - m["mean"] ** 2, 0.0) * n / max(n - 1, 1), dtype=x.dtype).sqrt()
 
 
 class GRPOScoring:
