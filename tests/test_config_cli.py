@@ -79,3 +79,57 @@ def test_a_key_added_later_enters_stage_keys_only_when_set():
     assert "pretrain.lr" in config.result_items(cfg, ["pretrain"])
     cfg["pretrain"]["ema_decay"] = 0.99
     assert config.result_items(cfg, ["pretrain"])["pretrain.ema_decay"] == 0.99
+
+
+def _cli_error(capsys, *args) -> str:
+    """Run zero-chatgpt ARGS in this process; it must end in one error line (status 2, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_a_config_toml_that_is_not_utf8_is_one_line_for_any_command(tmp_path, capsys):
+    (tmp_path / "config.toml").write_bytes(b'[run]\npreset = "demo"\nseed = 7  # caf\xe9 (Latin-1)\n')
+    for cmd in ("data", "sft", "report", "chat", "export --out x"):
+        err = _cli_error(capsys, *cmd.split(), "--run-dir", tmp_path)
+        assert f"{tmp_path / 'config.toml'}:3: not UTF-8" in err and "save the file as UTF-8" in err, err
+
+
+def test_an_unknown_preset_or_an_empty_config_toml_is_refused(tmp_path, capsys):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[run]\npreset = "nope"\n')
+    err = _cli_error(capsys, "data", "--run-dir", tmp_path)
+    assert "preset = 'nope' is not a preset" in err and "demo, gpu-0.5b" in err
+    err = _cli_error(capsys, "data", "--run-dir", tmp_path / "new", "--set", "run.preset=nope")    # as --preset nope
+    assert "'run.preset' = \"nope\": must be one of demo" in err
+    for text in ("", "# only a comment\n"):
+        cfg.write_text(text)
+        err = _cli_error(capsys, "data", "--run-dir", tmp_path)
+        assert "is empty" in err and "silently mean the demo defaults" in err and "--preset NAME" in err
+        assert cfg.read_text() == text                    # refused, not replaced
+    # a config saved by the tool resolves as before
+    config.save(tmp_path, config.resolve(tmp_path / "fresh", "gpu-0.5b", []))
+    assert config.resolve(tmp_path, None, [])["run"]["preset"] == "gpu-0.5b"
+
+
+def test_every_float_key_refuses_non_finite_and_absurd_values(capsys):
+    cfg = config.load_preset("demo")
+    floats = [(s, k) for s, keys in config.RULES.items() for k in keys if isinstance(cfg[s][k], float)]
+    assert len(floats) > 80
+    for s, k in floats:
+        for bad in (float("inf"), float("-inf"), float("nan"), 1e308, -1e308):
+            c = {**cfg, s: {**cfg[s], k: bad}}
+            with pytest.raises(UserError, match=rf"'{s}\.{k}' = .*must be a finite number >?=? \S+ and <=? \S+; "
+                                                rf"set it with --set {s}\.{k}="):
+                config.validate(c)
+    for name in config.preset_names():                   # every value in use stays inside its range
+        config.validate(config.load_preset(name))
+    # learning rates: in use up to ~1e-2, refused above 1
+    config.validate(config.apply_overrides(cfg, ["rm.lr=0.01", "ppo.critic_lr=1"]))
+    for item in ("rm.lr=inf", "rm.lr=1e308", "rm.lr=2", "ppo.critic_lr=10"):
+        with pytest.raises(UserError, match=r"must be a finite number > 0 and <= 1;"):
+            config.validate(config.apply_overrides(cfg, [item]))
+    err = _cli_error(capsys, "data", "--run-dir", "/nonexistent/run", "--set", "rm.lr=inf")
+    assert "'rm.lr' = inf: must be a finite number > 0 and <= 1" in err

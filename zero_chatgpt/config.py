@@ -18,6 +18,7 @@ them never makes a finished stage look out of date.
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,11 @@ def _read_toml(path: Path) -> dict:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8 by definition; a stray byte (an editor's Latin-1 save, a damaged disk) lands here
+        line = e.object[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x}); save the file as UTF-8 "
+                        f"(or retype that line), then run the command again") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
@@ -65,11 +71,12 @@ def _num(lo=None, hi=None, lo_open=False, hi_open=False, integer=False) -> Calla
     def check(v):
         bad = (lo is not None and (v <= lo if lo_open else v < lo)) or \
               (hi is not None and (v >= hi if hi_open else v > hi))
-        if not bad and not (isinstance(v, float) and v != v):     # NaN is never allowed
+        # NaN compares false with every bound and inf passes any open-ended one: neither is ever allowed
+        if not bad and not (isinstance(v, float) and not math.isfinite(v)):
             return None
-        lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
-        hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
-        return ("an integer " if integer else "a number ") + " and ".join(s for s in (lo_s, hi_s) if s)
+        lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
+        hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi:g}"
+        return ("an integer " if integer else "a finite number ") + " and ".join(s for s in (lo_s, hi_s) if s)
     return check
 
 
@@ -77,7 +84,10 @@ def Int(lo=None, hi=None, **kw) -> Rule:
     return Rule(_num(lo, hi, integer=True), **kw)
 
 
-def Float(lo=None, hi=None, lo_open=False, hi_open=False, **kw) -> Rule:
+def Float(lo, hi, lo_open=False, hi_open=False, **kw) -> Rule:
+    """A float key in [lo, hi] (open ends with lo_open / hi_open). Both bounds are required: a value far
+    beyond any sensible one (lr = 1e308) is a typo, and it is better refused now than found as a NaN
+    loss hours later. The upper bounds are generous, one or more orders above any value in use."""
     return Rule(_num(lo, hi, lo_open, hi_open), **kw)
 
 
@@ -119,10 +129,11 @@ def _source(v) -> str | None:
 def _loop_rules(checkpoint_every: bool = True) -> dict[str, Rule]:
     """The training loop's keys, shared by every training section (train/loop.py)."""
     return {
-        "max_steps": Int(1), "lr": Float(0.0, lo_open=True), "min_lr_ratio": Frac(), "warmup_steps": Int(0),
+        # AdamW learning rates in use are 1e-6 .. 1e-2; above 1 every step overshoots
+        "max_steps": Int(1), "lr": Float(0.0, 1.0, lo_open=True), "min_lr_ratio": Frac(), "warmup_steps": Int(0),
         "schedule": Choice("cosine", "wsd", "constant"), "decay_fraction": Frac(),
-        "weight_decay": Float(0.0), "beta1": Frac(hi_open=True), "beta2": Frac(hi_open=True),
-        "grad_clip": Float(0.0), "precision": Choice("auto", "fp32", "bf16"), "init_from": Any_(),
+        "weight_decay": Float(0.0, 10.0), "beta1": Frac(hi_open=True), "beta2": Frac(hi_open=True),
+        "grad_clip": Float(0.0, 1e4), "precision": Choice("auto", "fp32", "bf16"), "init_from": Any_(),
         # how it runs and what it reports, not what it computes: operational. (fsdp is not: its
         # optimizer state is saved by parameter name, DDP's by index, so a run cannot switch midway.)
         "compile": Any_(operational=True), "fsdp": Any_(),
@@ -135,7 +146,10 @@ def _loop_rules(checkpoint_every: bool = True) -> dict[str, Rule]:
 _LEN = _num(1, integer=True)
 NEGATIVES = ("sample", "other", "cut", "repeat", "refusal", "empty")   # the rejected answers rm.negatives may name
 RULES: dict[str, dict[str, Rule]] = {
-    "run": {"preset": Any_(operational=True), "seed": Int(0), "device": Rule(_device, operational=True)},
+    # the preset names which keys a run starts from (resolve loads it under config.toml): never a name it lacks
+    "run": {"preset": Rule(lambda v: None if v in preset_names() else "one of " + ", ".join(preset_names()),
+                           operational=True),
+            "seed": Int(0), "device": Rule(_device, operational=True)},
     "data": {
         "sources": Each(_source, "FORMAT:PATH strings"), "val_fraction": Frac(hi_open=True),
         "builtin_parts": Each(lambda v: None if v in ("peoples-daily", "reviews", "idioms") else "",
@@ -161,8 +175,8 @@ RULES: dict[str, dict[str, Rule]] = {
     "model": {
         "hidden_size": Int(2), "intermediate_size": Int(1), "num_hidden_layers": Int(1),
         "num_attention_heads": Int(1), "num_key_value_heads": Int(0), "max_position_embeddings": Int(2),
-        "rope_theta": Float(0.0, lo_open=True), "rms_norm_eps": Float(0.0, lo_open=True),
-        "tie_word_embeddings": Any_(), "initializer_range": Float(0.0, lo_open=True),
+        "rope_theta": Float(0.0, 1e9, lo_open=True), "rms_norm_eps": Float(0.0, 0.1, lo_open=True),
+        "tie_word_embeddings": Any_(), "initializer_range": Float(0.0, 1.0, lo_open=True),
     },
     "pretrain": {
         **_loop_rules(), "seq_len": Int(1), "batch_tokens": Int(1), "micro_batch_size": Int(1),
@@ -175,44 +189,47 @@ RULES: dict[str, dict[str, Rule]] = {
         "identity_fraction": Frac(hi_open=True), "min_prompt_chars": Int(0), "max_prompt_chars": Int(1),
         "dedup_threshold": Frac(lo_open=True), "max_seq_len": Int(8), "max_train_samples": Int(0),
         "val_samples": Int(0, operational=True), "batch_tokens": Int(1), "micro_batch_tokens": Int(8),
-        "unlikelihood": Float(0.0),
+        "unlikelihood": Float(0.0, 100.0),
     },
     "eval": {
         "num_prompts": Int(1), "max_new_tokens": Int(1), "batch_size": Int(1, operational=True),
-        "repetition_penalty": Float(0.0, lo_open=True), "num_samples": Int(0),
+        "repetition_penalty": Float(0.0, 10.0, lo_open=True), "num_samples": Int(0),
         "val_samples": Int(0), "gold_fraction": Frac(hi_open=True), "bootstrap": Int(0),
     },
     "chat": {
-        "temperature": Float(0.0), "top_k": Int(0), "top_p": Frac(lo_open=True),
-        "repetition_penalty": Float(0.0, lo_open=True),
+        "temperature": Float(0.0, 10.0), "top_k": Int(0), "top_p": Frac(lo_open=True),
+        "repetition_penalty": Float(0.0, 10.0, lo_open=True),
     },
     "rl": {
-        "temperature": Float(0.0, lo_open=True), "max_new_tokens": Int(1), "gold_prompts": Int(1),
+        "temperature": Float(0.0, 10.0, lo_open=True), "max_new_tokens": Int(1), "gold_prompts": Int(1),
         "gold_max_new_tokens": Int(1),
     },
     "rm": {
-        **_loop_rules(), "sources": Each(_source, "preference:PATH strings"), "prompts": Int(0),
+        # the reward model reads pairs: any other reader's records have no chosen / rejected
+        **_loop_rules(), "sources": Each(lambda v: _source(v) or (None if str(v).startswith("preference:") else ""),
+                                         "preference:PATH strings"), "prompts": Int(0),
         "negatives": Each(lambda v: None if v in NEGATIVES else "", ", ".join(NEGATIVES), nonempty=True),
         "val_fraction": Frac(lo_open=True, hi_open=True), "gold_samples": Int(2), "max_seq_len": Int(16),
         "batch_pairs": Int(1), "micro_batch_pairs": Int(1),
     },
     "dpo": {
-        **_loop_rules(), "beta": Float(0.0, lo_open=True), "sft_loss": Float(0.0), "max_seq_len": Int(16),
+        **_loop_rules(), "beta": Float(0.0, 100.0, lo_open=True), "sft_loss": Float(0.0, 100.0), "max_seq_len": Int(16),
         "batch_pairs": Int(1), "micro_batch_pairs": Int(1), "eval_every": Int(0),
     },
     "ppo": {
         **_loop_rules(), "eval_every": Int(0), "prompts_per_rollout": Int(1), "epochs": Int(1), "minibatches": Int(1),
-        "gen_batch_size": Int(1, operational=True), "kl_coef": Float(0.0), "kl_target": Float(0.0),
-        "kl_horizon": Int(1), "kl_budget": Float(0.0), "missing_eos_penalty": Float(0.0), "gamma": Frac(),
-        "lam": Frac(), "clip": Float(0.0, lo_open=True), "value_clip": Float(0.0, lo_open=True),
-        "vf_coef": Float(0.0), "critic_lr": Float(0.0, lo_open=True), "ptx_coef": Float(0.0), "ptx_rows": Int(1),
+        "gen_batch_size": Int(1, operational=True), "kl_coef": Float(0.0, 100.0), "kl_target": Float(0.0, 1e4),
+        "kl_horizon": Int(1), "kl_budget": Float(0.0, 1e6), "missing_eos_penalty": Float(0.0, 100.0), "gamma": Frac(),
+        "lam": Frac(), "clip": Float(0.0, 10.0, lo_open=True), "value_clip": Float(0.0, 1e3, lo_open=True),
+        "vf_coef": Float(0.0, 100.0), "critic_lr": Float(0.0, 1.0, lo_open=True), "ptx_coef": Float(0.0, 100.0),
+        "ptx_rows": Int(1),
     },
     "grpo": {
         **_loop_rules(), "eval_every": Int(0), "prompts_per_rollout": Int(1), "samples_per_prompt": Int(2),
-        "reward": Choice("rm", "rules", "rm+rules", "reference", "rm+reference", "rules+reference", "rm+rules+reference"), "rules_weight": Float(0.0, lo_open=True),
+        "reward": Choice("rm", "rules", "rm+rules", "reference", "rm+reference", "rules+reference", "rm+rules+reference"), "rules_weight": Float(0.0, 100.0, lo_open=True),
         "scale_rewards": Choice("group", "batch", "none", added_at="group"), "epochs": Int(1),
-        "minibatches": Int(1), "gen_batch_size": Int(1, operational=True), "kl_coef": Float(0.0),
-        "kl_budget": Float(0.0), "missing_eos_penalty": Float(0.0), "clip": Float(0.0, lo_open=True),
+        "minibatches": Int(1), "gen_batch_size": Int(1, operational=True), "kl_coef": Float(0.0, 100.0),
+        "kl_budget": Float(0.0, 1e6), "missing_eos_penalty": Float(0.0, 100.0), "clip": Float(0.0, 10.0, lo_open=True),
     },
 }
 
@@ -267,7 +284,8 @@ def validate(cfg: dict) -> dict:
             v = cfg[section][key]
             problem = rule.check(v)
             if problem is not None:
-                raise UserError(f"config key '{section}.{key}' = {_toml_value(v)}: must be {problem}")
+                raise UserError(f"config key '{section}.{key}' = {_toml_value(v)}: must be {problem}; set it with "
+                                f"--set {section}.{key}=VALUE")
     for key, problem in _relations(cfg):
         raise UserError(f"config key '{key}' {problem}; change it with --set {key}=...")
     return cfg
@@ -368,12 +386,29 @@ def dumps(cfg: dict) -> str:
     return "\n".join(lines)
 
 
+def _read_saved(path: Path) -> dict:
+    """A run's config.toml, refused when it cannot be what `save` wrote: an empty file (a write cut short,
+    or cleared by hand) would otherwise mean the demo preset's defaults, silently, for a run that may
+    have been started from another preset with other keys; an unknown preset has no keys to start from."""
+    data = _read_toml(path)
+    if not data:
+        raise UserError(f"{path} is empty (no [section] keys): a run's config.toml holds its preset and every --set, "
+                        f"and an empty one would silently mean the demo defaults. Put the run's settings back (e.g. "
+                        f"'[run]' and 'preset = \"{DEFAULT_PRESET}\"'), or remove the empty file and name the preset "
+                        f"again with --preset NAME ({', '.join(preset_names())})")
+    name = data.get("run", {}).get("preset", DEFAULT_PRESET) if isinstance(data.get("run"), dict) else DEFAULT_PRESET
+    if not isinstance(name, str) or name not in preset_names():
+        raise UserError(f"{path}: [run] preset = {name!r} is not a preset of this version; set it to one of "
+                        f"{', '.join(preset_names())} (the one this run was started from)")
+    return data
+
+
 def saved_preset(run_dir: Path) -> str | None:
     """The preset an existing run directory was started from, or None for a new one."""
     saved = Path(run_dir) / CONFIG_FILE
     if not saved.exists():
         return None
-    return str(_read_toml(saved).get("run", {}).get("preset", DEFAULT_PRESET))
+    return str(_read_saved(saved).get("run", {}).get("preset", DEFAULT_PRESET))
 
 
 def resolve(run_dir: Path, preset: str | None, overrides: list[str], sources: dict[str, list[str]] | None = None) -> dict:
@@ -385,14 +420,13 @@ def resolve(run_dir: Path, preset: str | None, overrides: list[str], sources: di
     """
     saved = Path(run_dir) / CONFIG_FILE
     if saved.exists():
-        data = _read_toml(saved)
+        data = _read_saved(saved)
         name = str(data.get("run", {}).get("preset", DEFAULT_PRESET))
         if preset and preset != name:
             raise UserError(f"{run_dir} is a run of preset '{name}': --preset {preset} would replace its config. "
                             f"Use another --run-dir (the default for this preset is runs/{preset}), or leave out "
                             f"--preset to continue this run")
-        base = load_preset(name) if name in preset_names() else defaults()
-        cfg = merge(base, data, defaults(), str(saved))
+        cfg = merge(load_preset(name), data, defaults(), str(saved))
     else:
         cfg = load_preset(preset or DEFAULT_PRESET)
     cfg = apply_overrides(cfg, overrides)
@@ -408,7 +442,7 @@ def save(run_dir: Path, cfg: dict) -> None:
     try:
         if path.read_text(encoding="utf-8") == text:
             return
-    except OSError:
+    except (OSError, ValueError):       # absent, unreadable or not UTF-8: written anew below
         pass
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
