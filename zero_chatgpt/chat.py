@@ -19,7 +19,8 @@ from __future__ import annotations
 import codecs
 import sys
 
-from zero_chatgpt.console import info
+from zero_chatgpt.config import RULES
+from zero_chatgpt.console import UserError, info
 
 HELP = "commands: /reset, /system TEXT, /temp X, /help, /quit"
 
@@ -117,12 +118,15 @@ def repl(session: ChatSession, lines, out, interactive: bool) -> None:
                 session.history = []
                 info(f"(system prompt: {arg!r}; conversation reset)" if arg else "(default system prompt)")
             elif cmd == "/temp":
+                # the range of chat.temperature in the config; float() also reads "nan" and "inf", which
+                # that rule refuses: NaN would poison every softmax, and inf is no temperature
+                rule = RULES["chat"]["temperature"].check
                 try:
                     t = float(arg)
-                    if t < 0:
+                    if rule(t) is not None:
                         raise ValueError
                 except ValueError:
-                    info(f"(/temp needs a number >= 0, e.g. /temp 0.7; got {arg!r})")
+                    info(f"(/temp needs {rule(float('nan'))}, e.g. /temp 0.7; got {arg!r})")
                 else:
                     session.temperature = t
                     info(f"(temperature {t})")
@@ -159,6 +163,11 @@ def load_chat_model(ctx):
 def run_command(ctx) -> None:
     from zero_chatgpt.checkpoint import stage_model_path
 
+    if sys.stdin is None or sys.stdin.closed:
+        # started with stdin closed (`<&-`, some service managers): there is nothing to read messages from
+        raise UserError("chat reads your messages from standard input, which is closed here: run it in a terminal, "
+                        "or pipe the messages in, e.g. printf '你好\\n' | zero-chatgpt chat --run-dir "
+                        f"{ctx.run_dir.root}")
     rd = ctx.run_dir
     stage, model, tok = load_chat_model(ctx)
     c = ctx.cfg["chat"]
