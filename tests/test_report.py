@@ -284,3 +284,25 @@ def test_the_page_in_a_browser_fetches_nothing_and_draws_every_image(whole):
     assert requests and all(u.startswith(("file:", "data:")) for u in requests), requests
     assert len(images) == 9 and all(done and width > 0 for done, width in images), images
     assert "report card" in title and "Answers side by side" in headings
+
+
+def test_a_bad_log_line_is_skipped_and_named_and_small_figures_carry_their_n(whole, tmp_path, capsys):
+    rd = tmp_path / "run"
+    shutil.copytree(whole[0], rd)
+    log = rd / "logs" / "sft.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    lines[2] = b'{"kind": "train", "step": 3, "loss": 1.0, "note": "caf\xe9"}\n'     # Latin-1, not UTF-8
+    lines.insert(5, b'{"kind": "train", "st\n')                                        # cut mid-write
+    log.write_bytes(b"".join(lines))
+    rm = json.loads((rd / "eval" / "rm.json").read_text())
+    rm.update(gold_agreement=1.0, gold_pairs=2, accuracy=0.75, val_pairs=12, pairs_by_negative={"cut": 3})
+    (rd / "eval" / "rm.json").write_text(json.dumps(rm))
+    cli.main(["report", "--run-dir", str(rd)])
+    err = capsys.readouterr().err
+    assert f"skipped 2 unreadable log line(s) ({log}:3: not UTF-8; {log}:6: not JSON)" in err
+    md = (rd / "report" / "report.md").read_text()
+    assert f"{log}:3: not UTF-8" in md and "could not be drawn" not in md and "loss_sft.png" in md
+    # a share of fewer than 30 items is never shown without its n: the overview, the rm table, every probe
+    assert "accuracy 0.750 (n=12), gold agreement 1.000 (n=2)" in md and "accuracy 0.750 (n=12), gold" in err
+    assert "| gold_agreement | 1.000 (n=2) |" in md and "| accuracy | 0.750 (n=12) |" in md
+    assert "| probe_pass: cut | 1.000 (n=3) |" in md and "| probe_pass: other | 0.550 (n unknown) |" in md

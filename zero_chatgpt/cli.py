@@ -45,11 +45,10 @@ def _common(p: argparse.ArgumentParser, read_only: bool = False) -> None:
                             "(deletes its checkpoints)")
 
 
-def _sources(p: argparse.ArgumentParser, what: str) -> None:
+def _sources(p: argparse.ArgumentParser, what: str, formats: str = "text, jsonl, parquet, wikipedia-cn, "
+             "baidubaike, skypile, firefly, ruozhiba, sharegpt, prompt-answer, messages, preference") -> None:
     p.add_argument("--source", dest="sources", action="append", default=[], metavar="FORMAT:PATH",
-                   help=f"{what} (repeatable; remembered in the run's config.toml). FORMAT is a reader: text, jsonl, "
-                        "parquet, wikipedia-cn, baidubaike, skypile, firefly, ruozhiba, sharegpt, prompt-answer, "
-                        "messages, preference")
+                   help=f"{what} (repeatable; remembered in the run's config.toml). FORMAT is a reader: {formats}")
 
 
 def _positive_int(s: str) -> int:
@@ -86,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
             _sources(p, "pretraining text to read instead of the built-in corpus")
         if st.name == "sft":
             _sources(p, "instruction data to read instead of the built-in instructions")
+        if st.name == "rm":
+            _sources(p, "preference pairs to train on instead of the pairs built from the SFT model", "preference "
+                        "(JSON lines {prompt, chosen, rejected})")
         if st.name == "eval":
             p.add_argument("--stage", default=None, choices=lm, help="evaluate only this stage; default: all trained")
         if st.name in ("chat", "serve", "export"):
@@ -125,7 +127,7 @@ def make_context(args: argparse.Namespace) -> Context:
         for spec in args.sources:
             fmt, sep, path = spec.partition(":")
             specs.append(f"{fmt}:{Path(path).expanduser().resolve()}" if sep and path else spec)
-        sources["sft" if args.command == "sft" else "data"] = specs
+        sources[args.command if args.command in ("sft", "rm") else "data"] = specs
     cfg = config_mod.resolve(run_dir, args.preset, args.overrides, sources)
     skip = {"run_dir", "preset", "overrides", "force", "command", "sources", "until"}
     extra = {k: v for k, v in vars(args).items() if k not in skip}
@@ -232,8 +234,10 @@ def _rank_prefix() -> str:
     return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
-def os_error_line(e: OSError) -> str:
-    """One line for a failed read or write: the path, the cause, what to do."""
+def os_error_line(e: OSError, then: str = "fix that and run the same command again (finished work and "
+                                          "checkpoints are kept)") -> str:
+    """One line for a failed read or write: the path, the cause, what to do (`then`: a command that writes no
+    run directory, such as export, says what holds for it instead)."""
     import errno
     where = e.filename or "a file"
     cause = e.strerror or str(e)
@@ -241,5 +245,4 @@ def os_error_line(e: OSError) -> str:
             errno.EFBIG: "the file size limit (ulimit -f) is too small for it", errno.EROFS: "the file system is read-only",
             errno.EACCES: "check the permissions", errno.EPERM: "check the permissions",
             errno.ENOENT: "it does not exist"}.get(e.errno, "")
-    return (f"cannot write or read {where}: {cause}" + (f" ({hint})" if hint else "") +
-            "; fix that and run the same command again (finished work and checkpoints are kept)")
+    return f"cannot write or read {where}: {cause}" + (f" ({hint})" if hint else "") + f"; {then}"

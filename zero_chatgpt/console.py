@@ -48,6 +48,20 @@ def format_cell(v) -> str:
     return str(v)
 
 
+SMALL_N = 30      # below this many items a share is shown with its n
+
+
+def share(value: float | None, n: int | None, fmt: str = ".3f") -> str:
+    """A share measured on n items, as every summary prints it: "1.000 (n=2)" when n < SMALL_N, where one
+    item moves it by more than 3 points and 1.000 may be 2 of 2; plain above; "-" when there is none.
+    n None (a record from before n was kept): "(n unknown)", never a bare figure that may rest on 2 items."""
+    if value is None:
+        return "-"
+    if n is None:
+        return f"{value:{fmt}} (n unknown)"
+    return f"{value:{fmt}}" + (f" (n={n:,})" if n < SMALL_N else "")
+
+
 def _width(s: str) -> int:
     # CJK characters take two terminal columns.
     return sum(2 if "\u2e80" <= ch <= "\uffef" else 1 for ch in s)

@@ -25,6 +25,7 @@ from pathlib import Path
 from zero_chatgpt import plots
 from zero_chatgpt import report_doc as doc
 from zero_chatgpt import timings
+from zero_chatgpt.console import SMALL_N, share
 
 # the metrics of the side-by-side table, as evaluate.py names them
 EVAL_ROWS = ("char_f1", "rouge_l", "pinyin_exact", "chain_valid", "eos_rate", "repetition_rate", "refusal_rate",
@@ -42,22 +43,40 @@ def _json(path: Path):
         return None
 
 
-def _log(rd, stage: str) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) of logs/<stage>.jsonl, one per step (the last one written wins)."""
+def _log(rd, stage: str, bad: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of logs/<stage>.jsonl, one per step (the last one written wins).
+
+    A line that is not UTF-8 JSON (cut by a kill mid-write, a damaged disk, an edit) is skipped, as the
+    data readers skip a bad record, and "file:line: why" goes to `bad`: one bad line costs one point of a
+    curve, not the card."""
+    bad = [] if bad is None else bad
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
+    path = Path(rd.logs) / f"{stage}.jsonl"
     try:
-        lines = (Path(rd.logs) / f"{stage}.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().splitlines()
     except OSError:
         return [], []
-    for line in lines:
+    for n, raw in enumerate(lines, 1):
         try:
-            rec = json.loads(line)
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad.append(f"{path}:{n}: not UTF-8")
+            continue
         except ValueError:
-            continue                    # a line cut by a kill mid-write
+            if raw.strip():
+                bad.append(f"{path}:{n}: not JSON")
+            continue
         if isinstance(rec, dict) and isinstance(rec.get("step"), int):
             (evals if rec.get("kind") == "eval" else train)[rec["step"]] = rec
     return [train[k] for k in sorted(train)], [evals[k] for k in sorted(evals)]
+
+
+def bad_lines_note(bad: list[str]) -> str:
+    """One line on the skipped log lines: how many, the first few as file:line, what to do."""
+    return (f"skipped {len(bad)} unreadable log line(s) ({'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}): "
+            f"those steps are missing from the curves, the rest is drawn; nothing else is affected (the figures in "
+            f"eval/ and the models do not come from the logs), so there is nothing to redo")
 
 
 class Run:
@@ -72,7 +91,8 @@ class Run:
         self.markers = {st.name: read_marker(self.rd / st.out) for st in PIPELINE if st.name != "report"}
         self.stale = {n: (stale_reason(self.rd, n) if self.markers[n] else "not run") for n in self.names}
         self.stats = _json(self.rd.data / "stats.json")
-        self.logs = {s: _log(self.rd, s) for s in (*CURVE_STAGES, *RL_STAGES)}
+        self.bad_log_lines: list[str] = []
+        self.logs = {s: _log(self.rd, s, self.bad_log_lines) for s in (*CURVE_STAGES, *RL_STAGES)}
         curves = _json(self.rd.eval / "rl_curves.json") or {}
         self.rl = {s: _json(self.rd.eval / f"{s}_train.json") or curves.get(s) for s in RL_STAGES}
         self.rm = _json(self.rd.eval / "rm.json")
@@ -117,7 +137,8 @@ def headline(r: Run, name: str) -> str:
         return f"val loss {summ['val_loss']:.3f}" + (f" after {summ['steps']:,} steps" if summ.get("steps") else "")
     if name == "rm" and r.rm:
         ga = r.rm.get("gold_agreement")
-        return f"accuracy {r.rm['accuracy']:.3f}" + (f", gold agreement {ga:.3f}" if ga is not None else "")
+        return f"accuracy {share(r.rm['accuracy'], r.rm.get('val_pairs'))}" + \
+            (f", gold agreement {share(ga, r.rm.get('gold_pairs'))}" if ga is not None else "")
     if name in RL_STAGES and name in r.evals and "char_f1" in r.evals[name]:
         from zero_chatgpt.evaluate import format_diff
         d = r.evals[name].get("vs_sft", {}).get("char_f1")
@@ -204,6 +225,8 @@ def tokenizer_section(r: Run) -> list:
 
 def curves_section(r: Run) -> list:
     out = [doc.h(2, "Training curves")]
+    if r.bad_log_lines:
+        out.append(doc.note(bad_lines_note(r.bad_log_lines)))
     rows = []
     for stage in CURVE_STAGES:
         train, evals = r.logs[stage]
@@ -279,10 +302,14 @@ def rm_section(r: Run) -> list:
     rm = r.rm
     if not rm:
         return out + [doc.note(r.run_hint("rm"))]
-    rows = [["held-out pairs", rm.get("val_pairs")], ["accuracy", rm.get("accuracy")]]
-    rows += [[f"probe_pass: {k}", v] for k, v in (rm.get("probe_pass") or {}).items()]
+    counts = rm.get("pairs_by_negative") or {}
+    # a share on enough items stays a number (the table's own format); on few, it carries its n
+    fig = lambda v, n: v if v is None or (n or 0) >= SMALL_N else share(v, n)  # noqa: E731
+    rows = [["held-out pairs", rm.get("val_pairs")], ["accuracy", fig(rm.get("accuracy"), rm.get("val_pairs"))]]
+    rows += [[f"probe_pass: {k}", fig(v, counts.get(k))] for k, v in (rm.get("probe_pass") or {}).items()]
     ga = rm.get("gold_agreement")
-    rows.append(["gold_agreement", f"{ga:.3f} of {rm.get('gold_pairs', 0):,} pairs" if ga is not None else "-"])
+    rows.append(["gold_agreement", share(ga, rm.get("gold_pairs")) +
+                 (f" of {rm['gold_pairs']:,} pairs" if ga is not None and rm.get("gold_pairs", 0) >= SMALL_N else "")])
     n = rm.get("normalization") or {}
     if n:
         rows.append(["normalization gain / bias", f"{n.get('gain', 0):.3f} / {n.get('bias', 0):.3f}"])
@@ -441,6 +468,8 @@ SECTIONS = {"Data": data_section, "Tokenizer": tokenizer_section, "Training curv
 def build(ctx) -> tuple[list, Run]:
     from zero_chatgpt.console import info
     r = Run(ctx)
+    if r.bad_log_lines:
+        info(f"report: {bad_lines_note(r.bad_log_lines)}")
     blocks = overview(r)
     for title, section in SECTIONS.items():
         try:

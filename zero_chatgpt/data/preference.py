@@ -121,6 +121,23 @@ def read_source_pairs(specs: list[str], bad) -> list[dict]:
     return pairs
 
 
+def bad_note(bad) -> str:
+    """The tail of a message about read pairs: " (N bad records skipped, e.g. FILE:LINE: why; ...)", or ""."""
+    if not bad.count:
+        return ""
+    return f" ({bad.count:,} bad records skipped, e.g. " + "; ".join(f"{x['where']}: {x['reason']}"
+                                                                     for x in bad.samples[:3]) + ")"
+
+
+def bad_rows(bad: dict | None, show: int = 3) -> list[list]:
+    """Summary-table rows for the bad source records (a BadRecords.to_dict()): the count, then the first few
+    with file:line, so a user can open the file there; none when every record was usable."""
+    if not bad or not bad.get("count"):
+        return []
+    rows = [["bad source records (skipped)", bad["count"]]]
+    return rows + [["  e.g.", f"{x['where']}: {x['reason']}"] for x in bad.get("samples", [])[:show]]
+
+
 def write_pairs(path: Path, pairs: list[dict]) -> None:
     from zero_chatgpt.io import atomic_write_text
     atomic_write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))

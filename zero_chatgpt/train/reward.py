@@ -23,7 +23,7 @@ import torch
 
 from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt import manifest
-from zero_chatgpt.console import UserError, info, table
+from zero_chatgpt.console import UserError, info, share, table
 from zero_chatgpt.data import preference as pref
 from zero_chatgpt.io import atomic_write_json
 from zero_chatgpt.model import Transformer
@@ -88,13 +88,17 @@ def ensure_pairs(ctx, tok, sft_path: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     seed = int(cfg["run"]["seed"])
     sft = ckpt.load_model(sft_path)
-    recs = pref.rm_prompts(read_split(rd.sft_data, "rl"), c["prompts"], seed)
+    bad = BadRecords()
     if c["sources"]:
-        bad = BadRecords()
         pairs = pref.read_source_pairs(c["sources"], bad)
         train, val = pref.split_val(pairs, c["val_fraction"], seed)
-        info(f"rm data: {len(pairs):,} pairs from {', '.join(c['sources'])} ({bad.count} bad records)")
+        info(f"rm data: {len(pairs):,} pairs from {', '.join(c['sources'])}" + pref.bad_note(bad))
+        if not train or not val:
+            raise UserError(f"rm: {len(pairs):,} usable pairs in {', '.join(c['sources'])} split into {len(train):,} "
+                            f"train / {len(val):,} held out (rm.val_fraction = {c['val_fraction']:g}){pref.bad_note(bad)}"
+                            f"; both need pairs: add {{prompt, chosen, rejected}} lines or change rm.val_fraction")
     else:
+        recs = pref.rm_prompts(read_split(rd.sft_data, "rl"), c["prompts"], seed)
         tr, va = pref.split_val(recs, c["val_fraction"], seed)
         if not tr or not va:
             raise UserError(f"rm: {len(recs)} RM prompts in {rd.sft_data / 'rl.jsonl'} are too few to split; raise "
@@ -118,7 +122,8 @@ def ensure_pairs(ctx, tok, sft_path: Path) -> dict:
     pref.write_pairs(out / "val.jsonl", val)
     pref.write_pairs(out / "gold.jsonl", gold)
     summary = {"train_pairs": len(train), "val_pairs": len(val), "gold_samples": len(gold),
-               "by_negative": {k: sum(p["negative"] == k for p in train) for k in c["negatives"]}}
+               "by_negative": {k: sum(p["negative"] == k for p in train) for k in c["negatives"]},
+               "bad_records": bad.to_dict()}
     write_sub_marker(out, key, summary)
     return summary
 
@@ -134,7 +139,8 @@ def evaluate_rm(model, tok, val_pairs: list[dict], gold: list[dict], max_len: in
     neg = np.array(enc.negatives)
     res = {"accuracy": float((rc > rr).mean()) if len(rc) else 0.0, "val_pairs": len(rc),
            "accuracy_by_negative": {k: float((rc[neg == k] > rr[neg == k]).mean()) for k in sorted(set(neg))},
-           "probe_pass": {k: float((rc[neg == k] > rr[neg == k]).mean()) for k in sorted(set(neg)) if k != "sample"}}
+           "probe_pass": {k: float((rc[neg == k] > rr[neg == k]).mean()) for k in sorted(set(neg)) if k != "sample"},
+           "pairs_by_negative": {k: int((neg == k).sum()) for k in sorted(set(neg))}}
     scorer = RewardScorer(model, Normalization(), tok.pad_id, max_len=max_len)
     raw = scorer.raw([prompt_ids(tok, g["messages"]) for g in gold], [answer_ids(tok, g["text"], g["ended"]) for g in gold])
     norm = Normalization.fit(raw)
@@ -213,14 +219,16 @@ def run_stage(ctx) -> None:
                curve=[{"step": e["step"], "val_accuracy": e.get("val_accuracy")} for e in result.evals])
     rd.eval.mkdir(parents=True, exist_ok=True)
     atomic_write_json(rd.eval / "rm.json", res)
-    rows = [["held-out pairs", res["val_pairs"]], ["accuracy", res["accuracy"]]]
-    rows += [[f"probe_pass: {k}", v] for k, v in res["probe_pass"].items()]
+    rows = [["held-out pairs", res["val_pairs"]], ["accuracy", share(res["accuracy"], res["val_pairs"])]]
+    rows += [[f"probe_pass: {k}", share(v, res["pairs_by_negative"][k])] for k, v in res["probe_pass"].items()]
     rows += [["gold_agreement (SFT sample pairs, char_f1 apart by >= 0.2)",
-              f"{res['gold_agreement']:.3f} of {res['gold_pairs']}" if res["gold_agreement"] is not None else "-"],
+              share(res["gold_agreement"], res["gold_pairs"])],
              ["normalization gain / bias", f"{norm.gain:.3f} / {norm.bias:.3f}"]]
+    rows += pref.bad_rows((read_marker(rd / "rm_data").get("summary") or {}).get("bad_records"))
     rows += loop.summary_rows(result)
     table(["", "rm"], rows, title=f"rm: done → {rd / 'rm' / 'final'} (figures in {rd.eval / 'rm.json'})")
-    run.complete({k: res[k] for k in ("accuracy", "probe_pass", "gold_agreement", "normalization")})
+    run.complete({k: res[k] for k in ("accuracy", "val_pairs", "probe_pass", "gold_agreement", "gold_pairs",
+                                      "normalization")})
 
 
 def load_scorer(rd, tok, cfg, device="cpu") -> RewardScorer:
