@@ -75,7 +75,7 @@ def test_export_hf_parity_with_transformers(run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     rd, _ = run
     out = tmp_path / "hf"
-    cli("export", "--run-dir", str(rd), "--format", "hf", "--out", str(out))
+    cli("export", "--run-dir", str(rd), "--stage", "pretrain", "--format", "hf", "--out", str(out))
     hf = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(out)
     ours = load_model(rd / "pretrain" / "final")
@@ -102,10 +102,41 @@ def test_export_hf_parity_with_transformers(run, tmp_path):
 
 def test_export_errors_are_one_line(run, tmp_path):
     rd, _ = run
-    r = cli("export", "--run-dir", str(rd), "--format", "gguf", "--out", str(tmp_path), check=False)
+    r = cli("export", "--run-dir", str(rd), "--stage", "pretrain", "--format", "gguf", "--out", str(tmp_path),
+            check=False)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "writes one file" in r.stderr
     r = cli("export", "--run-dir", str(tmp_path), "--out", str(tmp_path / "x"), check=False)
     assert r.returncode == 2 and "no trained model" in r.stderr
+    # an --out under a regular file: which file is in the way, not the training commands' "checkpoints are kept"
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "sub"       # (gguf's --out goes through the same check)
+    r = cli("export", "--run-dir", str(rd), "--stage", "pretrain", "--out", str(out), check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{tmp_path / 'notes.txt'} is a file, so {out} cannot be made under it" in r.stderr
+    assert "checkpoints are kept" not in r.stderr and (tmp_path / "notes.txt").read_text() == "mine"
+    # a write that fails for the system's reasons: an export's own way out
+    r = cli("export", "--run-dir", str(rd), "--stage", "pretrain", "--out", str(tmp_path / ("x" * 300)), check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "File name too long" in r.stderr, r.stderr
+    assert "checkpoints are kept" not in r.stderr and "export again (the run directory is unchanged" in r.stderr
+
+
+def test_export_without_stage_refuses_a_model_that_is_not_a_chat_model(run, tmp_path):
+    """The newest current model is pretrain's (here sft ran, then its final/ went missing): `chat` refuses it,
+    and export, which would ship it under the run's name, says so and exports nothing unless --stage names it."""
+    import shutil
+    rd = tmp_path / "run"
+    shutil.copytree(run[0], rd, ignore=shutil.ignore_patterns("step-*"))
+    shutil.copytree(rd / "pretrain" / "final", rd / "sft" / "final")
+    record_stage(rd, "sft", reads=["tokenizer", "pretrain"])
+    shutil.rmtree(rd / "sft" / "final")
+    r = cli("export", "--run-dir", str(rd), "--out", str(tmp_path / "hf"), check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"nothing exported: the newest current model in {rd} is pretrain, not a chat model" in r.stderr
+    assert "sft passed over" in r.stderr and "--stage pretrain" in r.stderr and not (tmp_path / "hf").exists()
+    # pretrain-only runs were checked with --stage pretrain above; an sft model is exported without one
+    shutil.copytree(rd / "pretrain" / "final", rd / "sft" / "final")
+    r = cli("export", "--run-dir", str(rd), "--out", str(tmp_path / "hf"))
+    assert "exported sft model" in r.stderr
 
 
 def test_export_never_deletes_what_it_did_not_write(run, tmp_path):
@@ -115,24 +146,24 @@ def test_export_never_deletes_what_it_did_not_write(run, tmp_path):
     mine.mkdir()
     (mine / "config.json").write_text("{}")
     (mine / "notes.txt").write_text("my notes")
-    r = cli("export", "--run-dir", str(rd), "--out", str(mine), check=False)
+    r = cli("export", "--run-dir", str(rd), "--stage", "pretrain", "--out", str(mine), check=False)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not written by `zero-chatgpt export`" in r.stderr
     assert sorted(p.name for p in mine.iterdir()) == ["config.json", "notes.txt"]
     # an earlier export is replaced; an export with a file added to it is not
     out = tmp_path / "hf"
-    cli("export", "--run-dir", str(rd), "--out", str(out))
+    cli("export", "--run-dir", str(rd), "--stage", "pretrain", "--out", str(out))
     first = (out / ".zero-chatgpt-export.json").read_text()
-    cli("export", "--run-dir", str(rd), "--out", str(out))
+    cli("export", "--run-dir", str(rd), "--stage", "pretrain", "--out", str(out))
     assert (out / "model.safetensors").exists() and (out / ".zero-chatgpt-export.json").read_text() == first
     (out / "README.md").write_text("my model card")
-    r = cli("export", "--run-dir", str(rd), "--out", str(out), check=False)
+    r = cli("export", "--run-dir", str(rd), "--stage", "pretrain", "--out", str(out), check=False)
     assert r.returncode == 2 and "files export did not write: README.md" in r.stderr
     assert (out / "README.md").read_text() == "my model card"
     # an empty folder is fine; a file is one line; nothing is left beside
     (tmp_path / "empty").mkdir()
-    cli("export", "--run-dir", str(rd), "--out", str(tmp_path / "empty"))
+    cli("export", "--run-dir", str(rd), "--stage", "pretrain", "--out", str(tmp_path / "empty"))
     (tmp_path / "file.bin").write_text("x")
-    r = cli("export", "--run-dir", str(rd), "--out", str(tmp_path / "file.bin"), check=False)
+    r = cli("export", "--run-dir", str(rd), "--stage", "pretrain", "--out", str(tmp_path / "file.bin"), check=False)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a file" in r.stderr
     assert not [p for p in tmp_path.iterdir() if "tmp-export" in p.name or "old-export" in p.name]
 

@@ -23,9 +23,20 @@ from zero_chatgpt import manifest
 from zero_chatgpt.console import UserError, info, table
 
 def pick_stage(run_dir, stage: str | None) -> tuple[str, Path]:
-    """The stage to export and its final/ folder (see rundir.pick_model), saying why later ones were passed over."""
+    """The stage to export and its final/ folder (see rundir.pick_model), saying why later ones were passed over.
+
+    Without --stage the pick must be a chat model (sft and after), as for `chat`: a pretrained model
+    continues text instead of answering, and exporting one because a later model went missing would ship
+    the wrong model without a word. It is exported when --stage names it."""
     from zero_chatgpt.rundir import pick_model
+    from zero_chatgpt.stages import STAGES, model_stages
     name, path, notes = pick_model(run_dir, stage, chat=False)
+    if stage is None and not STAGES[name].chat:
+        chats = ", ".join(s.name for s in model_stages(chat_only=True))
+        raise UserError(f"nothing exported: the newest current model in {run_dir.root} is {name}, not a chat model "
+                        f"({chats})" + (f"; {'; '.join(notes)}" if notes else "") + f". To export the {name} model "
+                        f"anyway, name it: --stage {name}; for a chat model, run `zero-chatgpt sft --run-dir "
+                        f"{run_dir.root}` first")
     for n in notes:
         info(n)
     return name, path
@@ -46,6 +57,11 @@ def _replaceable(out: Path, file: bool = False) -> str | None:
     what an earlier export wrote there (its marker lists every file, unchanged); with file=True, a file
     an earlier export wrote (the marker beside it lists it, unchanged). Else why not."""
     if not out.exists():
+        # under a regular file nothing can be made (exists() says False there): say which file is in the way
+        blocker = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+        if blocker is not None:
+            return (f"{blocker} is a file, so {out} cannot be made under it; nothing was changed: choose an --out "
+                    f"that is not under a file")
         return None
     if file:
         if out.is_dir():
@@ -142,6 +158,19 @@ def run_command(ctx) -> None:
                         f"{ctx.run_dir.root}` to rebuild it from its last checkpoint")
     if not ctx.run_dir.tokenizer.is_dir():
         raise UserError(f"no tokenizer in {ctx.run_dir.tokenizer}; run `zero-chatgpt tokenizer` first")
+    try:
+        _export(ctx, fmt, stage, model_dir, Path(out))
+    except OSError as e:
+        # the CLI's generic line promises kept checkpoints, which means nothing here: an export only reads
+        # the run directory, and it removes its own half-written copy
+        if os.environ.get("ZC_DEBUG"):
+            raise
+        from zero_chatgpt.cli import os_error_line
+        raise UserError("export failed: " + os_error_line(e, then="fix that and export again (the run directory "
+                                                                 "is unchanged; no partial export is left)")) from None
+
+
+def _export(ctx, fmt: str, stage: str, model_dir: Path, out: Path) -> None:
     if fmt == "gguf":
         from zero_chatgpt.gguf_export import DEFAULT_GGUF_TYPE, export_gguf
         kind = ctx.args.get("gguf_type") or DEFAULT_GGUF_TYPE
