@@ -34,13 +34,16 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def endless(tmp_path_factory, toy):
+    _, tok = toy
+    return make_endless_run(tmp_path_factory.mktemp("serve_endless"), tok), tok
+
+
+def make_endless_run(root, tok):
     """A run whose 'SFT' model is random with its stop tokens' output rows zeroed: greedy answers never end
     (a stop logit of 0 is always below the largest of ~800 random logits), so a stream lasts as long as
     max_tokens says: what the tests of queueing, disconnects and draining need."""
     from zero_chatgpt import checkpoint as ckpt
     from zero_chatgpt.model import ModelConfig, Transformer
-    _, tok = toy
-    root = tmp_path_factory.mktemp("serve_endless")
     tok.save(root / "tokenizer")
     record_stage(root, "tokenizer")
     torch.manual_seed(1)
@@ -53,7 +56,7 @@ def endless(tmp_path_factory, toy):
             model.lm_head.weight[i] = 0.0
     ckpt.save_checkpoint(root / "sft", "final", model_state=model.state_dict(), cfg=cfg)
     record_stage(root, "sft", reads=["tokenizer"])
-    return root, tok
+    return root
 
 
 def _free_port() -> int:
@@ -63,10 +66,13 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, root, *extra, env=None):
+    """`zero-chatgpt serve` in a subprocess, up once /health answers 200. `python`: what runs the CLI
+    (("-c", CODE) patches the server before it starts; CODE calls cli.main(sys.argv[1:]))."""
+
+    def __init__(self, root, *extra, env=None, python=("-m", "zero_chatgpt")):
         self.port = _free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zero_chatgpt", "serve", "--run-dir", str(root), "--port", str(self.port), *extra],
+            [sys.executable, *python, "serve", "--run-dir", str(root), "--port", str(self.port), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "ZC_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", **(env or {})})
         deadline = time.time() + 60

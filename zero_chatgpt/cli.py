@@ -61,6 +61,26 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _port(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {s!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535 (0 picks a free one), got {v}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {s!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
+    return v
+
+
 def _help_for(st: Stage) -> str:
     return st.help + ("" if is_built(st) else " [not built yet in this version]")
 
@@ -97,10 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
         if st.name == "chat":
             p.add_argument("--max-new-tokens", type=_positive_int, default=256, help="longest answer, in tokens")
         if st.name == "serve":
-            p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: local only)")
-            p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+            p.add_argument("--host", default="127.0.0.1",
+                           help="address to bind (default 127.0.0.1: local only; any other address needs --api-key "
+                                "or --insecure)")
+            p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
             p.add_argument("--api-key", default=os.environ.get("ZC_API_KEY"),
-                           help="require 'Authorization: Bearer KEY' on /v1/* (default: $ZC_API_KEY; none: open)")
+                           help="require 'Authorization: Bearer KEY' on /v1/* (default: $ZC_API_KEY; none: open, "
+                                "which only a loopback --host allows without --insecure; an empty key is refused)")
+            p.add_argument("--insecure", action="store_true",
+                           help="allow a --host other than loopback (e.g. 0.0.0.0) without an API key: anyone who "
+                                "can reach the address can then use the model (a trusted network only)")
             p.add_argument("--slots", type=_positive_int, default=8,
                            help="sequences decoded together in one batch (continuous batching; default 8)")
             p.add_argument("--queue", type=_positive_int, default=64,
@@ -108,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-tokens", type=_positive_int, default=512,
                            help="the largest max_tokens a request may ask for (default 512)")
             p.add_argument("--drain-timeout", type=float, default=30.0,
-                           help="on SIGTERM, seconds running streams get to finish (default 30)")
+                           help="on SIGTERM, seconds running streams get to finish before they are cut (default 30)")
+            p.add_argument("--body-timeout", type=_positive_float, default=10.0,
+                           help="seconds a request's whole body may take to arrive; a slower one gets 408 and its "
+                                "connection is closed (default 10)")
         if st.name == "export":
             p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf: transformers folder; gguf")
             p.add_argument("--out", type=Path, required=True, help="output folder (hf) or file (gguf)")

@@ -124,7 +124,9 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "draining"]
+    status: Literal["ok", "draining", "failed"] = Field(description="failed (with HTTP 503): the engine has "
+                                                                    "stopped, restart the server")
+    error: str | None = Field(None, description="why it failed (only then)")
     model: str
     slots: int = Field(description="sequences decoded together")
     busy: int = Field(description="slots in use now")
@@ -163,6 +165,7 @@ def _err(description: str) -> dict:
 ERRORS_V1 = {401: _err("missing or wrong API key (with --api-key)"), 404: _err("unknown model or route"),
              413: _err("request body too large"), 500: _err("internal error (a bug: please report it)")}
 ERRORS_CHAT = {400: _err("invalid request: the message and `param` say what"), **ERRORS_V1,
+               408: _err("the body did not arrive within the server's --body-timeout"),
                429: {**_err("too many requests waiting"),
                      "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
-               503: _err("the server is shutting down")}
+               503: _err("the server is shutting down, or its engine has failed")}

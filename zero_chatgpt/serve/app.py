@@ -7,21 +7,23 @@ GET /v1/models/{id}, GET /health, GET /openapi.json (generated from serve/api.py
 matches what is accepted and returned), and GET / (the chat page, serve/static/index.html: no CDN,
 no external font). Requests share the model through serve/engine.py's continuous batching.
 
-Safe by default: 127.0.0.1 unless --host says otherwise; with --api-key (or $ZC_API_KEY) every /v1
-request needs `Authorization: Bearer KEY`; bounded body, max_tokens, prompt and n; a bounded queue
-(429 with Retry-After beyond it); every error in OpenAI's shape, a 4xx for any bad input. SIGTERM
-drains: running requests finish (up to --drain-timeout), new ones get 503.
+Safe by default: 127.0.0.1 unless --host says otherwise, and another address only with an API key
+(or --insecure); with --api-key (or $ZC_API_KEY) every /v1 request needs `Authorization: Bearer KEY`;
+bounded body (size, and --body-timeout to arrive), max_tokens, prompt and n; a bounded queue (429 with
+Retry-After beyond it); every error in OpenAI's shape, a 4xx for any bad input. The KV cache is allocated
+before listening; should the engine die later, /health answers 503 and so does every request. SIGTERM
+drains (serve/server.py): running requests finish (up to --drain-timeout, then they are cut), new ones
+get 503.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +31,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zero_chatgpt.serve import api
-from zero_chatgpt.serve.engine import Draining, Engine, QueueFull, Request as EngineRequest, Sampling
+from zero_chatgpt.serve.gate import Gate, error_response
+from zero_chatgpt.serve.server import check_api_key, check_exposure, is_loopback, say, serve
+
+if TYPE_CHECKING:
+    # engine.py loads torch (seconds): run_command imports it only once the settings have passed their checks,
+    # so that a refused setting answers at once
+    from zero_chatgpt.serve.engine import Engine
 
 STATIC = Path(__file__).parent / "static"
 
@@ -39,6 +47,7 @@ class Limits:
     max_body_bytes: int = 1 << 20     # 1 MiB of JSON is far more text than any context holds
     max_tokens: int = 512
     drain_timeout: float = 30.0
+    body_timeout: float = 10.0        # seconds for a whole request body to arrive
 
 
 @dataclass
@@ -51,63 +60,6 @@ class Defaults:
     max_tokens: int = 256
 
 
-def _error_response(e: api.ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
-
-
-class Gate:
-    """ASGI middleware in front of every route: the API key and the body size, checked before the
-    body is parsed (so a huge or unauthenticated request costs nothing, whatever it contains)."""
-
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
-
-    @staticmethod
-    async def _refuse(scope, receive, send, e: api.ApiError) -> None:
-        await _error_response(e)(scope, receive, send)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"].startswith("/v1"):
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            given = auth[7:] if auth[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                return await self._refuse(scope, receive, send, api.ApiError(
-                    401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
-                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
-        too_big = api.ApiError(413, f"request body larger than {self.max_body} bytes", code="request_too_large")
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            return await self._refuse(scope, receive, send, too_big)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        # Read the body here, counting, so that a chunked upload cannot pass the limit either.
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return await self._refuse(scope, receive, send, too_big)
-            chunks.append(chunk)
-            if not msg.get("more_body"):
-                break
-        body, given = b"".join(chunks), False
-
-        async def replay():
-            nonlocal given
-            if not given:
-                given = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()      # afterwards: the real stream (http.disconnect when the client goes)
-
-        await self.app(scope, replay, send)
-
-
 def _param(loc) -> str | None:
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) or None
@@ -115,45 +67,53 @@ def _param(loc) -> str | None:
 
 def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults = Defaults(), limits: Limits = Limits(),
                api_key: str | None = None) -> FastAPI:
+    from zero_chatgpt.serve.engine import Draining, EngineFailed, QueueFull, Request as EngineRequest, Sampling
+    if api_key is not None and not api_key:
+        raise ValueError("api_key '' would leave /v1 open: pass None for no key")
     app = FastAPI(title="zero-chatgpt", version="1", summary=f"OpenAI-compatible chat API over {model_id}",
                   docs_url=None, redoc_url=None)
     app.state.draining = False
-    app.add_middleware(Gate, api_key=api_key, max_body=limits.max_body_bytes)
+    app.add_middleware(Gate, api_key=api_key, max_body=limits.max_body_bytes, body_timeout=limits.body_timeout,
+                       state=app.state)
     created = int(time.time())
     fingerprint = f"zc-{model_id}"
     context = engine.max_len
 
     @app.exception_handler(api.ApiError)
     async def _api_error(_, e: api.ApiError):
-        return _error_response(e)
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
         errs = e.errors()
         first = errs[0] if errs else {"loc": (), "msg": "invalid request", "type": ""}
         if first.get("type") == "json_invalid":
-            return _error_response(api.ApiError(400, f"the body is not valid JSON: {first.get('msg')}",
+            return error_response(api.ApiError(400, f"the body is not valid JSON: {first.get('msg')}",
                                                 code="invalid_json"))
         param = _param(first.get("loc", ()))
         more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
         msg = f"{param or 'body'}: {first.get('msg')}{more}"
-        return _error_response(api.ApiError(400, msg, param=param, code=first.get("type") or None))
+        return error_response(api.ApiError(400, msg, param=param, code=first.get("type") or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error_response(api.ApiError(e.status_code, str(e.detail), type=kind, headers=e.headers))
+        return error_response(api.ApiError(e.status_code, str(e.detail), type=kind, headers=e.headers))
 
     @app.exception_handler(Exception)
     async def _bug(_, e: Exception):
-        return _error_response(api.ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+        return error_response(api.ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
 
     @app.get("/", include_in_schema=False)
     async def page():
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
-    @app.get("/health", response_model=api.Health)
+    @app.get("/health", response_model=api.Health, response_model_exclude_none=True,
+             responses={503: {"model": api.Health, "description": "the engine has failed: restart the server"}})
     async def health():
+        if engine.failed:     # non-200, so that a load balancer or supervisor takes this instance out
+            body = api.Health(status="failed", model=model_id, error=engine.failed, **engine.load())
+            return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
         return api.Health(status="draining" if app.state.draining else "ok", model=model_id, **engine.load())
 
     card = api.ModelCard(id=model_id, created=created, owned_by="zero-chatgpt")
@@ -208,6 +168,9 @@ def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults = Defau
         except Draining:
             raise api.ApiError(503, "the server is shutting down", type="server_error",
                                code="shutting_down") from None
+        except EngineFailed as e:
+            raise api.ApiError(503, f"the model engine has stopped ({e}): this server cannot answer until it is "
+                               "restarted", type="server_error", code="engine_failed") from None
 
     @app.post("/v1/chat/completions", response_model=api.ChatCompletion,
               responses={200: {"content": {"text/event-stream": {"schema": {
@@ -245,7 +208,7 @@ def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults = Defau
                 elif ev[0] == "finish":
                     reasons[ev[1]] = ev[2]
                 elif ev[0] == "error":
-                    raise api.ApiError(500, ev[1], type="server_error")
+                    raise _engine_error(ev)
                 else:
                     return api.ChatCompletion(
                         id=cid, created=now, model=model_id, system_fingerprint=fingerprint, usage=api.Usage(**ev[1]),
@@ -255,6 +218,12 @@ def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults = Defau
             engine.cancel(req)    # a no-op once it finished; frees its slots if the handler was cancelled
 
     return app
+
+
+def _engine_error(ev: tuple) -> api.ApiError:
+    """An engine ("error", message, status, code) event in OpenAI's error shape."""
+    _, message, status, code = ev
+    return api.ApiError(status, message, type="server_error", code=code)
 
 
 async def _stream(engine, req, events, cid, now, model_id, fingerprint, include_usage):
@@ -272,8 +241,7 @@ async def _stream(engine, req, events, cid, now, model_id, fingerprint, include_
             elif ev[0] == "finish":
                 yield chunk([api.ChunkChoice(index=ev[1], delta=api.Delta(), finish_reason=ev[2])])
             elif ev[0] == "error":
-                err = api.ApiError(500, ev[1], type="server_error")
-                yield f"data: {json.dumps(err.body())}\n\n"
+                yield f"data: {json.dumps(_engine_error(ev).body())}\n\n"
                 return
             else:
                 if include_usage:
@@ -284,58 +252,38 @@ async def _stream(engine, req, events, cid, now, model_id, fingerprint, include_
         engine.cancel(req)     # the client went away mid-stream: its slots are free at the next step
 
 
-def serve(app: FastAPI, engine: Engine, host: str, port: int, drain_timeout: float, on_start=None) -> None:
-    """Run uvicorn until SIGINT/SIGTERM; the first signal drains (503 for new requests, running ones finish
-    up to drain_timeout seconds), then the server stops."""
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            if app.state.draining:           # a second signal: stop now
-                return super().handle_exit(sig, frame)
-            app.state.draining = True
-            from zero_chatgpt.console import info
-            info(f"draining: new requests get 503, running ones have {drain_timeout:g} s to finish "
-                 "(a second Ctrl-C stops now)")
-
-            def finish():
-                done = engine.drain(drain_timeout)
-                info("drained: every request finished; stopped" if done else
-                     f"stopped: requests still running after {drain_timeout:g} s were cut")
-                # Stop as asked, exit status 0: uvicorn's own handler would re-raise the signal at exit.
-                self.should_exit = True
-            threading.Thread(target=finish, daemon=True).start()
-
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            if on_start is not None and self.servers:
-                on_start(self.servers[0].sockets[0].getsockname()[1])
-
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                            access_log=False)
-    DrainingServer(config).run()
-
-
 def run_command(ctx) -> None:
-    from zero_chatgpt.chat import load_chat_model
-    from zero_chatgpt.checkpoint import stage_model_path
-    from zero_chatgpt.console import info
+    from zero_chatgpt.console import UserError
 
     rd, a = ctx.run_dir, ctx.args
+    host, key = a.get("host") or "127.0.0.1", a.get("api_key")
+    check_api_key(key)               # before torch and the model load: a refusal answers at once
+    check_exposure(host, key, bool(a.get("insecure")))
+    from zero_chatgpt.chat import load_chat_model
+    from zero_chatgpt.checkpoint import stage_model_path
+    from zero_chatgpt.serve.engine import CacheTooLarge, Engine
+
     stage, model, tok = load_chat_model(ctx)
     c = ctx.cfg["chat"]
-    limits = Limits(max_tokens=int(a.get("max_tokens") or 512), drain_timeout=float(a.get("drain_timeout") or 30))
+    limits = Limits(max_tokens=int(a.get("max_tokens") or 512), drain_timeout=float(a.get("drain_timeout") or 30),
+                    body_timeout=float(a.get("body_timeout") or 10))
     defaults = Defaults(temperature=c["temperature"], top_p=c["top_p"] if c["top_p"] > 0 else 1.0, top_k=c["top_k"],
                         repetition_penalty=c["repetition_penalty"], max_tokens=min(256, limits.max_tokens))
-    engine = Engine(model, tok, slots=int(a.get("slots") or 8), queue=int(a.get("queue") or 64)).start()
-    app = create_app(engine, tok, stage, defaults=defaults, limits=limits, api_key=a.get("api_key"))
-    host = a.get("host") or "127.0.0.1"
+    slots = int(a.get("slots") or 8)
+    try:
+        engine = Engine(model, tok, slots=slots, queue=int(a.get("queue") or 64)).start()
+    except CacheTooLarge as e:
+        raise UserError(f"cannot allocate the KV cache for --slots {slots} ({e}): each slot holds the model's whole "
+                        f"context of {model.config.max_position_embeddings} positions "
+                        f"({e.per_slot / 2**20:,.1f} MiB); lower --slots (--max-tokens does not change it)") from None
+    app = create_app(engine, tok, stage, defaults=defaults, limits=limits, api_key=key)
 
     def started(port: int) -> None:
         shown = f"[{host}]" if ":" in host else host
-        key = ", API key required" if a.get("api_key") else ""
-        info(f"serving {stage} ({stage_model_path(rd, stage)}) on http://{shown}:{port}: web chat at /, "
-             f"API at /v1 (model id {stage!r}){key}; Ctrl-C to stop")
+        how = (", API key required" if key else
+               "" if is_loopback(host) else ", with no API key: open to anyone who reaches it (--insecure)")
+        say(f"serving {stage} ({stage_model_path(rd, stage)}) on http://{shown}:{port}: web chat at /, "
+            f"API at /v1 (model id {stage!r}){how}; Ctrl-C to stop")
     try:
         serve(app, engine, host, int(a.get("port") if a.get("port") is not None else 8000), limits.drain_timeout,
               on_start=started)

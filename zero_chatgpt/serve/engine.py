@@ -41,6 +41,18 @@ class Draining(Exception):
     """The engine stopped taking requests (shutting down): the caller should answer 503."""
 
 
+class EngineFailed(Exception):
+    """The engine thread has died (a bug, or memory ran out): no request can be served; answer 503."""
+
+
+class CacheTooLarge(Exception):
+    """The KV cache for this many slots does not fit in memory; `per_slot`: the bytes one slot takes."""
+
+    def __init__(self, msg: str, per_slot: int):
+        super().__init__(msg)
+        self.per_slot = per_slot
+
+
 @dataclass
 class Sampling:
     max_tokens: int
@@ -56,7 +68,8 @@ class Sampling:
 class Request:
     """One chat completion: `n` sequences continuing `prompt`. `emit(event)` receives, from the engine
     thread, ("text", index, delta), ("finish", index, reason), and last ("done", usage) or
-    ("error", message)."""
+    ("error", message, status, code): status 500 when its forward failed, 503 when the server cut it (code
+    "shutting_down") or the engine died ("engine_failed")."""
     prompt: list[int]
     sampling: Sampling
     n: int
@@ -128,6 +141,8 @@ class Engine:
         self.free = list(range(slots))             # kept sorted: the lowest rows are used first
         self.live: dict[int, Request] = {}         # every request submitted and not yet ended, wherever it is
         self.accepting = True
+        self.failure: str | None = None            # why the engine thread died; None while it runs
+        self.cut = 0                               # requests ended by abort()
         self._stop = False
         self.thread: threading.Thread | None = None
         self.steps = 0                             # decode forwards so far (one per step, any batch)
@@ -136,12 +151,42 @@ class Engine:
     # ------------------------------------------------------------------ callers' side (any thread)
 
     def start(self) -> "Engine":
+        """Allocate the KV cache here, in the caller, so that a cache too large for memory fails before the
+        server listens (CacheTooLarge) rather than killing the thread behind a healthy-looking server."""
+        self.cache = self._allocate_cache()
         self.thread = threading.Thread(target=self._run, name="zero-chatgpt-engine", daemon=True)
         self.thread.start()
         return self
 
+    def cache_bytes(self) -> tuple[int, int]:
+        """(the whole cache, one slot) in bytes: keys and values of every layer over the full context."""
+        c = self.model.config
+        per_slot = 2 * c.num_hidden_layers * c.num_key_value_heads * self.max_len * c.head_dim * self.dtype.itemsize
+        return per_slot * self.slots, per_slot
+
+    def _allocate_cache(self) -> "SlotCache":
+        need, per_slot = self.cache_bytes()
+        free = available_memory(self.device)
+        if free is not None and need > free:
+            raise CacheTooLarge(f"needs {_gib(need)}, {_gib(free)} is available", per_slot)
+        try:
+            # under inference_mode, as the thread that writes it runs
+            with torch.inference_mode():
+                return SlotCache(self.model.config, self.slots, self.max_len, device=self.device, dtype=self.dtype)
+        except RuntimeError as e:      # torch's "can't allocate memory" (CPU) and OutOfMemoryError (CUDA)
+            raise CacheTooLarge(f"needs {_gib(need)}: {str(e).splitlines()[0]}", per_slot) from None
+
+    @property
+    def failed(self) -> str | None:
+        """Why the engine can serve nothing any more, or None while it can."""
+        if self.failure is None and self.thread is not None and not self.thread.is_alive() and not self._stop:
+            return "the engine thread has exited"
+        return self.failure
+
     def submit(self, req: Request) -> None:
         with self.cond:
+            if self.failed:
+                raise EngineFailed(self.failed)
             if not self.accepting:
                 raise Draining("the server is shutting down")
             if self._waiting() >= self.queue_limit:
@@ -183,6 +228,20 @@ class Engine:
                 self.cond.wait(min(left, 0.1))
         return True
 
+    def abort(self, message: str) -> None:
+        """Cut every request now (at the end of a drain that ran out of time): each gets
+        ("error", message, 503, "shutting_down"), and the engine frees their slots at its next step."""
+        with self.cond:
+            self.accepting = False
+            victims = list(self.live.values())
+            self.live.clear()
+            for r in victims:
+                r.cancelled = True
+            self.cut += len(victims)
+            self.cond.notify_all()
+        for r in victims:
+            r.emit(("error", message, 503, "shutting_down"))
+
     def stop(self) -> None:
         with self.cond:
             self._stop = True
@@ -193,8 +252,24 @@ class Engine:
     # ------------------------------------------------------------------ the engine thread
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:
+            # A bug outside _guard's reach (or memory gone): without this the requests it holds would wait
+            # forever behind a /health that says ok. Fail them, refuse new ones, and let the traceback print.
+            with self.cond:
+                self.failure = f"{type(e).__name__}: {e}"
+                self.accepting = False
+                victims = list(self.live.values())
+                self.live.clear()
+                self.cond.notify_all()
+            for r in victims:
+                r.emit(("error", f"the model engine stopped ({self.failure}); restart the server", 503,
+                        "engine_failed"))
+            raise
+
+    def _loop(self) -> None:
         with torch.inference_mode(), self.model.fused_for_inference():
-            self.cache = SlotCache(self.model.config, self.slots, self.max_len, device=self.device, dtype=self.dtype)
             while True:
                 with self.cond:
                     while not self._stop and not self.pending and not self.active:
@@ -337,8 +412,29 @@ class Engine:
                     del self.active[slot]
                     self._release(slot)
             req.open_choices = 0
-            req.emit(("error", error))
+            req.emit(("error", error, 500, None))
             return
         usage = {"prompt_tokens": len(req.prompt), "completion_tokens": req.completion_tokens,
                  "total_tokens": len(req.prompt) + req.completion_tokens}
         req.emit(("done", usage))
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that a new allocation on `device` can take, or None where that is not known. On Linux a CPU
+    allocation beyond it may still succeed (overcommit), then the OOM killer ends the process at the
+    first touch: checking first is what gives a clear message instead."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
