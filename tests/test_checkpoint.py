@@ -38,12 +38,14 @@ def _losses(run):
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
-def test_final_holds_the_model_only_linked_from_the_last_step(master):
+def test_final_holds_the_model_only_copied_from_the_last_step(master):
     final, last = master / "run" / "pretrain" / "final", master / "run" / "pretrain" / "step-12"
     assert sorted(p.name for p in final.iterdir()) == ["config.json", "manifest.json", "meta.json",
                                                        "model.safetensors"]
     assert (last / "trainer_state.pt").exists()
-    assert (final / "model.safetensors").stat().st_ino == (last / "model.safetensors").stat().st_ino
+    # a copy, not a hard link: one damaged file must not take final/ and its source down together
+    assert (final / "model.safetensors").stat().st_ino != (last / "model.safetensors").stat().st_ino
+    assert (final / "model.safetensors").read_bytes() == (last / "model.safetensors").read_bytes()
     files = json.loads((last / "manifest.json").read_text())["files"]
     assert set(files) == {"config.json", "meta.json", "model.safetensors", "trainer_state.pt"}
     assert all(len(v["xxh3_128"]) == 32 and v["size"] > 0 for v in files.values())
@@ -77,7 +79,6 @@ def test_a_damaged_latest_checkpoint_is_passed_over(run, damage):
         p = last / "model.safetensors"
         data = bytearray(p.read_bytes())
         data[len(data) // 2] ^= 0xFF
-        (run / "pretrain" / "final" / "model.safetensors").unlink()     # not the hard-linked final
         p.write_bytes(bytes(data))
     r = zc("pretrain", "--run-dir", run, "--set", "pretrain.max_steps=16")
     assert r.returncode == 0, r.stderr
@@ -108,8 +109,6 @@ def test_no_intact_checkpoint_left_offers_force(run):
 
 def test_a_damaged_final_is_named_when_loaded(run, tmp_path):
     final = run / "pretrain" / "final"
-    (final / "model.safetensors").unlink()          # the hard link, not step-12's file
-    shutil.copyfile(run / "pretrain" / "step-12" / "model.safetensors", final / "model.safetensors")
     with open(final / "model.safetensors", "r+b") as fh:
         fh.truncate(1000)
     with pytest.raises(UserError, match=r"damaged checkpoint .*model.safetensors has 1,000 bytes"):
@@ -147,7 +146,7 @@ def test_a_write_that_fails_says_where_and_why_and_keeps_the_last_checkpoint(run
 
 
 def test_a_bit_flip_in_final_is_found_by_its_hash_and_rebuilt(run):
-    final = run / "pretrain" / "final"          # a copy: not a hard link of step-12's file here
+    final = run / "pretrain" / "final"
     data = bytearray((final / "model.safetensors").read_bytes())
     data[len(data) // 3] ^= 0x01
     (final / "model.safetensors").write_bytes(bytes(data))

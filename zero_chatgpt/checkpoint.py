@@ -11,8 +11,12 @@
                               manifest.json       size and xxh3-128 of every file above, written last
     RUN_DIR/<stage>/final/    what chat / export / eval / a later stage read: the model, config.json,
                               meta.json, manifest.json (no optimizer: it is 2x the model and only a
-                              resume needs it, from step-N). Its model file is a hard link to the last
-                              step-N's, where the file system allows.
+                              resume needs it, from step-N). Its model file is a *copy* of the
+                              checkpoint it was taken from (the last step-N, or the best one), verified
+                              against that checkpoint's own manifest before final/'s manifest is written.
+                              Not a hard link: a link shares the bytes, so one truncation or bad sector
+                              damaged final/ and its only source together, and a rebuild then copied
+                              the damage and vouched for it.
 
 Atomic and verifiable: a checkpoint is written into `.tmp-<name>/`, every file fsync'ed, the
 manifest last, and the folder renamed into place (a rename is atomic on POSIX). A run killed
@@ -96,17 +100,54 @@ def model_state_for_saving(model_state: dict, cfg: ModelConfig) -> dict:
     return out
 
 
-def write_model_files(folder: Path, model_state: dict, cfg: ModelConfig, dtype: torch.dtype | None = None,
-                      link_from: Path | None = None) -> None:
-    """model.safetensors + config.json into `folder`. With `link_from` (a checkpoint of the same
-    weights) the model file is hard-linked from there (no second copy on disk), or copied where the
-    file system has no hard links; `model_state` is then not needed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if link_from is not None:
+class NoIntactSource(UserError):
+    """None of the checkpoints that hold the weights final/ should hold is intact."""
+
+
+def model_hash(folder: Path) -> str | None:
+    """The xxh3-128 of `folder`/model.safetensors as recorded when it was saved: by its own manifest, or for a
+    model saved inside a checkpoint (step-N/ema/, a critic) by the checkpoint's (None without one)."""
+    folder = Path(folder)
+    for where, name in ((folder, MODEL_FILE), (folder.parent, f"{folder.name}/{MODEL_FILE}")):
+        m = manifest.read(where)
+        if m is not None:
+            return (m.get("files") or {}).get(name, {}).get("xxh3_128")
+    return None
+
+
+def copy_verified(sources: list[Path], dest: Path) -> Path:
+    """Copy model.safetensors into `dest` from the first of `sources` whose bytes match the hash its own
+    manifest recorded when it was saved; return that source. The copy itself is hashed, so what lands in
+    `dest` is exactly what was written at save time, never damage that happened since. A NoIntactSource
+    names every source and what is wrong with it when none is intact."""
+    why = []
+    for src in sources:
+        want = model_hash(src)
+        if want is None:
+            why.append(f"{src}: {'no manifest' if src.is_dir() else 'absent'}")
+            continue
         try:
-            os.link(link_from / MODEL_FILE, folder / MODEL_FILE)
-        except OSError:
-            shutil.copyfile(link_from / MODEL_FILE, folder / MODEL_FILE)
+            shutil.copyfile(src / MODEL_FILE, dest / MODEL_FILE)
+            got = manifest.file_hash(dest / MODEL_FILE)
+        except FileNotFoundError:
+            why.append(f"{src}: {MODEL_FILE} is missing")
+            continue
+        if got == want:
+            return src
+        why.append(f"{src}: {MODEL_FILE} is damaged (its hash differs from the one written)")
+    (dest / MODEL_FILE).unlink(missing_ok=True)
+    raise NoIntactSource("; ".join(why) or "no source given")
+
+
+def write_model_files(folder: Path, model_state: dict, cfg: ModelConfig, dtype: torch.dtype | None = None,
+                      copy_from: list[Path] | None = None) -> Path | None:
+    """model.safetensors + config.json into `folder`. With `copy_from` (checkpoints holding the same
+    weights, best first) the model file is a verified copy of the first intact one (copy_verified;
+    `model_state` is then not needed), which is returned."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source = None
+    if copy_from is not None:
+        source = copy_verified(copy_from, folder)
     else:
         state = model_state_for_saving(model_state, cfg)
         if dtype is not None:
@@ -116,17 +157,19 @@ def write_model_files(folder: Path, model_state: dict, cfg: ModelConfig, dtype: 
     if dtype is not None:
         hf["torch_dtype"] = str(dtype).replace("torch.", "")
     write_file(folder / CONFIG_FILE, (json.dumps(hf, indent=2) + "\n").encode())
+    return source
 
 
 def save_checkpoint(stage_dir: str | os.PathLike, name: str, *, model_state: dict, cfg: ModelConfig,
                     trainer_state: dict | None = None, meta: dict | None = None, keep_last: int = 0,
                     extra_models: dict[str, tuple[dict, ModelConfig]] | None = None,
-                    link_from: Path | None = None) -> Path:
+                    copy_from: list[Path] | None = None) -> Path:
     """Atomically write `stage_dir/name/` (e.g. "step-100" or "final"); return its path.
 
     Only the caller's rank 0 should call this. `extra_models` {name: (state, config)} go into
     subfolders. `keep_last` > 0 deletes older step-N folders beyond the newest K (never "final"),
-    after the new one is in place.
+    after the new one is in place. `copy_from`: take the model file from the first intact of these
+    checkpoints (write_model_files) instead of `model_state`; meta.json then names it as `copied_from`.
     """
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -134,7 +177,13 @@ def save_checkpoint(stage_dir: str | os.PathLike, name: str, *, model_state: dic
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write_model_files(tmp, model_state, cfg, link_from=link_from)
+    try:
+        source = write_model_files(tmp, model_state, cfg, copy_from=copy_from)
+    except NoIntactSource:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if source is not None:
+        meta = {**(meta or {}), "copied_from": Path(os.path.relpath(source, stage_dir)).as_posix()}
     for sub, (state, sub_cfg) in (extra_models or {}).items():
         write_model_files(tmp / sub, state, sub_cfg)
     if trainer_state is not None:

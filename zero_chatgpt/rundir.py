@@ -362,6 +362,9 @@ def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[st
         m = adopted or {}
     rec = finished_record(out, st)               # the finished output on disk, if any
     running = m if m.get("state") == "running" else {}
+    # the record of a finished run whose final/ was deleted since: its checkpoints are still its work
+    lost_final = m if not rec and st.model and m.get("state") == "complete" and "closure" in m \
+        and not (out / "final").exists() else {}
     # a continued run keeps the schedule of its first run: inherit that from the records
     sched = int((running or rec).get("schedule_steps") or 0)
     if sched and closure[name].get(st.steps_key, 0) > sched:
@@ -378,8 +381,13 @@ def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[st
             info(f"{name}: {out / 'final'} is damaged ({why}); rebuilding it from the last checkpoint")
     elif running.get("key") == key:
         action = "resume"
+    elif lost_final.get("key") == key:
+        action = "resume"
+        last = _newest_step(out)
+        info(f"{name}: {out / 'final'} is missing; " + (f"rebuilding it from {last.name} (no training when that is "
+             f"the last step)" if last else "no checkpoint is left either: training the stage again"))
     elif st.trained and work:
-        old = (running or rec or {}).get("closure")
+        old = (running or rec or lost_final or {}).get("closure")
         more_steps = old is not None and _only_steps_raised(st, old, closure)
         if more_steps and not _has_checkpoint(out):
             raise UserError(f"{name}: raising {st.steps_key} continues from the last checkpoint, but {out} has no "
@@ -449,6 +457,12 @@ def _refuse_legacy(rd: RunDir, st: Stage, out: Path) -> None:
                     f"to rebuild it, or use a new --run-dir")
 
 
+def _newest_step(out: Path) -> Path | None:
+    from zero_chatgpt.checkpoint import list_checkpoints
+    steps = [p for p in list_checkpoints(out) if (p / manifest.MANIFEST).exists()]
+    return steps[-1] if steps else None
+
+
 def _has_checkpoint(out: Path) -> bool:
     return any(p.name.startswith("step-") and (p / manifest.MANIFEST).exists() for p in out.iterdir())
 
@@ -487,7 +501,11 @@ def stale_reason(rd: RunDir, name: str) -> str | None:
                 f"to adopt its records")
     rec = finished_record(rd / st.out, st)
     if not rec:
-        return "not finished" if not st.model or m.get("state") == "running" else "its final/ is not the recorded one"
+        if not st.model or m.get("state") == "running":
+            return "not finished"
+        if not (rd / st.out / "final").exists():
+            return f"its final/ is missing (`zero-chatgpt {name} --run-dir {rd.root}` rebuilds it from its checkpoints)"
+        return "its final/ is not the recorded one"
     if st.model:
         why = manifest.problem(rd / st.out / "final", hashes=False)
         if why:
@@ -495,7 +513,9 @@ def stale_reason(rd: RunDir, name: str) -> str | None:
     for up in rec.get("reads", []):
         ust = STAGES[up]
         um = finished_record(rd / ust.out, ust)
-        if not um or rec["closure"].get(name, {}).get(f"@{up}") != _output_of(um) or \
+        if not um:
+            return f"{up} is missing or not finished: {stale_reason(rd, up)}"
+        if rec["closure"].get(name, {}).get(f"@{up}") != _output_of(um) or \
                 any(rec["closure"].get(s) != v for s, v in um.get("closure", {}).items()):
             return f"{up} was rebuilt after it" + (f" ({um['finished']})" if um.get("finished") else "")
         why = stale_reason(rd, up)

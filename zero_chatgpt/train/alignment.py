@@ -122,6 +122,8 @@ def finish(run, rd, stage: str, result: loop.TrainResult, rows: list[list] | Non
     if result.selected_step == 0:
         rows.append(["final/", "the SFT model: no trained step beat it on the gold prompts (step-N/ keep them)"])
     table(["", stage], rows, title=f"{stage}: done → {rd / stage / 'final'}")
-    run.complete({"selected_step": result.selected_step, "stopped": result.stopped, "gold_char_f1": max(
-        (e["gold_char_f1"] for e in gold if e["step"] > 0), default=None),
-        "sft_gold_char_f1": next((e["gold_char_f1"] for e in gold if e["step"] == 0), None)})
+    # gold_char_f1: of the weights final/ holds (the kept step's, SFT's when step 0 was kept)
+    run.complete({"selected_step": result.selected_step, "stopped": result.stopped,
+                  "gold_char_f1": result.kept_eval.get("gold_char_f1"),
+                  "best_trained_gold_char_f1": max((e["gold_char_f1"] for e in gold if e["step"] > 0), default=None),
+                  "sft_gold_char_f1": next((e["gold_char_f1"] for e in gold if e["step"] == 0), None)})

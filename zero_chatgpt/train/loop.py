@@ -274,6 +274,14 @@ class TrainResult:
     resumed_from: int
     selected_step: int = -1          # the step final/ holds when select_metric chose it (-1: the last)
     stopped: str | None = None       # why the run ended before max_steps, if it did
+    selected_loss: float = float("nan")   # the training loss at selected_step
+
+    @property
+    def kept_eval(self) -> dict:
+        """The evaluation of the weights final/ holds: the selected step's, else the last."""
+        if self.selected_step >= 0:
+            return next((e for e in reversed(self.evals) if e.get("step") == self.selected_step), {})
+        return self.evals[-1] if self.evals else {}
 
 
 @dataclass
@@ -298,6 +306,7 @@ class TrainState:
     resumed_from: int = 0
     best_step: int = -1              # the step of the best select_metric so far (-1: none yet)
     best_value: float = float("-inf")
+    best_loss: float = float("nan")  # the training loss at best_step (what final/'s meta.json reports)
     stopped: str | None = None       # why the batch source ended the run before max_steps (e.g. a KL budget)
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -372,10 +381,10 @@ def _restore(stage: str, stage_dir: Path, members: list[Member], d: Dist) -> tup
     state = ckpt.load_trainer_state(latest)
     step = int(state["step"])
     info(f"{stage}: resuming from {latest} (step {step})")
-    best = state.get("best") or [-1, float("-inf")]
+    best = list(state.get("best") or [-1, float("-inf")])
     ts = TrainState(step=step, tokens=int(state.get("tokens", 0)), seconds_before=float(state.get("seconds", 0.0)),
                     evals=list(state.get("evals", [])), resumed_from=step, best_step=int(best[0]),
-                    best_value=float(best[1]))
+                    best_value=float(best[1]), best_loss=float(best[2]) if len(best) > 2 else float("nan"))
     return ts, state, latest
 
 
@@ -496,12 +505,29 @@ def _step(step: int, members: list[Member], batches, loss_fn, autocast, d: Dist)
     return loss_sum / n_total, n_total, {k: v / n_total for k, v in msums.items()}, norms
 
 
+def _final_sources(ts: TrainState, stage_dir: Path, selected: bool, ema: WeightEMA | None,
+                   start: str = "") -> list[Path]:
+    """The checkpoints that hold the weights final/ is to hold, the preferred one first: the best one
+    (and the step-N of the same step, or its average; for step 0, the weights the stage started from);
+    else the last step-N. A fallback whose manifest records other weights than the first's is left out,
+    so it is never other weights."""
+    if not selected:
+        return [stage_dir / f"step-{ts.step}"]
+    step = stage_dir / f"step-{ts.best_step}"
+    found = [stage_dir / "best", step / WeightEMA.FOLDER if ema is not None else step]
+    if ts.best_step == 0 and start:
+        found.append(Path(start))
+    want = ckpt.model_hash(found[0])
+    return [found[0]] + [p for p in found[1:] if ckpt.model_hash(p) in (None, want)]   # None: named as absent
+
+
 def _save(ts: TrainState, name: str, members: list[Member], batches, stage: str, stage_dir: Path, d: Dist,
           meta: dict | None, ema: WeightEMA | None = None) -> None:
     """Checkpoint `name`: step-N holds the models and the trainer state (and the weight average); best the
-    primary model at the best select_metric; final the primary model only, hard-linked from best when a
-    metric selects it, else from step-N (saved just before it with the same weights), else (with an
-    average) the average."""
+    primary model at the best select_metric; final the primary model only, a verified copy of best when a
+    metric selects it, else of step-N (saved just before it with the same weights), else (with an
+    average) the average. A final/ is never written from bytes that do not match their checkpoint's
+    manifest: when no copy is intact, the stage stops with one line naming each."""
     is_step = name.startswith("step-")
     selected = name == "final" and ts.best_step >= 0 and (stage_dir / "best").is_dir()
     own_final = name == "final" and ema is not None and not selected
@@ -513,6 +539,7 @@ def _save(ts: TrainState, name: str, members: list[Member], batches, stage: str,
     if is_step:
         per_rank = gather_to_all(plain({"rng": _rng_state(d.device),
                                         "data": batches.state_dict() if hasattr(batches, "state_dict") else None}), d)
+    failed = [None]
     if d.main:
         primary = members[0]
         trainer_state = None
@@ -520,25 +547,44 @@ def _save(ts: TrainState, name: str, members: list[Member], batches, stage: str,
             optim = full[0][1] if len(members) == 1 else {m.name: f[1] for m, f in zip(members, full)}
             trainer_state = plain({"step": ts.step, "optimizer": optim, "tokens": ts.tokens,
                                    "seconds": ts.seconds_before + time.perf_counter() - ts.t_start,
-                                   "evals": ts.evals, "ranks": per_rank, "best": [ts.best_step, ts.best_value],
+                                   "evals": ts.evals, "ranks": per_rank,
+                                   "best": [ts.best_step, ts.best_value, ts.best_loss],
                                    "rng": per_rank[0]["rng"], "data": per_rank[0]["data"]})
-        link = None if name != "final" or own_final else stage_dir / ("best" if selected else f"step-{ts.step}")
+        start = (meta or {}).get("init_from") or primary.settings.init_from
+        sources = _final_sources(ts, stage_dir, selected, ema, start) if name == "final" and not own_final else None
         extra = {m.name: (f[0], m.raw.config) for m, f in zip(members[1:], full[1:])} if is_step else None
         if is_step and ema is not None:
             extra[WeightEMA.FOLDER] = (ema.state_dict(primary.raw), primary.raw.config)
-        ckpt.save_checkpoint(
-            stage_dir, name, model_state=full[0][0], cfg=primary.raw.config, trainer_state=trainer_state,
-            extra_models=extra,
-            meta={"stage": stage, "step": ts.best_step if selected or name == "best" else ts.step,
-                  "loss": ts.last_loss, "tokens": ts.tokens, "evals": ts.evals[-1:],
-                  **({"selected_by": primary.settings.select_metric, "selected_value": ts.best_value,
-                      "trained_steps": ts.step} if selected else {}),
-                  **({"weights": f"exponential moving average, decay {ema.decay:g}"}
-                     if ema is not None and not is_step else {}),
-                  **({"stopped": ts.stopped} if ts.stopped else {}), **(meta or {})},
-            keep_last=primary.settings.keep_last if is_step else 0, link_from=link)
+        kept = selected or name == "best"
+        try:
+            ckpt.save_checkpoint(
+                stage_dir, name, model_state=full[0][0], cfg=primary.raw.config, trainer_state=trainer_state,
+                extra_models=extra,
+                meta={"stage": stage, "step": ts.best_step if kept else ts.step,
+                      "loss": ts.best_loss if kept else ts.last_loss, "tokens": ts.tokens,
+                      "evals": [_eval_at(ts, ts.best_step)] if kept else ts.evals[-1:],
+                      **({"selected_by": primary.settings.select_metric, "selected_value": ts.best_value,
+                          "trained_steps": ts.step} if selected else {}),
+                      **({"weights": f"exponential moving average, decay {ema.decay:g}"}
+                         if ema is not None and not is_step else {}),
+                      **({"stopped": ts.stopped} if ts.stopped else {}), **(meta or {})},
+                keep_last=primary.settings.keep_last if is_step else 0, copy_from=sources)
+        except ckpt.NoIntactSource as e:
+            what = f"step {ts.best_step} (the best by {primary.settings.select_metric})" if selected else \
+                f"step {ts.step}"
+            failed = [UserError(
+                f"{stage}: cannot write {stage_dir / 'final'}: it is to hold the weights of {what}, and no intact copy "
+                f"of them is left ({e}). Nothing was written. The other checkpoints in {stage_dir} hold other "
+                f"weights; `--force` trains the stage again from the start")]
     if d.world > 1:
+        dist.broadcast_object_list(failed, src=0, group=cpu_group())
         dist.barrier()
+    if failed[0] is not None:
+        raise failed[0] if d.main else UserError(f"{stage}: final/ not written (see rank 0's message)")
+
+
+def _eval_at(ts: TrainState, step: int) -> dict:
+    return next((e for e in reversed(ts.evals) if e.get("step") == step), {})
 
 
 def _improved(ts: TrainState, rec: dict, s: LoopSettings, d: Dist) -> bool:
@@ -599,7 +645,7 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
             ts.evals.append(rec)
             logger.write({"kind": "eval", **rec})
             if _improved(ts, rec, s, d):
-                ts.best_step, ts.best_value = step, rec[s.select_metric]
+                ts.best_step, ts.best_value, ts.best_loss = step, rec[s.select_metric], ts.last_loss
                 _save(ts, "best", members, batches, stage, stage_dir, d, meta)
 
     for m in members:
@@ -618,6 +664,7 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
                 info(f"{stage}: stopped before step {step + 1}: {ts.stopped}")
                 break
             loss, _, metrics, norms = _step(step, members, batches, loss_fn, autocast, d)
+            _check_finite(stage, step + 1, loss, norms, stage_dir, s)
             if ema is not None:
                 ema.update(raw)
             ts.last_loss, ts.step = loss, step + 1
@@ -654,7 +701,25 @@ def train(settings: LoopSettings, *, model: torch.nn.Module, stage: str, stage_d
     seconds = ts.seconds_before + time.perf_counter() - ts.t_start
     return TrainResult(step=ts.step, final=stage_dir / "final", last_loss=ts.last_loss, evals=ts.evals,
                        tokens=ts.tokens, seconds=seconds, precision=precision, resumed_from=ts.resumed_from,
-                       selected_step=ts.best_step, stopped=ts.stopped)
+                       selected_step=ts.best_step, stopped=ts.stopped, selected_loss=ts.best_loss)
+
+
+def _check_finite(stage: str, step: int, loss: float, norms: dict, stage_dir: Path, s: LoopSettings) -> None:
+    """Stop at the first non-finite loss or gradient norm (every rank sees the same reduced values): the
+    weights after it are NaN, and a final/ written from them would be a broken model recorded as finished.
+    Nothing of this step is saved; the checkpoints before it stay as they are."""
+    bad = {k: v for k, v in {"loss": loss, **{f"grad norm ({n})" if n != PRIMARY else "grad norm": v
+                                              for n, v in norms.items()}}.items() if not math.isfinite(v)}
+    if not bad:
+        return
+    try:
+        last = ckpt.latest_checkpoint(stage_dir, report=False)
+    except UserError:
+        last = None
+    where = f"the last intact checkpoint is {last}" if last else "no checkpoint was saved before it"
+    raise UserError(f"{stage}: training diverged at step {step}: {', '.join(f'{k} = {v}' for k, v in bad.items())} "
+                    f"(lr {s.lr:g}); stopped without writing {stage_dir / 'final'} ({where}). Lower "
+                    f"{stage}.lr (or raise {stage}.warmup_steps) and rerun")
 
 
 def _scale_grads(model: torch.nn.Module, factor: float) -> None:
@@ -666,18 +731,24 @@ def _scale_grads(model: torch.nn.Module, factor: float) -> None:
 
 
 def summary_rows(result: TrainResult) -> list[list]:
+    """The summary of a training run; when a metric chose the kept step, its figures are that step's
+    (what final/ holds), with the last step's loss beside them."""
     rows = [["steps", result.step], ["resumed from step", result.resumed_from]]
     if result.tokens:        # stages that count no tokens per step (RM, DPO, RL) leave the row out
         rows.append(["tokens", result.tokens])
-    rows += [["final train loss", result.last_loss], ["precision", result.precision], ["time (s)", result.seconds]]
+    if result.selected_step >= 0:
+        rows += [["final/ holds step (best evaluated)", result.selected_step],
+                 [f"train loss at step {result.selected_step} (kept)", result.selected_loss],
+                 [f"train loss at step {result.step} (last)", result.last_loss]]
+    else:
+        rows.append(["final train loss", result.last_loss])
+    rows += [["precision", result.precision], ["time (s)", result.seconds]]
     if result.stopped:
         rows.append(["stopped early", result.stopped])
-    if result.selected_step >= 0:
-        rows.append(["final/ holds step (best evaluated)", result.selected_step])
-    if result.evals:
-        for k, v in result.evals[-1].items():
-            if k != "step":
-                rows.append([k, v])
+    kept = result.kept_eval
+    for k, v in kept.items():
+        if k != "step":
+            rows.append([f"{k} (step {kept['step']})" if result.selected_step >= 0 else k, v])
     return rows
 
 
