@@ -155,6 +155,9 @@ def test_a_damaged_or_deleted_final_of_every_trained_stage_is_rebuilt_from_intac
             (final / "model.safetensors").unlink()
             os.link(_source(run / stage) / "model.safetensors", final / "model.safetensors")
         _truncate(final / "model.safetensors")
+    if damage == "deleted":                       # said as it is: missing, not "rebuilt after it"
+        r = zc("chat", "--run-dir", run, input="/quit\n")
+        assert r.returncode == 2 and "final/ is missing" in r.stderr and "rebuilt after" not in r.stderr, r.stderr
     r = zc("run", "--run-dir", run, "--until", "grpo")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     for stage in TRAINED:
