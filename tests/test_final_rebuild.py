@@ -170,3 +170,18 @@ def test_a_damaged_or_deleted_final_of_every_trained_stage_is_rebuilt_from_intac
     # rebuilt means current: every stage is up to date again, and chat-side commands take the last one
     r = zc("run", "--run-dir", run, "--until", "grpo")
     assert r.returncode == 0 and all(f"{s}: up to date" in r.stderr for s in TRAINED), r.stderr[-2000:]
+
+
+def test_every_trained_stage_gives_the_same_weights_again_alone_and_after_force(pipeline, tmp_path):
+    """Same inputs and seed, same weights, whatever ran before a stage in its process: the fixture trained every
+    stage in one `run`; here the reward model is trained again alone (its pairs rebuilt), then every stage
+    again under `run --force`."""
+    root, finals = pipeline
+    run = _copy(root, tmp_path)
+    r = zc("rm", "--run-dir", run, "--force")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "rm" / "final" / "model.safetensors").read_bytes() == finals["rm"], "rm alone: other weights"
+    r = zc("run", "--run-dir", run, "--until", "grpo", "--force")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for stage in TRAINED:
+        assert (run / stage / "final" / "model.safetensors").read_bytes() == finals[stage], f"{stage}: other weights"

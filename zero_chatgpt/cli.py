@@ -172,6 +172,11 @@ def run_stage(ctx: Context, st: Stage) -> str:
         ctx.outcomes[st.name] = {"action": "not built", "seconds": 0.0}
         return "not built"
     t0 = time.time()
+    if "torch" in sys.modules:
+        # every stage starts from the run's seed, so nothing it draws depends on what ran before it in this
+        # process (under `run`, a resumed pipeline skips stages a fresh one trains)
+        import torch
+        torch.manual_seed(int(ctx.cfg["run"]["seed"]))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from zero_chatgpt.train.runtime import run_under_torchrun
         run_under_torchrun(ctx, st.name, lambda: fn(ctx), everywhere=st.distributed)

@@ -26,7 +26,7 @@ from zero_chatgpt import manifest
 from zero_chatgpt.console import UserError, info, share, table
 from zero_chatgpt.data import preference as pref
 from zero_chatgpt.io import atomic_write_json
-from zero_chatgpt.model import Transformer
+from zero_chatgpt.model import Transformer, rope_tables
 from zero_chatgpt.rewards import NORM_FILE, Normalization, RewardScorer, bradley_terry, prompt_ids, sequence_scores
 from zero_chatgpt.rundir import begin, inputs_or_recorded, read_marker, source_fingerprints, sub_key, write_sub_marker
 from zero_chatgpt.train import loop
@@ -36,19 +36,26 @@ from zero_chatgpt.train.rollout import ended, sample
 PAIR_DATA_KEYS = ("prompts", "negatives", "val_fraction", "gold_samples", "sources")
 
 
-def score_model_from(path: Path) -> Transformer:
-    """The model at `path` (an LM checkpoint) with its lm_head replaced by a new scalar head."""
+def score_model_from(path: Path, seed: int = 0) -> Transformer:
+    """The model at `path` (an LM checkpoint) with its lm_head replaced by a new scalar head, drawn from a
+    generator of its own seeded by `seed`: the head is then the same whatever else drew random numbers
+    earlier in the process (a `run` that trained SFT first, or a rerun that found the pairs built)."""
     cfg = ckpt.read_model_config(path)
     if cfg.head == "score":
         return ckpt.load_model(path).train()
     cfg.head, cfg.tie_word_embeddings = "score", False
-    model = Transformer(cfg)
+    with torch.device("meta"):             # every weight but the head is read from the file below
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    cos, sin = rope_tables(cfg, cfg.max_position_embeddings)   # buffers are not in the file
+    model.rope_cos, model.rope_sin = cos, sin
     state = {k: v for k, v in ckpt.read_model_state(path).items() if not k.startswith("lm_head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if set(missing) != {"score.weight"} or unexpected:
         raise UserError(f"{path}: not a backbone for a reward model (missing {missing[:4]}, unexpected {unexpected[:4]})")
     with torch.no_grad():
-        model.score.weight.normal_(0.0, 1.0 / math.sqrt(cfg.hidden_size + 1))
+        g = torch.Generator().manual_seed(int(seed))
+        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=g) / math.sqrt(cfg.hidden_size + 1))
     return model
 
 
@@ -206,7 +213,7 @@ def run_stage(ctx) -> None:
         rc, rr = pair_scores(m, enc_val, tok.pad_id)
         return {"val_accuracy": float((rc > rr).mean())}
 
-    result = loop.train(settings, model=score_model_from(sft_path), stage="rm", stage_dir=rd / "rm", log_dir=rd.logs,
+    result = loop.train(settings, model=score_model_from(sft_path, int(cfg["run"]["seed"])), stage="rm", stage_dir=rd / "rm", log_dir=rd.logs,
                         batches=batches, loss_fn=rm_loss, eval_fn=eval_fn, dist_info=d, meta={"stage_key": run.key})
     if not d.main:
         return
