@@ -8,6 +8,7 @@ from runs import record_stage
 from test_sft import _tiny_model, toy_run_copy
 from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt import config
+from zero_chatgpt import eval_everyday as everyday
 from zero_chatgpt import evaluate as ev
 from zero_chatgpt.console import UserError
 from zero_chatgpt.data import chat_data
@@ -81,6 +82,22 @@ def test_eval_writes_every_stage_and_keeps_pretrain_keys(run, capsys):
     assert d["diff"] == pytest.approx(pre["char_f1"] - sft["char_f1"])
     assert pre["vs_sft"]["pinyin_exact"]["n"] == sft["by_kind"]["pinyin"]["n"]
     assert "difference to SFT" in out and "[" in out
+    # restating the idiom and pinyin syllables: defined on their kinds only, reported and compared
+    assert [x is None for x in pp["restates_idiom"]] == [k not in ev.RESTATE_KINDS for k in pp["kind"]]
+    assert [x is None for x in pp["pinyin_syllable_acc"]] == [k != "pinyin" for k in pp["kind"]]
+    assert all(x == 1.0 for x, e in zip(pp["pinyin_syllable_acc"], pp["pinyin_exact"]) if e)
+    for k in ("restates_idiom", "pinyin_syllable_acc"):
+        assert k in sft and k in pre["vs_sft"] and k in out, k
+    # the everyday questions: every chat stage answers all of them, judged; pretrain is not asked
+    every = sft["everyday"]
+    assert every["n"] == len(everyday.everyday_records()) >= 40 and "everyday" not in pre
+    assert sft["everyday_in_kind"] == pytest.approx(every["in_kind"] / every["n"])
+    assert sum(b["n"] for b in every["by_category"].values()) == every["n"]
+    assert sum(b["k"] for b in every["by_category"].values()) == every["in_kind"]
+    words = {d["word"] for d in load_idioms()}
+    assert all(x["in_kind"] == everyday.answered_in_kind(x["category"], x["answer"], words) for x in every["asked"])
+    assert "everyday_in_kind" not in pre["vs_sft"]                      # nothing to pair pretrain's with
+    assert f"({every['in_kind']}/{every['n']})" in out and "everyday: thanks" in out
     # none of the prompts is in the gold part the RL stages select on
     e = _ctx(run).cfg["eval"]
     gold = ev.gold_prompts(run, 50, 1234, e["gold_fraction"])
@@ -167,6 +184,10 @@ def test_win_rate_vs_sft_is_half_when_a_stage_answers_as_sft(run, tmp_path, caps
     assert ppo["same_weights_as"] == "sft" and "its final/ is the SFT model" in out
     assert ppo["vs_sft"]["win_rate_vs_sft"] == {"diff": 0.0, "n": 10, "ci95": [0.0, 0.0]}
     assert all(d["diff"] == 0.0 for d in ppo["vs_sft"].values())
+    # SFT's weights answer the everyday questions as SFT did: its figures, a tie on all of them
+    sft_res = json.loads((root / "eval" / "sft.json").read_text())
+    assert ppo["everyday"] == sft_res["everyday"] and ppo["everyday_in_kind"] == sft_res["everyday_in_kind"]
+    assert ppo["vs_sft"]["everyday_in_kind"] == {"diff": 0.0, "n": sft_res["everyday"]["n"], "ci95": [0.0, 0.0]}
     assert "win_rate_vs_sft" in out and "ppo" in out
     # the reward model decides otherwise when the answers differ: a stage with other weights
     other = ckpt.load_model(root / "pretrain" / "final")
@@ -176,3 +197,4 @@ def test_win_rate_vs_sft_is_half_when_a_stage_answers_as_sft(run, tmp_path, caps
     grpo = json.loads((root / "eval" / "grpo.json").read_text())
     assert 0.0 <= grpo["win_rate_vs_sft"] <= 1.0 and grpo["kl_to_sft"] > 0
     assert set(grpo["per_prompt"]["win_rate_vs_sft"]) <= {0.0, 0.5, 1.0}
+    assert grpo["everyday"]["n"] == grpo["vs_sft"]["everyday_in_kind"]["n"] >= 40

@@ -198,3 +198,75 @@ def test_gold_and_test_parts_are_disjoint_by_idiom_and_stable(dictionary):
             for i in range(400)]
     g, t = ev.split_eval(chat, 0.2)
     assert 40 < len(g) < 120 and ev.split_eval(chat, 0.2) == (g, t)
+
+
+# ---------------------------------------------------------------- syllable accuracy, restating the idiom
+
+def test_pinyin_syllable_acc_known_values():
+    ref = "yī jiàn qīng xīn"
+    assert ev.pinyin_syllable_acc(ref, ref) == 1.0
+    assert ev.pinyin_syllable_acc("yí jiàn qīng xīn", ref) == 0.75             # one tone off: one syllable wrong
+    assert ev.pinyin_syllable_acc("yí jiàn qīng xīn", ref, tones=False) == 1.0
+    assert ev.pinyin_syllable_acc("yī jiàn", ref) == 0.5                       # the missing ones count wrong
+    assert ev.pinyin_syllable_acc("yī jiàn qīng xīn xīn", ref) == 0.8          # an extra one counts against
+    assert ev.pinyin_syllable_acc("jiàn qīng xīn", ref) == 0.0                 # position by position: shifted
+    assert ev.pinyin_syllable_acc("", ref) == 0.0 and ev.pinyin_syllable_acc("yī", "") is None
+    # spellings pinyin_exact accepts are whole answers here too: numbered, unseparated, full width, upper case
+    for a in ("yi1 jian4 qing1 xin1", "yījiànqīngxīn", "yi1jian4qing1xin1", "ＹĪ JIÀN QĪNG XĪN"):
+        assert ev.pinyin_syllable_acc(a, ref) == 1.0, a
+    assert ev.pinyin_syllable_acc("yijian4qing1xin1", ref) == 0.75             # yi without its tone
+    # words around the pinyin shift every syllable: Chinese characters are tokens of their own
+    assert ev.pinyin_syllables("一见倾心的拼音是yī jiàn") == ["一", "见", "倾", "心", "的", "拼", "音", "是", "yī", "jiàn"]
+    assert ev.pinyin_syllable_acc("拼音：yī jiàn qīng xīn", ref) == 0.0
+    # a non-syllable is one wrong token; an unseparated run is cut by tone marks and the apostrophe rule
+    assert ev.pinyin_syllables("hello nǐ hǎo") == ["hello", "nǐ", "hǎo"]
+    assert ev.pinyin_syllables("xīān") == ["xī", "ān"] and ev.pinyin_syllables("xiān") == ["xiān"]
+    assert ev.pinyin_syllables("fangan", tones=False) == ["fan", "gan"]
+    assert ev.pinyin_syllable_acc("fāngàn", "fāng àn") == 1.0                  # spells it: the reference's cut wins
+    # 1 exactly where pinyin_exact holds, which ignores separators: fāng'àn spells fān gàn
+    assert ev.pinyin_syllable_acc("fāng'àn", "fān gàn") == 1.0 and ev.pinyin_exact("fāng'àn", "fān gàn")
+
+
+def test_pinyin_syllables_on_dictionary_pinyin(dictionary):
+    from zero_chatgpt.eval_pinyin import SYLLABLES
+    sample = dictionary[::40]
+    sylls = [s for d in dictionary for s in ev.pinyin_syllables(d["pinyin"], tones=False, cut=False)]
+    # the inventory holds the dictionary's syllables but for its few misspellings (boi, jiui, zhng, ...)
+    assert sum(s in SYLLABLES for s in sylls) / len(sylls) > 0.999
+    same = 0
+    for d in sample:
+        py = d["pinyin"]
+        toks = ev.pinyin_syllables(py)
+        assert "".join(toks) == ev.pinyin_key(py) and len(ev.pinyin_syllables(py, cut=False)) == len(py.split())
+        # written without spaces, the syllables are found again (tone marks and the apostrophe rule cut them)
+        same += ev.pinyin_syllables(py.replace(" ", "")) == ev.pinyin_syllables(py, cut=False)
+        # 1 exactly when pinyin_exact holds; one syllable's tone changed costs exactly that syllable
+        assert ev.pinyin_syllable_acc(_numbered(py), py) == 1.0 == ev.pinyin_syllable_acc(py.replace(" ", ""), py)
+        parts = py.split()
+        if _toneless(parts[-1]) != parts[-1]:          # the last syllable said in the neutral tone: one wrong
+            off = " ".join(parts[:-1] + [_toneless(parts[-1])])
+            assert ev.pinyin_syllable_acc(off, py) == pytest.approx((len(parts) - 1) / len(parts)), py
+            assert not ev.pinyin_exact(off, py) and ev.pinyin_syllable_acc(off, py, tones=False) == 1.0
+    assert same / len(sample) > 0.98
+
+
+def test_restates_idiom():
+    assert ev.restates_idiom("“一见倾心”的意思是：一见面就产生了爱慕之情。", "一见倾心")
+    assert ev.restates_idiom("一 见 倾 心，出自……", "一见倾心")                 # spaces between its characters
+    assert not ev.restates_idiom("一见面就产生了爱慕之情。", "一见倾心")         # a bare explanation
+    assert not ev.restates_idiom("“一见钟情”的意思是：……", "一见倾心")           # another idiom
+    assert not ev.restates_idiom("一见倾心", "") and not ev.restates_idiom("", "一见倾心")
+
+
+def test_new_metrics_are_defined_on_their_kinds_only():
+    recs = [{"messages": [{"role": "user", "content": "q"}], "reference": ref, "meta": {"kind": k, "idiom": "一见倾心",
+                                                                                      "first_char": "心"}}
+            for k, ref in (("meaning", "一见面就产生了爱慕之情。"), ("origin", "出自……"), ("example", "他对她一见倾心。"),
+                           ("pinyin", "yī jiàn qīng xīn"), ("chain", "心花怒放"))]
+    answers = ["“一见倾心”的意思是：一见面就……", "出自……", "他对她一见倾心。", "yí jiàn qīng xīn", "心花怒放"]
+    v = ev.per_prompt_values(recs, answers, [True] * 5, {"心花怒放"}, [3] * 5)
+    assert v["restates_idiom"] == [1, 0, 1, None, None]
+    assert v["pinyin_syllable_acc"] == [None, None, None, 0.75, None] and v["pinyin_exact"][3] == 0
+    agg = ev.aggregate([r["meta"]["kind"] for r in recs], v)
+    assert agg["restates_idiom"] == pytest.approx(2 / 3) and agg["pinyin_syllable_acc"] == 0.75
+    assert agg["by_kind"]["origin"]["restates_idiom"] == 0 and "restates_idiom" not in agg["by_kind"]["pinyin"]

@@ -150,8 +150,15 @@ def _write_eval(rd, recs, stage, answers, sft=None):
                per_prompt={"ids": ids, "kind": kinds, **values, "answer": answers},
                prompt_set={"part": "test", "gold_fraction": 0.2, "test_prompts": 40, "gold_prompts": 10, "seed": 1},
                **ev.question_baseline(recs))
+    if stage != "pretrain":               # the chat stages' everyday answers: SFT's in kind, the others canned
+        from zero_chatgpt import eval_everyday as ed
+        every = ed.everyday_records()
+        res.update(ed.judge(every, ["不客气，再见！你好，我是Zero-ChatGPT，可以解释成语。" if stage == "sft" else
+                                    "我是Zero-ChatGPT，有什么可以帮你的吗？"] * len(every)))
     if sft is not None:
         res["vs_sft"] = ev.compare(kinds, ids, values, sft, 200, 1)
+        if stage != "pretrain":
+            res["vs_sft"].update(ed.compare(res, sft, 200, 1))
     path = rd / "eval" / f"{stage}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     if "samples" in old and "char_f1" not in old:
@@ -219,9 +226,14 @@ def test_the_card_of_a_whole_run(whole, capsys):
     assert ev.format_diff(ppo["vs_sft"]["char_f1"]) in md and ev.format_diff(ppo["vs_sft"]["kl_to_sft"]) in md
     row = next(x for x in md.splitlines() if x.startswith("| char_f1 |"))
     assert row.count("|") == 7 and f"| {format_cell(sft['char_f1'])} |" in row
-    for m in ("char_f1", "rouge_l", "pinyin_exact", "chain_valid", "eos_rate", "repetition_rate", "refusal_rate",
-              "win_rate_vs_sft", "kl_to_sft"):
+    for m in ("char_f1", "rouge_l", "restates_idiom", "pinyin_exact", "pinyin_syllable_acc", "chain_valid", "eos_rate",
+              "repetition_rate", "refusal_rate", "win_rate_vs_sft", "kl_to_sft"):
         assert f"| {m} |" in md, m
+    # everyday questions: the share with its k/n, each category as k/n (9 questions), the paired difference
+    n = sft["everyday"]["n"]
+    assert f"| everyday_in_kind (k/n) | - | 1.000 ({n}/{n}) | 0.200 (9/{n}) |" in md
+    assert "| everyday: thanks | - | 9/9 | 0/9 |" in md
+    assert f"| everyday_in_kind | - | {ev.format_diff(ppo['vs_sft']['everyday_in_kind'])} |" in md
     # every stage's answer to the same questions, in Chinese, as text
     q = sft["samples"][0]
     assert f"{q['question']}</h3>" in page and page.count(">ppo</td>") >= 4

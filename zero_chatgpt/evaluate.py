@@ -14,8 +14,11 @@ For each stage (pretrain, sft, and the RL stages once trained) it writes RUN_DIR
   char_f1, rouge_l greedy answers against the dictionary reference, over the kinds with one right answer
                    (meaning, origin, example, pinyin; greedy over repetition-penalized scores with
                    eval.repetition_penalty; `decoding` says which)
+  restates_idiom   meaning/origin/example questions: the answer names the idiom asked about (`restates_idiom`)
   pinyin_exact     pinyin questions: the answer's pinyin is the dictionary's, tones included
                    (`pinyin_key`); pinyin_toneless: the same with tone marks ignored
+  pinyin_syllable_acc  pinyin questions: the share of the reference's syllables the answer has right, position
+                   by position, tones included, over max(len(reference), len(answer)) (eval_pinyin.py)
   chain_valid      idiom-chaining answers that are a dictionary idiom starting with the right character
   eos_rate         answers that end with eos within the token limit
   repetition_rate  answers in which some 4-gram occurs 3 or more times
@@ -24,6 +27,9 @@ For each stage (pretrain, sft, and the RL stages once trained) it writes RUN_DIR
   kl_to_sft        mean per-token KL(pi_stage || pi_sft) along the stage's own answers, exact over the
                    vocabulary (`kl_along`); 0 for sft, absent for pretrain (it answers plain-text prompts,
                    which the SFT model was not tuned on: a KL there says little about the chat policy)
+  everyday_in_kind chat stages: the share of 45 everyday user turns (greeting, who, can, thanks, goodbye) in
+                   phrasings SFT never saw that the stage answers in kind; `everyday`: k/n per category, the
+                   answers (eval_everyday.py)
   win_rate_vs_sft  the share of prompts where the reward model (RUN_DIR/rm/final, only while the rm stage
                    is current) scores the stage's answer above SFT's, ties half; absent for sft and
                    without a current reward model
@@ -55,6 +61,11 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from zero_chatgpt import eval_everyday as everyday
+# pinyin scoring lives in eval_pinyin.py; its names stay importable from here (grpo.py, the tests)
+from zero_chatgpt.eval_pinyin import (TONE_MARKS, pinyin_exact, pinyin_key, pinyin_syllable_acc,  # noqa: F401
+                                      pinyin_syllables)
 
 # ---------------------------------------------------------------- metrics
 #
@@ -155,74 +166,12 @@ def chain_valid(answer: str, first_char: str, idioms: set[str], asked: str = "")
     return a in idioms and a.startswith(first_char) and a != asked
 
 
-
-# ---------------------------------------------------------------- pinyin
-#
-# Normalization (pinyin_key): NFKC (full-width letters folded), lowercase; "v" and "u:" are "ü" (how pinyin
-# is typed); everything that is not a letter or a combining mark (spaces, apostrophes, hyphens, punctuation)
-# is dropped, so "xī'ān", "xī ān" and "xīān" are one spelling; a numbered syllable ("lv3", "jian4") gets its
-# tone mark by the standard placement rule (a or e, else the o of "ou", else the last vowel; 5/0 = neutral),
-# so "yi1 jian4 qing1 xin1" equals "yī jiàn qīng xīn". Tones kept: the key keeps the four tone marks
-# (macron, acute, caron, grave) where they stand; tones ignored: they are removed, the ü's diaeresis is not
-# (lü and lu are different syllables). Any other letter (a Chinese character) stays, so an answer with
-# words around the pinyin is not an exact match.
-
-TONE_MARKS = {"\u0304": "1", "\u0301": "2", "\u030c": "3", "\u0300": "4"}     # ā á ǎ à, decomposed
-_MARK_OF = {v: k for k, v in TONE_MARKS.items()}
-
-
-def _mark_syllable(base: str, tone: str) -> str:
-    """A numbered syllable (decomposed letters, e.g. "lu\\u0308" + "3") written with its tone mark."""
-    if tone not in _MARK_OF or not base:
-        return base                                   # 5 / 0: the neutral tone has no mark
-    vowels = [i for i, ch in enumerate(base) if ch in "aeiou"]
-    if "a" in base:
-        pos = base.index("a")
-    elif "e" in base:
-        pos = base.index("e")
-    elif "ou" in base:
-        pos = base.index("o")
-    elif vowels:
-        pos = vowels[-1]
-    else:
-        pos = 0                                       # ḿ, ń, ňg: the mark sits on the consonant
-    end = pos + 1
-    if base[end:end + 1] == "\u0308":                 # ü: the tone mark goes after the diaeresis
-        end += 1
-    return base[:end] + _MARK_OF[tone] + base[end:]
-
-
-def pinyin_key(text: str, tones: bool = True) -> str:
-    """The normalized spelling of a pinyin answer (see above), for exact comparison."""
-    s = unicodedata.normalize("NFKC", text or "").lower().replace("u:", "ü").replace("v", "ü")
-    s = unicodedata.normalize("NFD", s)
-    out: list[str] = []
-    run = ""
-    for ch in s:
-        cat = unicodedata.category(ch)
-        if cat.startswith("L") or (cat == "Mn" and run):
-            run += ch
-        elif ch in "012345" and run:                  # a tone number closes a numbered syllable
-            out.append(_mark_syllable(run, ch))
-            run = ""
-        else:                                         # a separator; a digit that closes nothing is content
-            if run:
-                out.append(run)
-                run = ""
-            if ch.isdigit():
-                out.append(ch)
-    if run:
-        out.append(run)
-    key = "".join(out)
-    if not tones:
-        key = "".join(ch for ch in key if ch not in TONE_MARKS)
-    return unicodedata.normalize("NFC", key)
-
-
-def pinyin_exact(answer: str, reference: str, tones: bool = True) -> bool:
-    """The answer spells the reference pinyin (after `pinyin_key` normalization, tones kept or not)."""
-    ref = pinyin_key(reference, tones)
-    return bool(ref) and pinyin_key(answer, tones) == ref
+def restates_idiom(answer: str, idiom: str) -> bool:
+    """The answer names the idiom it was asked about (NFKC, spaces ignored): a person's answer to "what does
+    X mean" says "X means ...", which SFT's data teaches (chat_data.answer_text); a bare explanation, or one
+    of another idiom, does not."""
+    norm = lambda t: "".join(unicodedata.normalize("NFKC", t or "").split())  # noqa: E731
+    return bool(idiom) and norm(idiom) in norm(answer)
 
 
 # ---------------------------------------------------------------- refusals
@@ -484,8 +433,10 @@ def win_rates(mine, theirs, answers: list[str], ended: list[bool], ref_answers: 
 
 # The metrics of a stage: per prompt (stored under per_prompt), averaged overall and per kind, compared to
 # SFT prompt by prompt. Each is averaged over the prompts of its domain where it is defined (not None).
-METRICS = ("char_f1", "rouge_l", "pinyin_exact", "pinyin_toneless", "chain_valid", "eos_rate", "repetition_rate",
-           "refusal_rate", "mean_length", "mean_tokens", "kl_to_sft", "win_rate_vs_sft")
+METRICS = ("char_f1", "rouge_l", "restates_idiom", "pinyin_exact", "pinyin_syllable_acc", "pinyin_toneless",
+           "chain_valid", "eos_rate", "repetition_rate", "refusal_rate", "mean_length", "mean_tokens", "kl_to_sft",
+           "win_rate_vs_sft")
+RESTATE_KINDS = ("meaning", "origin", "example")    # the kinds whose answer names its idiom (chat_data.answer_text)
 # what SFT's own value is, where it is a constant: the reference of a paired difference
 SFT_CONSTANT = {"kl_to_sft": 0.0, "win_rate_vs_sft": 0.5}
 
@@ -508,7 +459,11 @@ def per_prompt_values(records: list[dict], answers: list[str], ended_with_eos: l
         kind, ref = r.get("meta", {}).get("kind", "chat"), r.get("reference", "")
         out["char_f1"].append(_sig(char_f1(a, ref)))
         out["rouge_l"].append(_sig(rouge_l(a, ref)))
+        idiom = r.get("meta", {}).get("idiom")
+        out["restates_idiom"].append(int(restates_idiom(a, idiom)) if kind in RESTATE_KINDS and idiom else None)
         out["pinyin_exact"].append(int(pinyin_exact(a, ref)) if kind == "pinyin" else None)
+        acc = pinyin_syllable_acc(a, ref) if kind == "pinyin" else None
+        out["pinyin_syllable_acc"].append(None if acc is None else _sig(acc))
         out["pinyin_toneless"].append(int(pinyin_exact(a, ref, tones=False)) if kind == "pinyin" else None)
         out["chain_valid"].append(int(chain_valid(a, r["meta"]["first_char"], idioms, r["meta"].get("idiom", "")))
                                   if kind == "chain" and idioms is not None else None)
@@ -672,6 +627,8 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
             res["plain_greedy"] = {k: s[k] for k in ("char_f1", "rouge_l", "eos_rate", "repetition_rate")}
     answers = [g.text for g in gens]
     ended = [g.finish_reason == "stop" for g in gens]
+    if chat:                                           # pretrain has no chat template to greet through
+        res.update(everyday.ask(model, tok, e, idioms, desc=f"everyday {stage}"))
     t_answer = time.perf_counter() - t0
 
     # the comparisons with SFT: the KL along this stage's answers, the reward model's preference
@@ -717,7 +674,10 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
         smp = {"id": ids[i], "kind": r.get("meta", {}).get("kind"), "question": question_of(r), "answer": answers[i],
                "reference": r.get("reference", ""), "eos": bool(values["eos_rate"][i])}
         smp.update({name: values[m][i] for m, name in (("char_f1", "char_f1"), ("rouge_l", "rouge_l"),
-                                                       ("pinyin_exact", "pinyin_exact"), ("chain_valid", "chain_valid"),
+                                                       ("restates_idiom", "restates_idiom"),
+                                                       ("pinyin_exact", "pinyin_exact"),
+                                                       ("pinyin_syllable_acc", "pinyin_syllable_acc"),
+                                                       ("chain_valid", "chain_valid"),
                                                        ("refusal_rate", "refusal"), ("mean_tokens", "tokens"),
                                                        ("kl_to_sft", "kl_to_sft"), ("win_rate_vs_sft", "win_vs_sft"))
                     if m in values and values[m][i] is not None})
@@ -727,6 +687,7 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     res["per_prompt"] = {"ids": ids, "kind": kinds, **values, "answer": answers}
     if ref is not None and stage != "sft":
         res["vs_sft"] = compare(kinds, ids, values, ref, int(e["bootstrap"]), int(ctx.cfg["run"]["seed"]))
+        res["vs_sft"].update(everyday.compare(res, ref, int(e["bootstrap"]), int(ctx.cfg["run"]["seed"])))
     res["eval_seconds"] = time.perf_counter() - t0
     res["answer_seconds"] = t_answer
     del model
@@ -749,7 +710,7 @@ def _as_sft(ref: dict, kinds: list[str], ids: list[str], with_rm: bool, resample
         values["win_rate_vs_sft"] = [0.5] * len(ids)
     res = aggregate(kinds, values)
     for k in ("n_prompts", "n_scored", "decoding", "truncated_answers", "truncated_prompts", "chat_val_loss",
-              "samples", "prompt_format", "plain_greedy"):
+              "samples", "prompt_format", "plain_greedy", "everyday_in_kind", "everyday"):
         if k in ref:
             res[k] = ref[k]
     res["samples"] = [{**smp, "kl_to_sft": 0.0, **({"win_vs_sft": 0.5} if with_rm else {})}
@@ -757,6 +718,7 @@ def _as_sft(ref: dict, kinds: list[str], ids: list[str], with_rm: bool, resample
     res["same_weights_as"] = "sft"
     res["per_prompt"] = {"ids": ids, "kind": kinds, **values, "answer": list(pp["answer"])}
     res["vs_sft"] = compare(kinds, ids, values, ref, resamples, seed)
+    res["vs_sft"].update(everyday.compare(res, ref, resamples, seed))     # SFT's answers: a tie
     return res
 
 
@@ -772,7 +734,7 @@ def _write_merged(ctx, stage: str, res: dict, chat: bool) -> dict:
             old = {}
     if "samples" in old and "char_f1" not in old:
         old[f"{stage}_samples"] = old.pop("samples")       # the training stage's own samples, kept beside ours
-    for k in (*METRICS, "vs_sft", "plain_greedy"):
+    for k in (*METRICS, "vs_sft", "plain_greedy", "everyday_in_kind", "everyday"):
         old.pop(k, None)                                   # an earlier evaluation's, perhaps not recomputed now
     merged = {**old, **res}
     if chat and "chat_val_loss" in res:
@@ -781,9 +743,9 @@ def _write_merged(ctx, stage: str, res: dict, chat: bool) -> dict:
     return merged
 
 
-TABLE_METRICS = ("val_loss", "chat_val_loss", "char_f1", "rouge_l", "pinyin_exact", "pinyin_toneless", "chain_valid",
-                 "eos_rate", "repetition_rate", "refusal_rate", "mean_length", "mean_tokens", "kl_to_sft",
-                 "win_rate_vs_sft", "truncated_answers")
+TABLE_METRICS = ("val_loss", "chat_val_loss", "char_f1", "rouge_l", "restates_idiom", "pinyin_exact",
+                 "pinyin_syllable_acc", "pinyin_toneless", "chain_valid", "eos_rate", "repetition_rate", "refusal_rate",
+                 "mean_length", "mean_tokens", "kl_to_sft", "win_rate_vs_sft", "truncated_answers")
 
 
 def print_tables(results: dict[str, dict], base: dict, n_prompts: int, how: str, where) -> None:
@@ -795,6 +757,7 @@ def print_tables(results: dict[str, dict], base: dict, n_prompts: int, how: str,
     if any("plain_greedy" in r for r in results.values()):
         for c in ("char_f1", "repetition_rate"):
             rows.append([f"{c} (plain greedy)"] + [results[s].get("plain_greedy", {}).get(c, "-") for s in results])
+    rows += everyday.table_rows(results)
     rows.append(["question-as-answer char_f1 / rouge_l",
                  *[f"{base['baseline_question_char_f1']:.3f} / {base['baseline_question_rouge_l']:.3f}"] * len(results)])
     table(["metric", *results], rows, title=f"eval: {n_prompts} held-out test prompts ({how}) → {where}/<stage>.json")
@@ -802,7 +765,7 @@ def print_tables(results: dict[str, dict], base: dict, n_prompts: int, how: str,
     for start in range(0, len(others), 4):                 # at most 4 stages a table: ~130 columns
         cols = others[start:start + 4]
         label = {"win_rate_vs_sft": "win_rate_vs_sft - 0.5"}      # SFT against itself: a tie
-        rows = [[label.get(m, m)] + [format_diff(results[s]["vs_sft"].get(m)) for s in cols] for m in METRICS
+        rows = [[label.get(m, m)] + [format_diff(results[s]["vs_sft"].get(m)) for s in cols] for m in (*METRICS, "everyday_in_kind")
                 if any(m in results[s]["vs_sft"] for s in cols)]
         table(["stage - sft", *cols], rows,
               title="difference to SFT, paired by prompt, mean [95 % bootstrap interval]; * = 0 is outside")
@@ -837,7 +800,9 @@ def run_stage(ctx) -> None:
     with_sft = "sft" in stages
     use_rm = with_sft and any(s != "sft" for s in stages) and stale_reason(rd, "rm") is None
     # on skip, the loop below finds every eval/<stage>.json current
-    run = begin(ctx, "eval", reads=tuple(stages) + (("rm",) if use_rm else ()))
+    # the metrics and the everyday questions are part of what a result is: a version that changes them redoes it
+    run = begin(ctx, "eval", reads=tuple(stages) + (("rm",) if use_rm else ()),
+                extra={"eval.metrics": " ".join(METRICS), "eval.everyday": everyday.asked_key()})
     if not (rd.sft_data / "eval.jsonl").exists():
         from zero_chatgpt.train.sft import ensure_sft_data
         ensure_sft_data(ctx)                                  # the held-out prompts, even before SFT ran

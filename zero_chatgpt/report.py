@@ -28,8 +28,8 @@ from zero_chatgpt import timings
 from zero_chatgpt.console import SMALL_N, share
 
 # the metrics of the side-by-side table, as evaluate.py names them
-EVAL_ROWS = ("char_f1", "rouge_l", "pinyin_exact", "chain_valid", "eos_rate", "repetition_rate", "refusal_rate",
-             "win_rate_vs_sft", "kl_to_sft")
+EVAL_ROWS = ("char_f1", "rouge_l", "restates_idiom", "pinyin_exact", "pinyin_syllable_acc", "chain_valid", "eos_rate",
+             "repetition_rate", "refusal_rate", "everyday_in_kind", "win_rate_vs_sft", "kl_to_sft")
 RATES = [m for m in EVAL_ROWS if m != "kl_to_sft"]        # in [0, 1]: one bar chart, one forest plot
 CURVE_STAGES = ("pretrain", "sft", "rm")
 RL_STAGES = ("ppo", "dpo", "grpo")
@@ -347,9 +347,13 @@ def models_section(r: Run) -> list:
                      + (f" with repetition penalty {dec['repetition_penalty']:g}"
                         if dec.get("repetition_penalty", 1.0) != 1.0 else "")
                      + f", at most {dec.get('max_new_tokens', '?')} new tokens."))
+    # everyday_in_kind rests on 45 questions, 9 a category: its rows carry their k/n (eval_everyday.table_rows)
+    from zero_chatgpt.eval_everyday import table_rows
     rows = [[m] + [x.get(m) for x in res.values()] for m in ("chat_val_loss", *EVAL_ROWS, "mean_length")
-            if any(m in x for x in res.values())]
-    out.append(doc.table(["metric", *have], rows, "evaluate.py's figures (eval/<stage>.json)"))
+            if m != "everyday_in_kind" and any(m in x for x in res.values())]
+    rows += table_rows(res)
+    out.append(doc.table(["metric", *have], rows, "evaluate.py's figures (eval/<stage>.json); everyday: "
+                         "everyday user turns in phrasings SFT never saw, answered in kind (eval_everyday.py)"))
     if first.get("baseline_question_char_f1") is not None:
         out.append(doc.p(f"A floor: answering every question with the question itself scores char_f1 "
                          f"{first['baseline_question_char_f1']:.3f}, rouge_l "
