@@ -231,3 +231,34 @@ def test_ema_settings_are_checked():
         loop.LoopSettings.from_section({"ema_decay": 1.0})
     with pytest.raises(UserError, match="fsdp"):
         loop.LoopSettings.from_section({"ema_decay": 0.9, "fsdp": True})
+
+
+def _train_muon(stage_dir, steps):
+    s = loop.LoopSettings(max_steps=steps, lr=3e-3, warmup_steps=0, schedule="constant", checkpoint_every=3,
+                          eval_every=0, log_every=1, precision="fp32", tensorboard=False, seed=5, optimizer="muon")
+    model = _model()
+    loop.train(s, model=model, stage="lm", stage_dir=stage_dir, log_dir=stage_dir / "logs", batches=_Toy(),
+               loss_fn=_lm_loss, dist_info=loop.Dist())
+    return model
+
+
+def test_muon_trains_the_blocks_matrices_and_resumes_exactly(tmp_path):
+    """optimizer = muon: torch's Muon for the blocks' 2-D weights, AdamW for embedding and norms, one
+    optimizer state in the checkpoint; a run stopped and continued ends bitwise where one run does."""
+    m = _model()
+    opt = loop.build_optimizer(m, loop.LoopSettings(optimizer="muon"), torch.device("cpu"))
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    muon_names = {n for n, p in m.named_parameters() if id(p) in in_muon}
+    assert muon_names == {n for n, _ in m.named_parameters() if ".layers." in n and n.endswith("proj.weight")}
+    assert len(muon_names) == 7 * CFG["num_hidden_layers"]
+    one = _train_muon(tmp_path / "one", 6)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "one" / "logs" / "lm.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "train"]
+    assert losses[-1] < losses[0]
+    _train_muon(tmp_path / "two", 3)
+    two = _train_muon(tmp_path / "two", 6)
+    assert all(torch.equal(a, b) for a, b in zip(one.parameters(), two.parameters()))
+    with pytest.raises(Exception, match="optimizer"):
+        loop.LoopSettings.from_section({"optimizer": "sgd"})

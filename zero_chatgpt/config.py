@@ -140,6 +140,7 @@ def _loop_rules(checkpoint_every: bool = True) -> dict[str, Rule]:
         "checkpoint_every": Int(0, operational=True), "keep_last": Int(1, operational=True),
         "eval_every": Int(0, operational=True), "log_every": Int(1, operational=True),
         "tensorboard": Any_(operational=True), "ema_decay": Frac(hi_open=True, added_at=0.0),
+        "optimizer": Choice("adamw", "muon", added_at="adamw"),
     }
 
 
@@ -154,6 +155,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "sources": Each(_source, "FORMAT:PATH strings"), "val_fraction": Frac(hi_open=True),
         "builtin_parts": Each(lambda v: None if v in ("peoples-daily", "reviews", "idioms") else "",
                               "'peoples-daily', 'reviews', 'idioms'", nonempty=True),
+        "idioms": Int(0, added_at=0), "idiom_texts": Int(1, 5, added_at=1),
         "text_field": Rule(lambda v: None if v else "a non-empty field name"),
         "text_unit": Choice("line", "block"), "max_record_bytes": Int(1),
         "workers": Int(0, operational=True),

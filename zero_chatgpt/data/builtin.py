@@ -183,18 +183,81 @@ def _ensure_period(s: str) -> str:
     return s if s.endswith(_TERMINAL) else s + "。"
 
 
-def iter_idiom_documents() -> Iterator[dict]:
-    for idiom in load_idioms():
+def idiom_texts(idiom: dict, k: int) -> list[str]:
+    """The idiom as `k` texts (1..5): the encyclopedia paragraph, then texts that each state its facts in
+    another context (its meaning with its reading, an example sentence that uses it, its origin, its meaning
+    as a definition). A fact seen in several phrasings is what a language model can later be asked about for
+    entities it was never fine-tuned on (Allen-Zhu & Li, "Physics of Language Models 3.1", arXiv:2309.14316:
+    knowledge augmentation); one paragraph seen once is stored, if at all, in a form SFT cannot reach. Texts
+    whose field is empty are left out, so an idiom may give fewer than k."""
+    word = idiom["word"]
+
+    def field(name: str) -> str:
+        v = idiom.get(name, "").strip()
+        return "" if v in ("", "无") else _balance_quotes(v, derivation=name == "derivation")
+
+    expl, deriv, py = field("explanation"), field("derivation"), idiom.get("pinyin", "").strip()
+    ex = field("example").replace("～", word).replace("〜", word)
+    out = [idiom_paragraph(idiom)]
+    if expl:
+        out.append(f"“{word}”读作{py}，意思是：{_ensure_period(expl)}" if py else f"“{word}”的意思是：{_ensure_period(expl)}")
+    if ex and word in ex:
+        out.append(f"例如：{_ensure_period(ex)}这句话用了成语“{word}”。")
+    if deriv:
+        out.append(f"成语“{word}”出自{_ensure_period(deriv.removeprefix('出自'))}")
+    if expl:
+        out.append(f"有一个成语叫“{word}”，用来表示：{_ensure_period(expl)}")
+    return out[:max(1, k)]
+
+
+def _occurrences() -> dict[str, int]:
+    """How many documents of the built-in news and reviews mention each dictionary idiom."""
+    from zero_chatgpt.data.chat_data import MentionIndex
+    index = MentionIndex(d["word"] for d in load_idioms())
+    counts: dict[str, int] = {}
+    for rec in [*iter_peoples_daily(), *iter_reviews()]:
+        for w in index.find_all(rec["text"]):
+            counts[w] = counts.get(w, 0) + 1
+    return counts
+
+
+_WORLD: dict[int, list[dict]] = {}
+
+
+def idiom_world(n: int = 0) -> list[dict]:
+    """The built-in idiom world: the whole dictionary (n = 0), or the n idioms the built-in news and reviews
+    mention most (the idioms people use; ~3,000 occur at all), then by a stable hash. A small model holds
+    the facts of a few thousand idioms, not of 30,000 (shared/notes: ~2 bits per parameter); sizing the
+    world to it is what TinyStories did for fluency (Eldan & Li 2023, arXiv:2305.07759). Dictionary order
+    is kept inside the world, so the data stage and the SFT data see the same idioms in the same order."""
+    idioms = load_idioms()
+    if n <= 0 or n >= len(idioms):
+        return idioms
+    if n not in _WORLD:
+        import xxhash
+        counts = _occurrences()
+        ranked = sorted(idioms, key=lambda d: (-counts.get(d["word"], 0), xxhash.xxh64_intdigest(d["word"].encode())))
+        keep = {d["word"] for d in ranked[:n]}
+        _WORLD[n] = [d for d in idioms if d["word"] in keep]
+    return _WORLD[n]
+
+
+def iter_idiom_documents(n: int = 0, texts: int = 1) -> Iterator[dict]:
+    for idiom in idiom_world(n):
         # the structured fields travel as metadata (the SFT data builds questions from them)
-        yield {"text": idiom_paragraph(idiom), "source": "idioms", "where": f"idiom.csv:{idiom['word']}",
-               "meta": dict(idiom)}
+        for i, text in enumerate(idiom_texts(idiom, texts)):
+            yield {"text": text, "source": "idioms", "where": f"idiom.csv:{idiom['word']}" + (f"#{i + 1}" if i else ""),
+                   "meta": dict(idiom)}
 
 
 BUILTIN_PARTS = ("peoples-daily", "reviews", "idioms")
 
 
-def iter_builtin_documents(parts: tuple[str, ...] = BUILTIN_PARTS) -> Iterator[dict]:
-    """The whole built-in corpus as text records (same shape as sources.iter_records yields)."""
-    readers = {"peoples-daily": iter_peoples_daily, "reviews": iter_reviews, "idioms": iter_idiom_documents}
+def iter_builtin_documents(parts: tuple[str, ...] = BUILTIN_PARTS, idioms: int = 0, idiom_texts: int = 1
+                           ) -> Iterator[dict]:
+    """The whole built-in corpus as text records (same shape as sources.iter_records yields); `idioms` and
+    `idiom_texts`: the idiom world and the texts per idiom (idiom_world, idiom_texts)."""
+    readers = {"peoples-daily": iter_peoples_daily, "reviews": iter_reviews,
+               "idioms": lambda: iter_idiom_documents(idioms, idiom_texts)}
     for part in parts:
         yield from readers[part]()

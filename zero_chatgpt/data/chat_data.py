@@ -173,13 +173,18 @@ class MentionIndex:
         self.lengths = sorted({len(w) for w in self.words})
 
     def find(self, text: str) -> str | None:
-        heads, words = self.heads, self.words
+        return next(self.find_all(text), None)
+
+    def find_all(self, text: str):
+        """Each idiom the text mentions, once, in order of first mention."""
+        heads, words, seen = self.heads, self.words, set()
         for i in range(len(text) - 1):
             if text[i:i + 2] in heads:
                 for n in self.lengths:
-                    if text[i:i + n] in words:
-                        return text[i:i + n]
-        return None
+                    w = text[i:i + n]
+                    if w in words and w not in seen:
+                        seen.add(w)
+                        yield w
 
 
 @dataclass
@@ -432,7 +437,7 @@ def build(cfg: dict, out_dir: Path) -> dict:
                                   max_prompt_chars=s["max_prompt_chars"], dedup_threshold=s["dedup_threshold"],
                                   **common)
     else:
-        from zero_chatgpt.data.builtin import load_idioms
-        data = build_builtin(load_idioms(), multi_turn_fraction=s["multi_turn_fraction"],
+        from zero_chatgpt.data.builtin import idiom_world
+        data = build_builtin(idiom_world(int(cfg["data"].get("idioms", 0))), multi_turn_fraction=s["multi_turn_fraction"],
                              identity_fraction=s["identity_fraction"], **common)
     return write_splits(data, out_dir)

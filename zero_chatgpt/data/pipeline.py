@@ -52,7 +52,8 @@ def _workers(cfg: dict) -> int:
 def iter_input(cfg: dict, bad: BadRecords) -> Iterator[dict]:
     """Text records of every configured source, in order; the built-in corpus when there are none."""
     if not cfg["sources"]:
-        yield from builtin.iter_builtin_documents(tuple(cfg["builtin_parts"]))
+        yield from builtin.iter_builtin_documents(tuple(cfg["builtin_parts"]), int(cfg.get("idioms", 0)),
+                                                  int(cfg.get("idiom_texts", 1)))
         return
     for spec in cfg["sources"]:
         src = parse_source(spec)

@@ -102,6 +102,7 @@ class LoopSettings:
     select_from_start: bool = False  # with eval_at_start: the starting weights are a candidate too, so when
                                      # no trained step beats them, final/ holds them (RL never ships a model
                                      # worse on its held-out metric than the SFT model it started from)
+    optimizer: str = "adamw"         # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
     ema_decay: float = 0.0           # > 0: keep an exponential moving average of the primary model's weights
                                      # (ema = d * ema + (1 - d) * w after every step); evaluations, best/ and
                                      # final/ use it, training goes on with the live weights; 0 = off
@@ -118,6 +119,11 @@ class LoopSettings:
             raise UserError(f"precision must be auto, fp32 or bf16, got {s.precision!r}")
         if not 0.0 <= s.ema_decay < 1.0:
             raise UserError(f"ema_decay must be in [0, 1), got {s.ema_decay!r}")
+        if s.optimizer not in ("adamw", "muon"):
+            raise UserError(f"optimizer must be adamw or muon, got {s.optimizer!r}")
+        if s.optimizer == "muon" and s.fsdp:
+            raise UserError("optimizer = muon with fsdp: Muon orthogonalizes whole matrices, FSDP shards them; use DDP "
+                            "(fsdp = false) or adamw")
         if s.ema_decay and s.fsdp:
             raise UserError("ema_decay with fsdp: the average would be sharded like the weights; use DDP (fsdp = false)")
         return s
@@ -155,17 +161,62 @@ def _to_device(batch, device):
     return batch
 
 
-def build_optimizer(model: torch.nn.Module, s: LoopSettings, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, s: LoopSettings, device: torch.device):
     """AdamW with weight decay on matrices (linear + embedding weights) only; norms' gains
     are not decayed (as GPT-2/LLaMA practice). β = (0.9, 0.95) — the seed ran with β1 = 0.95
-    by passing betas twice."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
+    by passing betas twice.
+
+    optimizer = "muon": Muon (Jordan et al. 2024; torch.optim.Muon) for the transformer blocks' weight
+    matrices, AdamW as above for the rest (embedding, head, norms), as nanochat and modded-nanogpt do:
+    Muon orthogonalizes each matrix's momentum update (Newton-Schulz), which trains hidden matrices in
+    fewer steps; embeddings and gains are not matrices in that sense. Muon's lr is scaled to match
+    AdamW's update size (adjust_lr_fn="match_rms_adamw", Moonlight, arXiv:2502.16982), so one lr and
+    one schedule serve both."""
+    decay, no_decay, hidden = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if s.optimizer == "muon" and p.dim() == 2 and ".layers." in f".{name}":
+            hidden.append(p)
+        else:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu") and not s.fsdp
-    return torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, fused=fused)
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon(hidden, lr=s.lr, weight_decay=s.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return OptimizerPair([muon, adamw])
+
+
+class OptimizerPair:
+    """Several optimizers over disjoint parameters, stepped as one (the loop sets lr on param_groups)."""
+
+    def __init__(self, optimizers: list):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("optimizers") if isinstance(state, dict) else None
+        if not isinstance(saved, list) or len(saved) != len(self.optimizers):
+            raise UserError("the checkpoint's optimizer state is not this optimizer's (was the run trained with "
+                            "another `optimizer`?); undo the change, or rerun with --force")
+        for o, st in zip(self.optimizers, saved):
+            o.load_state_dict(st)
 
 
 class WeightEMA:

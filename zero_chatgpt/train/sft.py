@@ -267,8 +267,11 @@ def ensure_sft_data(ctx, inputs: dict | None = None) -> dict:
     from zero_chatgpt.data import chat_data
     out = ctx.run_dir.sft_data
     inputs = inputs or sft_inputs(ctx)
-    key = sub_key({"sft": {k: ctx.cfg["sft"].get(k) for k in DATA_KEYS if k != "sources"},
-                   "sources": inputs["sft.sources"], "seed": ctx.cfg["run"]["seed"]})
+    parts = {"sft": {k: ctx.cfg["sft"].get(k) for k in DATA_KEYS if k != "sources"},
+             "sources": inputs["sft.sources"], "seed": ctx.cfg["run"]["seed"]}
+    if int(ctx.cfg["data"].get("idioms", 0)):          # the built-in idiom world (absent: the whole dictionary)
+        parts["idioms"] = int(ctx.cfg["data"]["idioms"])
+    key = sub_key(parts)
     done = read_marker(out)
     if not ctx.force and done.get("key") == key and (out / "stats.json").exists():
         return json.loads((out / "stats.json").read_text())

@@ -1,0 +1,65 @@
+"""The built-in idiom world (data.idioms, data.idiom_texts): the N idioms the built-in news and reviews
+mention most, each as up to five texts stating its facts in different contexts; the corpus and the SFT,
+RL and eval questions draw on the same world."""
+import random
+
+import pytest
+
+from zero_chatgpt.data import builtin
+from zero_chatgpt.data.chat_data import MentionIndex, build_builtin
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return [r["text"] for r in [*builtin.iter_peoples_daily(), *builtin.iter_reviews()]]
+
+
+def test_the_world_is_the_idioms_the_news_and_reviews_mention_most(texts):
+    world = builtin.idiom_world(200)
+    words = [d["word"] for d in world]
+    assert len(words) == 200 == len(set(words))
+    allw = [d["word"] for d in builtin.load_idioms()]
+    assert words == [w for w in allw if w in set(words)], "dictionary order is kept inside the world"
+    count = lambda w: sum(w in t for t in texts)           # noqa: E731  (brute force: documents mentioning w)
+    inside = min(count(w) for w in words)
+    outside = random.Random(0).sample([w for w in allw if w not in set(words)], 300)
+    assert inside >= 1 and all(count(w) <= inside for w in outside)
+    assert {"爱不释手", "实事求是", "一如既往"} <= set(words)   # among the most used in this corpus
+    assert builtin.idiom_world(0) == builtin.load_idioms()
+
+
+def test_find_all_lists_each_mention_once_in_order():
+    idx = MentionIndex(["画蛇添足", "添足", "一心一意"])
+    assert list(idx.find_all("他画蛇添足，又画蛇添足；一心一意")) == ["画蛇添足", "添足", "一心一意"]
+    assert idx.find("没有成语") is None and idx.find("一心一意地") == "一心一意"
+
+
+def test_an_idiom_as_several_texts_each_stating_its_facts():
+    d = next(x for x in builtin.load_idioms() if x["word"] == "画蛇添足")
+    one = builtin.idiom_texts(d, 1)
+    assert one == [builtin.idiom_paragraph(d)]
+    five = builtin.idiom_texts(d, 5)
+    assert len(five) == 5 == len(set(five)) and all("画蛇添足" in t for t in five)
+    assert sum(d["explanation"][:8] in t for t in five) >= 3, "the meaning is stated in several contexts"
+    assert any(d["pinyin"] in t for t in five[1:]) and any("出自" in t for t in five[1:])
+    # a missing field gives no text for it
+    bare = {**d, "derivation": "无", "example": ""}
+    assert len(builtin.idiom_texts(bare, 5)) == 3
+
+
+def test_sft_questions_come_from_the_same_world():
+    world = builtin.idiom_world(300)
+    data = build_builtin(world, eval_fraction=0.1, rl_fraction=0.15)
+    names = {d["word"] for d in world}
+    asked = {r["meta"]["idiom"] for split in data.splits.values() for r in split if "idiom" in r["meta"]}
+    assert asked <= names and len(asked) > 250
+    docs = list(builtin.iter_idiom_documents(300, 3))
+    assert {r["meta"]["word"] for r in docs} == names and len(docs) > 600
+
+
+def test_the_keys_are_checked(tmp_path):
+    from zero_chatgpt import config
+    from zero_chatgpt.console import UserError
+    for bad in ("data.idioms=-1", "data.idiom_texts=0", "data.idiom_texts=6"):
+        with pytest.raises(UserError, match=bad.split("=")[0]):
+            config.resolve(tmp_path / "run", "demo", [bad])
