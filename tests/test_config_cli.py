@@ -133,3 +133,12 @@ def test_every_float_key_refuses_non_finite_and_absurd_values(capsys):
             config.validate(config.apply_overrides(cfg, [item]))
     err = _cli_error(capsys, "data", "--run-dir", "/nonexistent/run", "--set", "rm.lr=inf")
     assert "'rm.lr' = inf: must be a finite number > 0 and <= 1" in err
+
+
+def test_rl_seed_defaults_to_the_run_seed(tmp_path):
+    cfg = config.resolve(tmp_path / "a", "demo", ["run.seed=99"])
+    assert cfg["rl"]["seed"] == 0 and config.rl_seed(cfg) == 99
+    cfg = config.resolve(tmp_path / "b", "demo", ["run.seed=99", "rl.seed=7"])
+    assert config.rl_seed(cfg) == 7
+    # a run recorded before rl.seed existed keeps its stage keys (its value then was the run seed's)
+    assert config.RULES["rl"]["seed"].added_at == 0

@@ -99,6 +99,11 @@ def Choice(*allowed, **kw) -> Rule:
     return Rule(lambda v: None if v in allowed else "one of " + ", ".join(repr(a) for a in allowed), **kw)
 
 
+def rl_seed(cfg: dict) -> int:
+    """The seed of the preference data, the reward model and the RL stages: rl.seed, or run.seed when 0."""
+    return int(cfg.get("rl", {}).get("seed") or 0) or int(cfg["run"]["seed"])
+
+
 def Any_(**kw) -> Rule:
     return Rule(lambda v: None, **kw)
 
@@ -204,7 +209,7 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "rl": {
         "temperature": Float(0.0, 10.0, lo_open=True), "max_new_tokens": Int(1), "gold_prompts": Int(1),
-        "gold_max_new_tokens": Int(1),
+        "gold_max_new_tokens": Int(1), "seed": Int(0, added_at=0),
     },
     "rm": {
         # the reward model reads pairs: any other reader's records have no chosen / rejected

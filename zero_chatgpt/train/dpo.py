@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from zero_chatgpt import checkpoint as ckpt
+from zero_chatgpt.config import rl_seed
 from zero_chatgpt.console import info
 from zero_chatgpt.data import preference as pref
 from zero_chatgpt.rundir import begin
@@ -76,7 +77,7 @@ def run_stage(ctx) -> None:
     enc = encode_pairs(tok, pairs, max_len, desc="encode dpo pairs")
     micro = int(c["micro_batch_pairs"])
     accum = max(1, int(c["batch_pairs"]) // (micro * d.world))
-    seed = int(cfg["run"]["seed"])
+    seed = rl_seed(cfg)
     settings = loop.LoopSettings.from_section(c, grad_accum=accum, seed=seed, init_from="",
                                               schedule_steps=run.schedule_steps, select_metric="gold_char_f1",
                                               eval_at_start=True, select_from_start=True)

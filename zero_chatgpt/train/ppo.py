@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from zero_chatgpt import checkpoint as ckpt
+from zero_chatgpt.config import rl_seed
 from zero_chatgpt.console import UserError, info
 from zero_chatgpt.loss import IGNORE, ScalarValues, TokenLogProbs
 from zero_chatgpt.rewards import RewardScorer
@@ -122,7 +123,7 @@ def rollout_settings(cfg, c: dict, samples_per_prompt: int = 1) -> RolloutSettin
     return RolloutSettings(prompts=int(c["prompts_per_rollout"]), samples_per_prompt=samples_per_prompt,
                            epochs=int(c["epochs"]), minibatches=int(c["minibatches"]),
                            temperature=float(cfg["rl"]["temperature"]), max_new_tokens=int(cfg["rl"]["max_new_tokens"]),
-                           seed=int(cfg["run"]["seed"]), gen_batch_size=int(c["gen_batch_size"]),
+                           seed=rl_seed(cfg), gen_batch_size=int(c["gen_batch_size"]),
                            kl_budget=float(c["kl_budget"]))
 
 
@@ -156,7 +157,7 @@ def policy_setup(ctx, name: str) -> PolicyRun | None:
     sft_path = Path(c["init_from"]) if c["init_from"] else rd / "sft" / "final"
     records = alignment.rl_prompt_records(rd)
     pool, _ = encode_prompts(tok, records, chat=True, limit=10 ** 9)
-    settings = loop.LoopSettings.from_section(c, grad_accum=1, seed=int(cfg["run"]["seed"]), init_from="",
+    settings = loop.LoopSettings.from_section(c, grad_accum=1, seed=rl_seed(cfg), init_from="",
                                               schedule_steps=run.schedule_steps, select_metric="gold_char_f1",
                                               eval_at_start=True, select_from_start=True)
     return PolicyRun(d, run, tok, sft_path, records, pool, settings,

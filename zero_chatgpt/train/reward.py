@@ -23,6 +23,7 @@ import torch
 
 from zero_chatgpt import checkpoint as ckpt
 from zero_chatgpt import manifest
+from zero_chatgpt.config import rl_seed
 from zero_chatgpt.console import UserError, info, share, table
 from zero_chatgpt.data import preference as pref
 from zero_chatgpt.io import atomic_write_json
@@ -88,12 +89,12 @@ def ensure_pairs(ctx, tok, sft_path: Path) -> dict:
     cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["rm"]
     out = rd / "rm_data"
     key = sub_key({"rm": {k: c[k] for k in PAIR_DATA_KEYS if k != "sources"},
-                   "sources": source_fingerprints(c["sources"], rd.root), "rl": cfg["rl"], "seed": cfg["run"]["seed"],
+                   "sources": source_fingerprints(c["sources"], rd.root), "rl": cfg["rl"], "seed": rl_seed(cfg),
                    "sft": read_marker(rd / "sft").get("output")})
     if read_marker(out).get("key") == key and not ctx.force and (out / "gold.jsonl").exists():
         return read_marker(out)["summary"]
     out.mkdir(parents=True, exist_ok=True)
-    seed = int(cfg["run"]["seed"])
+    seed = rl_seed(cfg)
     sft = ckpt.load_model(sft_path)
     bad = BadRecords()
     if c["sources"]:
@@ -203,9 +204,9 @@ def run_stage(ctx) -> None:
     enc_val = encode_pairs(tok, val_pairs[:512], max_len, desc="encode rm val pairs")
     micro = int(c["micro_batch_pairs"])
     accum = max(1, int(c["batch_pairs"]) // (micro * d.world))
-    settings = loop.LoopSettings.from_section(c, grad_accum=accum, seed=int(cfg["run"]["seed"]), init_from="",
+    settings = loop.LoopSettings.from_section(c, grad_accum=accum, seed=rl_seed(cfg), init_from="",
                                               schedule_steps=run.schedule_steps)
-    batches = PairBatches(enc, tok.pad_id, micro, accum, int(cfg["run"]["seed"]))
+    batches = PairBatches(enc, tok.pad_id, micro, accum, rl_seed(cfg))
     info(f"rm: {len(enc):,} train pairs ({len(val_pairs):,} held out), {settings.max_steps} steps x "
          f"{micro * accum * d.world} pairs ({settings.max_steps * micro * accum * d.world / len(enc):.2f} epochs)")
 
@@ -213,7 +214,7 @@ def run_stage(ctx) -> None:
         rc, rr = pair_scores(m, enc_val, tok.pad_id)
         return {"val_accuracy": float((rc > rr).mean())}
 
-    result = loop.train(settings, model=score_model_from(sft_path, int(cfg["run"]["seed"])), stage="rm", stage_dir=rd / "rm", log_dir=rd.logs,
+    result = loop.train(settings, model=score_model_from(sft_path, rl_seed(cfg)), stage="rm", stage_dir=rd / "rm", log_dir=rd.logs,
                         batches=batches, loss_fn=rm_loss, eval_fn=eval_fn, dist_info=d, meta={"stage_key": run.key})
     if not d.main:
         return
