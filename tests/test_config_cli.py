@@ -142,3 +142,17 @@ def test_rl_seed_defaults_to_the_run_seed(tmp_path):
     assert config.rl_seed(cfg) == 7
     # a run recorded before rl.seed existed keeps its stage keys (its value then was the run seed's)
     assert config.RULES["rl"]["seed"].added_at == 0
+
+
+def test_keys_added_since_a_run_was_made_keep_that_runs_behaviour(tmp_path):
+    """A run saved before data.idioms existed keeps the whole dictionary although the demo preset now sizes
+    the world; a new run gets the preset's value."""
+    config.save(tmp_path / "old", config.resolve(tmp_path / "old", "demo", []))
+    path = tmp_path / "old" / "config.toml"
+    text = path.read_text(encoding="utf-8")
+    assert "idioms = 3000" in text
+    path.write_text("\n".join(x for x in text.splitlines() if not x.startswith(("idioms =", "idiom_texts ="))),
+                    encoding="utf-8")
+    old = config.resolve(tmp_path / "old", None, [])
+    assert old["data"]["idioms"] == 0 and old["data"]["idiom_texts"] == 1
+    assert config.resolve(tmp_path / "new", "demo", [])["data"]["idioms"] == 3000

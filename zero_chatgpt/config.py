@@ -421,9 +421,11 @@ def saved_preset(run_dir: Path) -> str | None:
 def resolve(run_dir: Path, preset: str | None, overrides: list[str], sources: dict[str, list[str]] | None = None) -> dict:
     """The validated config for a command on `run_dir` (nothing is written; see `save`).
 
-    An existing run starts from its config.toml (keys it lacks come from its preset), a new
-    one from `preset` (default demo); then `overrides` (--set) and `sources` ({section: specs},
-    from --source) apply on top.
+    An existing run starts from its config.toml, a new one from `preset` (default demo); then
+    `overrides` (--set) and `sources` ({section: specs}, from --source) apply on top. A key the saved
+    config lacks comes from its preset, except a key added to zero-chatgpt after the run was made
+    (Rule.added_at): that one keeps the value that gives the behaviour the run was made with, so a
+    preset that changed since (the demo's idiom world) never makes a finished run out of date.
     """
     saved = Path(run_dir) / CONFIG_FILE
     if saved.exists():
@@ -434,6 +436,10 @@ def resolve(run_dir: Path, preset: str | None, overrides: list[str], sources: di
                             f"Use another --run-dir (the default for this preset is runs/{preset}), or leave out "
                             f"--preset to continue this run")
         cfg = merge(load_preset(name), data, defaults(), str(saved))
+        for section, rules in RULES.items():
+            for key, rule in rules.items():
+                if rule.added_at is not None and key not in (data.get(section) or {}) and key in cfg.get(section, {}):
+                    cfg[section][key] = rule.added_at
     else:
         cfg = load_preset(preset or DEFAULT_PRESET)
     cfg = apply_overrides(cfg, overrides)
