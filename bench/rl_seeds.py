@@ -44,7 +44,7 @@ def tiny_run(where: Path) -> tuple[Path, list[str]]:
     from runs import tiny_args, write_sources
     from test_rlhf_stages import RL
     corpus, chat = write_sources(where / "src")
-    more = {**RL, "ppo.max_steps": 8, "ppo.eval_every": 4, "ppo.checkpoint_every": 4}
+    more = {**RL, "ppo.max_steps": 8, "ppo.eval_every": 4, "ppo.checkpoint_every": 4, "sft.rl_fraction": 0.3}
     args = [*tiny_args(**more), "--set", f'data.sources=["jsonl:{corpus}"]', "--set", f'sft.sources=["messages:{chat}"]']
     r = zc("run", "--run-dir", where / "run", "--until", "sft", *args)
     if r.returncode:
