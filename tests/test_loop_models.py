@@ -262,3 +262,21 @@ def test_muon_trains_the_blocks_matrices_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(one.parameters(), two.parameters()))
     with pytest.raises(Exception, match="optimizer"):
         loop.LoopSettings.from_section({"optimizer": "sgd"})
+
+
+def test_a_selection_gate_keeps_only_steps_that_pass_it(tmp_path):
+    """select_gate: a trained step is a candidate only when the gate value is above 0 (RL: the lower end of its
+    gold gain's interval over SFT); step 0 always is. The best-scoring step here fails the gate."""
+    evals = iter([(0.1, 0.0), (0.5, -0.1), (0.3, 0.05), (0.2, 0.2)])
+    s = loop.LoopSettings(max_steps=6, lr=3e-3, warmup_steps=0, schedule="constant", checkpoint_every=2,
+                          eval_every=2, log_every=1, precision="fp32", tensorboard=False, seed=5, keep_last=10,
+                          select_metric="score", select_gate="gate", eval_at_start=True, select_from_start=True)
+
+    def eval_fn(m):
+        score, gate = next(evals)
+        return {"score": score, "gate": gate}
+
+    res = loop.train(s, model=_model(), stage="lm", stage_dir=tmp_path, log_dir=tmp_path / "logs", batches=_Toy(),
+                     loss_fn=_lm_loss, eval_fn=eval_fn, dist_info=loop.Dist())
+    assert [e["step"] for e in res.evals] == [0, 2, 4, 6] and res.selected_step == 4
+    assert json.loads((tmp_path / "final" / "meta.json").read_text())["step"] == 4

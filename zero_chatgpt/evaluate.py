@@ -606,7 +606,7 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     sft_model = load_model(stage_model_path(ctx.run_dir, "sft")) if stage != "sft" and ref is not None and chat \
         else None
     if sft_model is not None and ref.get("per_prompt", {}).get("ids") == ids and _same_weights(model, sft_model):
-        info(f"eval {stage}: its final/ is the SFT model (no trained step beat it on the gold prompts): "
+        info(f"eval {stage}: its final/ is the SFT model (no trained step beat it on the gold prompts beyond chance): "
              f"SFT's answers, KL 0, every comparison a tie")
         res = _as_sft(ref, kinds, ids, scorer is not None, int(e["bootstrap"]), int(ctx.cfg["run"]["seed"]))
         res["eval_seconds"] = res["answer_seconds"] = time.perf_counter() - t0

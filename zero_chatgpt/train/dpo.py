@@ -80,7 +80,7 @@ def run_stage(ctx) -> None:
     seed = rl_seed(cfg)
     settings = loop.LoopSettings.from_section(c, grad_accum=accum, seed=seed, init_from="",
                                               schedule_steps=run.schedule_steps, select_metric="gold_char_f1",
-                                              eval_at_start=True, select_from_start=True)
+                                              select_gate="gold_gain_lo", eval_at_start=True, select_from_start=True)
     batches = DPOBatches(enc, tok.pad_id, micro, accum, seed, ref_model=ckpt.load_model(sft_path, device=d.device))
     gold = alignment.gold_records(cfg, rd)
     beta, sft_w = float(c["beta"]), float(c["sft_loss"])
@@ -100,8 +100,10 @@ def run_stage(ctx) -> None:
          f"({settings.max_steps * micro * accum * d.world / len(enc):.2f} epochs); best of {len(gold)} gold prompts' "
          f"char_f1 every {settings.eval_every} steps becomes final")
     model = ckpt.load_model(sft_path).train()
+    gold_fn = alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"], start=sft_path,
+                                  seed=int(cfg["run"]["seed"]))
     result = loop.train(settings, model=model, stage="dpo", stage_dir=rd / "dpo", log_dir=rd.logs, batches=batches,
-                        loss_fn=loss_fn, eval_fn=alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"]), dist_info=d,
+                        loss_fn=loss_fn, eval_fn=gold_fn, dist_info=d,
                         meta={"stage_key": run.key, "init_from": str(sft_path)})
     if not d.main:
         return

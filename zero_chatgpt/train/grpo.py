@@ -154,8 +154,10 @@ def run_stage(ctx) -> None:
     info(f"grpo: {len(pool):,} RL prompts, {rs.prompts} per rollout x {k} samples, reward {reward}, {rs.epochs} "
          f"epochs x {rs.minibatches} minibatches per rollout, {settings.max_steps} steps; best of {len(gold)} gold "
          f"prompts' char_f1 every {settings.eval_every} steps becomes final")
+    gold_fn = alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"], start=sft_path,
+                                  seed=int(cfg["run"]["seed"]))
     result = loop.train(settings, model=actor, stage="grpo", stage_dir=rd / "grpo", log_dir=rd.logs, batches=batches,
-                        loss_fn=loss_fn, eval_fn=alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"]),
+                        loss_fn=loss_fn, eval_fn=gold_fn,
                         dist_info=d, meta={"stage_key": run.key, "init_from": str(sft_path)})
     if not d.main:
         return

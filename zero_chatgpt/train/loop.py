@@ -98,6 +98,8 @@ class LoopSettings:
                                      # keeps its first run's, and trains the added steps at the floor
     select_metric: str = ""          # an eval_fn key to maximize: the best evaluated step (after step 0)
                                      # becomes final/, not the last (RL keeps its best-by-gold checkpoint)
+    select_gate: str = ""            # an eval_fn key: a trained step is a candidate only when it is above 0 (RL: the
+                                     # lower end of its gold gain's interval over the start, alignment.gold_eval)
     eval_at_start: bool = False      # also evaluate before the first step (the curve starts at the SFT model)
     select_from_start: bool = False  # with eval_at_start: the starting weights are a candidate too, so when
                                      # no trained step beats them, final/ holds them (RL never ships a model
@@ -641,6 +643,8 @@ def _eval_at(ts: TrainState, step: int) -> dict:
 def _improved(ts: TrainState, rec: dict, s: LoopSettings, d: Dist) -> bool:
     """Whether this evaluation is the best of select_metric so far (rank 0 decides for all)."""
     candidate = rec["step"] > 0 or s.select_from_start
+    if rec["step"] > 0 and s.select_gate and not rec.get(s.select_gate, 0.0) > 0:
+        candidate = False
     better = [bool(s.select_metric and candidate and s.select_metric in rec and rec[s.select_metric] > ts.best_value)]
     if d.world > 1:
         dist.broadcast_object_list(better, src=0, group=cpu_group())

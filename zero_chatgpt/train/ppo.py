@@ -159,7 +159,7 @@ def policy_setup(ctx, name: str) -> PolicyRun | None:
     pool, _ = encode_prompts(tok, records, chat=True, limit=10 ** 9)
     settings = loop.LoopSettings.from_section(c, grad_accum=1, seed=rl_seed(cfg), init_from="",
                                               schedule_steps=run.schedule_steps, select_metric="gold_char_f1",
-                                              eval_at_start=True, select_from_start=True)
+                                              select_gate="gold_gain_lo", eval_at_start=True, select_from_start=True)
     return PolicyRun(d, run, tok, sft_path, records, pool, settings,
                      loop.resolve_precision(settings.precision, d.device))
 
@@ -190,8 +190,10 @@ def run_stage(ctx) -> None:
          f"minibatches per rollout, {settings.max_steps} steps (~{-(-settings.max_steps // rs.updates)} rollouts); "
          f"KL target {c['kl_target']:g}, budget {c['kl_budget']:g} nats per answer; best of {len(gold)} gold "
          f"prompts' char_f1 every {settings.eval_every} steps becomes final")
+    gold_fn = alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"], start=sft_path,
+                                  seed=int(cfg["run"]["seed"]))
     result = loop.train(settings, model=actor, stage="ppo", stage_dir=rd / "ppo", log_dir=rd.logs, batches=batches,
-                        loss_fn=loss_fn, eval_fn=alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"]),
+                        loss_fn=loss_fn, eval_fn=gold_fn,
                         dist_info=d, meta={"stage_key": run.key, "init_from": str(sft_path)},
                         extra_models={"critic": (critic, {"lr": float(c["critic_lr"])})})
     if not d.main:
