@@ -51,34 +51,23 @@ def _sources(p: argparse.ArgumentParser, what: str, formats: str = "text, jsonl,
                    help=f"{what} (repeatable; remembered in the run's config.toml). FORMAT is a reader: {formats}")
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+def _checked(convert, ok, what: str):
+    """An argparse type: `convert` the text (a ValueError is a wrong kind of value), then `ok` or refuse,
+    both messages naming `what` is allowed."""
+    def parse(s: str):
+        try:
+            v = convert(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
+        return v
+    return parse
 
 
-def _port(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {s!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0..65535 (0 picks a free one), got {v}")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {s!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s}")
-    return v
+_positive_int = _checked(int, lambda v: v >= 1, "a whole number >= 1")
+_port = _checked(int, lambda v: 0 <= v <= 65535, "a port 0..65535 (0 picks a free one)")
+_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
 
 
 def _help_for(st: Stage) -> str:
