@@ -51,23 +51,22 @@ def _sources(p: argparse.ArgumentParser, what: str, formats: str = "text, jsonl,
                    help=f"{what} (repeatable; remembered in the run's config.toml). FORMAT is a reader: {formats}")
 
 
-def _checked(convert, ok, what: str):
-    """An argparse type: `convert` the text (a ValueError is a wrong kind of value), then `ok` or refuse,
-    both messages naming `what` is allowed."""
+def _checked(convert, ok, kind: str, bound: str):
+    """An argparse type: `convert` the text (a ValueError: not `kind` at all), then refuse it unless `ok`."""
     def parse(s: str):
         try:
             v = convert(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {s!r}") from None
         if not ok(v):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {s}")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {s}")
         return v
     return parse
 
 
-_positive_int = _checked(int, lambda v: v >= 1, "a whole number >= 1")
-_port = _checked(int, lambda v: 0 <= v <= 65535, "a port 0..65535 (0 picks a free one)")
-_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
+_positive_int = _checked(int, lambda v: v >= 1, "a whole number", ">= 1")
+_port = _checked(int, lambda v: 0 <= v <= 65535, "a port number", "0..65535 (0 picks a free one)")
+_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a number", "finite and > 0")
 
 
 def _help_for(st: Stage) -> str:
