@@ -5,6 +5,8 @@ eval, the data stages under torchrun).
 """
 from __future__ import annotations
 
+import atexit
+
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -44,6 +46,7 @@ def setup_distributed(device: str = "auto") -> Dist:
         dev = torch.device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        atexit.register(_teardown)
     if world > 1 and "cpu" not in _GROUPS:
         # Long: rank 0 may run the data stage for hours while the others wait in it.
         _GROUPS["cpu"] = dist.new_group(backend="gloo", timeout=timedelta(days=7))
@@ -51,6 +54,17 @@ def setup_distributed(device: str = "auto") -> Dist:
 
 
 _GROUPS: dict = {}
+
+
+def _teardown() -> None:
+    """Destroy the process groups before the interpreter finalizes: gloo's threads still running then can
+    abort the process ("terminate called without an active exception", exit -6) after the work is done."""
+    try:
+        if dist.is_initialized():
+            _GROUPS.clear()
+            dist.destroy_process_group()
+    except Exception:   # noqa: BLE001 - leaving anyway; the work's outcome is already decided
+        pass
 
 
 def cpu_group():
