@@ -85,14 +85,12 @@ def test_a_kv_cache_too_large_for_memory_stops_before_listening(run):
 def test_a_failed_cache_allocation_is_cache_too_large_before_the_thread_starts(run, monkeypatch):
     """Where free memory is unknown (or the check passes), the allocation itself fails: torch's allocator error
     becomes CacheTooLarge in the caller of start(), and no engine thread is left running."""
-    if Path("/proc/sys/vm/overcommit_memory").exists() and \
-            Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
-        pytest.skip("vm.overcommit_memory=1: a huge allocation succeeds, and filling it would wake the OOM killer")
     from zero_chatgpt.checkpoint import load_model
     from zero_chatgpt.serve import engine
     from zero_chatgpt.tokenizer import load_tokenizer
     monkeypatch.setattr(engine, "available_memory", lambda device: None)
-    e = engine.Engine(load_model(run / "sft" / "final"), load_tokenizer(run / "tokenizer"), slots=2_000_000)
+    # 2^26 slots x 4 MiB = 256 TiB: beyond the address space, so the allocation fails under any overcommit policy
+    e = engine.Engine(load_model(run / "sft" / "final"), load_tokenizer(run / "tokenizer"), slots=1 << 26)
     with pytest.raises(engine.CacheTooLarge, match="can't allocate memory") as got:
         e.start()
     assert e.thread is None and got.value.per_slot == 4 << 20     # 4 layers x 4 heads x 1024 x 32 x fp32, k and v
