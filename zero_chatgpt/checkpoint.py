@@ -332,6 +332,16 @@ def load_weights(model: Transformer, path: str | os.PathLike) -> None:
                         f"unexpected {unexpected[:5]}")
 
 
+def empty_model(cfg: ModelConfig) -> Transformer:
+    """A Transformer on the CPU with uninitialized weights (no random init: they are read from a file next),
+    and its RoPE tables, which no file holds."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.max_position_embeddings)
+    return model
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> Transformer:
     """A Transformer from a checkpoint folder (step-N/, final/) or an HF Llama folder."""
@@ -344,11 +354,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
             raise UserError(f"{path}: damaged checkpoint ({why}); rerun its stage to rebuild it from its last "
                             f"checkpoint, or with --force to retrain it")
     cfg = read_model_config(path)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device="cpu")
-    cos, sin = rope_tables(cfg, cfg.max_position_embeddings)   # buffers are not in the file
-    model.rope_cos, model.rope_sin = cos, sin
+    model = empty_model(cfg)
     if cfg.tie_word_embeddings and cfg.head == "lm":
         model.lm_head.weight = model.model.embed_tokens.weight
     load_weights(model, path)

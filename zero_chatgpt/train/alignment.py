@@ -45,19 +45,21 @@ def gold_eval(tok, records: list[dict], max_new_tokens: int, batch_size: int = 6
     few noisy gold scores is biased upward (the winner's curse), and a step 0.005 better on 200 prompts is
     often worse on the held-out ones. The start's scores are computed once, from its own folder, so a resumed
     run gets the same ones."""
-    from zero_chatgpt.evaluate import answer_prompts, paired_bootstrap, per_prompt_values, score
+    from zero_chatgpt.evaluate import aggregate, answer_prompts, paired_bootstrap, per_prompt_values
     base: list = []
+    kinds = [r.get("meta", {}).get("kind", "chat") for r in records]
 
     def char_f1s(model) -> tuple[list[float], dict]:
         gens, _ = answer_prompts(model, tok, records, chat=True, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  desc="gold")
-        texts, eos = [g.text for g in gens], [bool(g.tokens) and g.tokens[-1] in tok.stop_ids for g in gens]
-        values = per_prompt_values(records, texts, eos, None)["char_f1"]
-        return [v if v is not None else 0.0 for v in values], score(records, texts, eos, None)
+        values = per_prompt_values(records, [g.text for g in gens],
+                                   [bool(g.tokens) and g.tokens[-1] in tok.stop_ids for g in gens], None)
+        s = aggregate(kinds, values)
+        return [v if v is not None else 0.0 for v in values["char_f1"]], s
 
     def run(model) -> dict:
         mine, s = char_f1s(model)
-        out = {"gold_char_f1": s["char_f1"], "gold_eos_rate": s["eos_rate"]}
+        out = {"gold_char_f1": s.get("char_f1", 0.0), "gold_eos_rate": s.get("eos_rate", 0.0)}
         if start is not None:
             if not base:
                 from zero_chatgpt import checkpoint as ckpt

@@ -27,7 +27,7 @@ from zero_chatgpt.config import rl_seed
 from zero_chatgpt.console import UserError, info, share, table
 from zero_chatgpt.data import preference as pref
 from zero_chatgpt.io import atomic_write_json
-from zero_chatgpt.model import Transformer, rope_tables
+from zero_chatgpt.model import Transformer
 from zero_chatgpt.rewards import NORM_FILE, Normalization, RewardScorer, bradley_terry, prompt_ids, sequence_scores
 from zero_chatgpt.rundir import begin, inputs_or_recorded, read_marker, source_fingerprints, sub_key, write_sub_marker
 from zero_chatgpt.train import loop
@@ -45,11 +45,7 @@ def score_model_from(path: Path, seed: int = 0) -> Transformer:
     if cfg.head == "score":
         return ckpt.load_model(path).train()
     cfg.head, cfg.tie_word_embeddings = "score", False
-    with torch.device("meta"):             # every weight but the head is read from the file below
-        model = Transformer(cfg)
-    model = model.to_empty(device="cpu")
-    cos, sin = rope_tables(cfg, cfg.max_position_embeddings)   # buffers are not in the file
-    model.rope_cos, model.rope_sin = cos, sin
+    model = ckpt.empty_model(cfg)          # every weight but the head is read from the file below
     state = {k: v for k, v in ckpt.read_model_state(path).items() if not k.startswith("lm_head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if set(missing) != {"score.weight"} or unexpected:
