@@ -1,6 +1,7 @@
 """The built-in idiom world (data.idioms, data.idiom_texts): the N idioms the built-in news and reviews
 mention most, each as up to five texts stating its facts in different contexts; the corpus and the SFT,
 RL and eval questions draw on the same world."""
+import json
 import random
 
 import pytest
@@ -57,9 +58,36 @@ def test_sft_questions_come_from_the_same_world():
     assert {r["meta"]["word"] for r in docs} == names and len(docs) > 600
 
 
+def test_extra_idioms_join_sft_train_only_and_leave_the_world_splits_as_they_are():
+    from zero_chatgpt.data.chat_data import extra_idioms
+    world = builtin.idiom_world(300)
+    names = {d["word"] for d in world}
+    extra = extra_idioms(world, 400, 1)
+    assert len(extra) == 400 and not names & {d["word"] for d in extra}
+    assert extra == extra_idioms(world, 400, 1) and extra != extra_idioms(world, 400, 2)     # stable, by seed
+    assert len(extra_idioms(world, -1, 1)) == len(builtin.load_idioms()) - 300
+    plain = build_builtin(world, seed=1, eval_fraction=0.1, rl_fraction=0.15)
+    more = build_builtin(world, seed=1, eval_fraction=0.1, rl_fraction=0.15, extra=extra)
+    # eval, RL and val are byte for byte the same: adding extra idioms moves no held-out figure
+    for split in ("eval", "rl", "val"):
+        assert more.splits[split] == plain.splits[split], split
+    asked = lambda d, split: {r["meta"]["idiom"] for r in d.splits[split] if "idiom" in r["meta"]}  # noqa: E731
+    new = asked(more, "train") - asked(plain, "train")
+    assert new and new <= {d["word"] for d in extra} and len(new) > 350
+    # what the world's idioms are trained on is unchanged, only reordered among the extra records
+    world_train = lambda d: sorted(json.dumps(r, ensure_ascii=False) for r in d.splits["train"]  # noqa: E731
+                                   if r["meta"].get("idiom") in names)
+    assert world_train(more) == world_train(plain)
+    # the identity dialogues keep their share of the (now larger) train split
+    share = lambda d: sum(r["meta"]["kind"] == "identity" for r in d.splits["train"]) / len(d.splits["train"])  # noqa
+    assert share(more) >= 0.02 * 0.9 and share(plain) >= 0.02 * 0.9
+    # an extra idiom's text that mentions an eval idiom is dropped like any other SFT record
+    assert more.dropped["mentions an eval idiom"] >= plain.dropped["mentions an eval idiom"]
+
+
 def test_the_keys_are_checked(tmp_path):
     from zero_chatgpt import config
     from zero_chatgpt.console import UserError
-    for bad in ("data.idioms=-1", "data.idiom_texts=0", "data.idiom_texts=6"):
+    for bad in ("data.idioms=-1", "data.idiom_texts=0", "data.idiom_texts=6", "sft.extra_idioms=-2"):
         with pytest.raises(UserError, match=bad.split("=")[0]):
             config.resolve(tmp_path / "run", "demo", [bad])

@@ -196,7 +196,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "identity_fraction": Frac(hi_open=True), "min_prompt_chars": Int(0), "max_prompt_chars": Int(1),
         "dedup_threshold": Frac(lo_open=True), "max_seq_len": Int(8), "max_train_samples": Int(0),
         "val_samples": Int(0, operational=True), "batch_tokens": Int(1), "micro_batch_tokens": Int(8),
-        "unlikelihood": Float(0.0, 100.0),
+        "unlikelihood": Float(0.0, 100.0), "extra_idioms": Int(-1, added_at=0),
     },
     "eval": {
         "num_prompts": Int(1), "max_new_tokens": Int(1), "batch_size": Int(1, operational=True),

@@ -72,25 +72,35 @@ NAME = "Zero-ChatGPT"
 IDENTITY = [
     ("who", ["你是谁？", "你是谁", "请介绍一下你自己。", "你叫什么名字？", "你是什么模型？", "介绍一下你自己吧",
              "你是哪位？", "你的名字是什么？", "可以告诉我你是谁吗？", "我该叫你什么？", "你是机器人吗？",
-             "跟我聊天的是谁？", "你是人还是程序？", "你是什么东西？"],
+             "跟我聊天的是谁？", "你是人还是程序？", "你是什么东西？", "你叫啥？", "你是谁呀", "你是哪个模型？",
+             "你到底是谁？", "你是AI吗？", "我是在和机器人聊天吗？", "你的名字叫什么", "介绍下你自己",
+             "你是不是人工智能？", "和我对话的是什么程序？", "who are you?", "what's your name?", "你是真人吗？"],
      [f"我是{NAME}，一个从零开始训练的小型中文语言模型。我的数据清洗、分词器、预训练、指令微调都是在这个项目里完成的。",
       f"我叫{NAME}，是一个从零训练的中文对话模型，参数很少，但可以回答关于成语的问题。",
       f"你好，我是{NAME}。我是一个小型语言模型，从数据清洗到对齐，每一步都是从零开始训练的。"]),
     ("can", ["你能做什么？", "你会什么？", "你有什么本领？", "我可以问你什么？", "你能帮我做什么",
              "你都会些什么？", "你能干什么？", "你的用途是什么？", "你能回答哪些问题？", "我能让你做点什么？",
-             "你懂什么？", "你适合用来做什么？"],
+             "你懂什么？", "你适合用来做什么？", "你可以做哪些事？", "你会干嘛？", "你能教我什么？", "我能问你哪些问题？",
+             "你有哪些本事？", "你主要做什么？", "what can you do?", "你会哪些东西？", "你是干什么用的？",
+             "你能陪我做点什么？"],
      ["我可以解释成语的意思、说出成语的出处和拼音、用成语造句，还能陪你玩成语接龙。",
       "我比较擅长成语：问我某个成语的意思、出处、读音或例句都可以，也可以一起玩成语接龙。",
       "我是一个小模型，主要会回答成语相关的问题，比如意思、出处、拼音、例句和成语接龙。"]),
     ("hello", ["你好", "你好！", "您好", "嗨", "早上好", "晚上好", "在吗？", "你好啊", "嗨，在不在？", "喂，你好",
-               "大家好", "好久不见！"],
-     [f"你好！我是{NAME}，有什么可以帮你的吗？", "你好！想了解哪个成语？", "你好，很高兴和你聊天。有什么问题尽管问我。"]),
+               "大家好", "好久不见！", "你好呀", "嗨，你好", "hey", "good morning", "上午好", "晚上好呀",
+               "早啊！", "哟，你好", "有人在吗？", "你好，朋友", "你好呀，小助手", "嗨，最近怎么样？", "打扰一下",
+               "在不在呀", "又来找你了", "新年好！", "周末好", "hey there"],
+     [f"你好！我是{NAME}，有什么可以帮你的吗？", "你好！想了解哪个成语？", "你好，很高兴和你聊天。有什么问题尽管问我。",
+      "嗨！今天想聊哪个成语？", "你好呀！我是一个会讲成语的小模型，欢迎提问。"]),
     ("thanks", ["谢谢", "谢谢你！", "多谢", "太感谢了", "谢谢你的帮助",
-                "好的，谢谢。", "多谢你的解释", "真是帮了我，谢谢"],
-     ["不客气！还有别的问题随时问我。", "不用谢，很高兴能帮到你。", "不客气，有需要再来找我。"]),
+                "好的，谢谢。", "多谢你的解释", "真是帮了我，谢谢", "谢谢你啊", "懂了，谢谢",
+                "好的，多谢指点", "你真棒，谢谢", "很有帮助，谢谢你", "thx", "谢谢你的回答", "我明白了，多谢"],
+     ["不客气！还有别的问题随时问我。", "不用谢，很高兴能帮到你。", "不客气，有需要再来找我。",
+      "不客气，能帮上忙我很开心。"]),
     ("bye", ["再见", "拜拜", "我先走了，再见！", "下次再聊", "晚安", "再会", "走了，拜拜！", "今天就到这里吧",
-             "我下了", "明天见", "好，就聊到这儿"],
-     ["再见！欢迎随时回来聊天。", "拜拜，祝你一切顺利！", "再见，下次见！"]),
+             "我下了", "明天见", "好，就聊到这儿", "拜拜啦", "再见啦", "先走一步", "我去吃饭了，拜拜",
+             "see you", "good night", "晚安啦", "就到这吧，再见", "不打扰你了", "困了，睡觉去了", "下回见"],
+     ["再见！欢迎随时回来聊天。", "拜拜，祝你一切顺利！", "再见，下次见！", "好的，再见！有问题随时回来找我。"]),
     ("maker", ["谁训练了你？", "你是怎么被训练出来的？", "你是谁开发的？"],
      [f"我是开源项目{NAME}从零训练出来的：先清洗和去重中文语料，再训练分词器，然后预训练语言模型，最后做指令微调和对齐。",
       f"{NAME}项目把 ChatGPT 的完整流程从零跑了一遍，我就是这样训练出来的：预训练之后做了指令微调。"]),
@@ -201,6 +211,7 @@ class ChatData:
     dropped: Counter = field(default_factory=Counter)
     bad_samples: list[dict] = field(default_factory=list)
     kinds: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    extra_idioms: int = 0          # idioms outside the world that joined the train split (build_builtin's extra)
 
     def add(self, split: str, rec: dict) -> None:
         self.splits[split].append(rec)
@@ -221,11 +232,18 @@ def _question(rng: random.Random, kind: str, word: str) -> str:
 
 # Small words people put before a turn: each question is also asked after one of them, so the model learns
 # the intent of the question, not its exact first characters.
-OPENERS = ("嗯，", "那个，", "请问，", "喂，", "好的。", "哦，")
+OPENERS = ("嗯，", "那个，", "请问，", "喂，", "好的。", "哦，", "哈哈，", "对了，")
+# ... and with its end reworded: a particle, other punctuation, none
+CLOSERS = ("呀", "啊", "呢", "！", "～", "。", "?", "")
+
+
+def _reworded_end(rng: random.Random, q: str) -> str:
+    return q.rstrip("？?！!。.～~") + rng.choice(CLOSERS)
 
 
 def identity_dialogues(rng: random.Random) -> list[dict]:
-    """Every (question, answer) pair of each intent (each question also after an opener), plus a few
+    """Every (question, answer) pair of each intent (each question also after an opener and with its end
+    reworded), plus a few
     multi-turn greeting → identity → goodbye chats."""
     out = []
     by_intent = {intent: (qs, ans) for intent, qs, ans in IDENTITY}
@@ -234,6 +252,8 @@ def identity_dialogues(rng: random.Random) -> list[dict]:
             for a in ans:
                 out.append({"messages": [_user(q), _assistant(a)], "meta": {"kind": "identity", "intent": intent}})
             out.append({"messages": [_user(rng.choice(OPENERS) + q), _assistant(rng.choice(ans))],
+                        "meta": {"kind": "identity", "intent": intent}})
+            out.append({"messages": [_user(_reworded_end(rng, q)), _assistant(rng.choice(ans))],
                         "meta": {"kind": "identity", "intent": intent}})
     for _ in range(30):
         turns = ["hello", rng.choice(["who", "can", "maker"]), rng.choice(["thanks", "bye"])]
@@ -247,8 +267,9 @@ def identity_dialogues(rng: random.Random) -> list[dict]:
 
 def build_builtin(idioms: list[dict], *, seed: int = 1234, eval_fraction: float = 0.05, rl_fraction: float = 0.15,
                   val_fraction: float = 0.02, multi_turn_fraction: float = 0.1, system_fraction: float = 0.05,
-                  identity_fraction: float = 0.02, max_idioms: int = 0) -> ChatData:
-    """The built-in instruction data, split by idiom. Deterministic in `seed`."""
+                  identity_fraction: float = 0.02, max_idioms: int = 0, extra: list[dict] = ()) -> ChatData:
+    """The built-in instruction data, split by idiom. Deterministic in `seed`. `extra`: idioms that only
+    ever join the train split (see `extra_idioms`); the split of every idiom in `idioms` does not depend on it."""
     rng = random.Random(seed)
     if max_idioms and len(idioms) > max_idioms:
         idioms = sorted(idioms, key=lambda d: _u(seed + 1, d["word"]))[:max_idioms]
@@ -265,40 +286,7 @@ def build_builtin(idioms: list[dict], *, seed: int = 1234, eval_fraction: float 
     data = ChatData()
     leak = MentionIndex(eval_words)
     for d in idioms:
-        w, s = d["word"], split[d["word"]]
-        answers = idiom_answers(d)
-        cands = [c for p in pools[s] for c in by_first[p].get(w[-1], []) if c != w]
-        if cands:
-            answers["chain"] = rng.choice(sorted(cands))
-        if s in ("eval", "rl"):
-            for kind, ans in answers.items():
-                rec = {"messages": [_user(_question(rng, kind, w))], "reference": ans,
-                       "meta": {"kind": kind, "idiom": w, "source": "builtin"}}
-                if kind == "chain":
-                    rec["meta"]["first_char"] = w[-1]
-                if s == "rl":
-                    rec["meta"]["rl_part"] = "rm" if _u(seed + 2, w) < 0.5 else "rl"
-                _add_checked(data, s, rec, leak)
-            continue
-        kinds = list(answers)
-        rng.shuffle(kinds)
-        convs: list[list[str]]
-        if len(kinds) >= 2 and rng.random() < multi_turn_fraction:
-            convs = [kinds[:rng.randint(2, min(3, len(kinds)))]]
-            convs += [[k] for k in kinds[len(convs[0]):]]
-        else:
-            convs = [[k] for k in kinds]
-        for conv in convs:
-            msgs = []
-            if rng.random() < system_fraction:
-                msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-            for i, kind in enumerate(conv):
-                q = _question(rng, kind, w) if i == 0 else rng.choice(FOLLOW_UPS[kind])
-                msgs += [_user(q), _assistant(answer_text(kind, w, answers[kind]))]
-            meta = {"kind": conv[0] if len(conv) == 1 else "multi-turn", "idiom": w, "source": "builtin"}
-            if len(conv) > 1:
-                meta["kinds"] = conv
-            _add_checked(data, s, {"messages": msgs, "meta": meta}, leak)
+        _add_idiom(data, d, split[d["word"]], by_first, pools, rng, seed, multi_turn_fraction, system_fraction, leak)
     # Identity dialogues: all in train, repeated up to `identity_fraction` of it (they are few and short).
     ident = identity_dialogues(rng)
     n_target = int(identity_fraction * len(data.splits["train"]))
@@ -308,7 +296,76 @@ def build_builtin(idioms: list[dict], *, seed: int = 1234, eval_fraction: float 
             data.add("train", rec)
     for name in ("train", "val"):
         rng.shuffle(data.splits[name])
+    # The extra idioms come last, from a generator of their own, and never enter the chaining pools: the
+    # world's splits, questions, references and val order are the same with or without them.
+    if extra:
+        extra_rng = random.Random(seed + 4)
+        for d in (d for d in extra if d["word"] not in split):
+            data.extra_idioms += 1
+            _add_idiom(data, d, "train", by_first, pools, extra_rng, seed, multi_turn_fraction, system_fraction, leak)
+        more = int(identity_fraction * len(data.splits["train"])) - reps * len(ident)   # the same identity share
+        for _ in range(max(0, -(-more // len(ident)))):
+            for rec in ident:
+                data.add("train", rec)
+        extra_rng.shuffle(data.splits["train"])
     return data
+
+
+def _add_idiom(data: ChatData, d: dict, s: str, by_first: dict, pools: dict, rng: random.Random, seed: int,
+               multi_turn_fraction: float, system_fraction: float, leak: MentionIndex) -> None:
+    """One idiom's records in split `s`: eval / rl prompts with their references, or train / val conversations."""
+    w = d["word"]
+    answers = idiom_answers(d)
+    cands = [c for p in pools[s] for c in by_first[p].get(w[-1], []) if c != w]
+    if cands:
+        answers["chain"] = rng.choice(sorted(cands))
+    if s in ("eval", "rl"):
+        for kind, ans in answers.items():
+            rec = {"messages": [_user(_question(rng, kind, w))], "reference": ans,
+                   "meta": {"kind": kind, "idiom": w, "source": "builtin"}}
+            if kind == "chain":
+                rec["meta"]["first_char"] = w[-1]
+            if s == "rl":
+                rec["meta"]["rl_part"] = "rm" if _u(seed + 2, w) < 0.5 else "rl"
+            _add_checked(data, s, rec, leak)
+        return
+    kinds = list(answers)
+    rng.shuffle(kinds)
+    convs: list[list[str]]
+    if len(kinds) >= 2 and rng.random() < multi_turn_fraction:
+        convs = [kinds[:rng.randint(2, min(3, len(kinds)))]]
+        convs += [[k] for k in kinds[len(convs[0]):]]
+    else:
+        convs = [[k] for k in kinds]
+    for conv in convs:
+        msgs = []
+        if rng.random() < system_fraction:
+            msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        for i, kind in enumerate(conv):
+            q = _question(rng, kind, w) if i == 0 else rng.choice(FOLLOW_UPS[kind])
+            msgs += [_user(q), _assistant(answer_text(kind, w, answers[kind]))]
+        meta = {"kind": conv[0] if len(conv) == 1 else "multi-turn", "idiom": w, "source": "builtin"}
+        if len(conv) > 1:
+            meta["kinds"] = conv
+        _add_checked(data, s, {"messages": msgs, "meta": meta}, leak)
+
+
+def extra_idioms(world: list[dict], n: int, seed: int) -> list[dict]:
+    """`n` dictionary idioms outside the data stage's idiom world (all of them for n < 0), by a stable hash.
+
+    They join SFT's train split only, never eval, RM or RL. The model saw no text about them in pretraining,
+    so it cannot answer them from memory: to lower its loss on their answers it has to copy the idiom it is
+    asked about from the question. With the world's few thousand idioms alone, SFT's passes let it recall a
+    similar idiom instead (「以身试法」 answered as 「“以身入国”…」, docs/experiments.md). The price: their
+    meanings are new to the model, and fine-tuning on facts the model does not know teaches it to state things
+    it does not know (Gekhman et al. 2024, arXiv:2405.05904); measured in docs/experiments.md."""
+    from zero_chatgpt.data.builtin import load_idioms
+    if n == 0:
+        return []
+    inside = {d["word"] for d in world}
+    outside = [d for d in load_idioms() if d["word"] not in inside]
+    outside.sort(key=lambda d: _u(seed + 3, d["word"]))
+    return outside if n < 0 else outside[:n]
 
 
 def _add_checked(data: ChatData, split: str, rec: dict, leak: MentionIndex) -> None:
@@ -428,6 +485,8 @@ def write_splits(data: ChatData, out_dir: Path) -> dict:
     stats = {"records": {k: len(v) for k, v in data.splits.items()},
              "kinds": {k: dict(v) for k, v in data.kinds.items()},
              "dropped": dict(data.dropped), "bad_samples": data.bad_samples}
+    if data.extra_idioms:
+        stats["extra_idioms"] = data.extra_idioms
     atomic_write_json(out_dir / "stats.json", stats)
     return stats
 
@@ -453,6 +512,8 @@ def build(cfg: dict, out_dir: Path) -> dict:
                                   **common)
     else:
         from zero_chatgpt.data.builtin import idiom_world
-        data = build_builtin(idiom_world(int(cfg["data"].get("idioms", 0))), multi_turn_fraction=s["multi_turn_fraction"],
-                             identity_fraction=s["identity_fraction"], **common)
+        world = idiom_world(int(cfg["data"].get("idioms", 0)))
+        data = build_builtin(world, multi_turn_fraction=s["multi_turn_fraction"],
+                             identity_fraction=s["identity_fraction"],
+                             extra=extra_idioms(world, int(s.get("extra_idioms", 0)), seed), **common)
     return write_splits(data, out_dir)

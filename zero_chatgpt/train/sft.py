@@ -271,6 +271,8 @@ def ensure_sft_data(ctx, inputs: dict | None = None) -> dict:
              "sources": inputs["sft.sources"], "seed": ctx.cfg["run"]["seed"]}
     if int(ctx.cfg["data"].get("idioms", 0)):          # the built-in idiom world (absent: the whole dictionary)
         parts["idioms"] = int(ctx.cfg["data"]["idioms"])
+    if int(ctx.cfg["sft"].get("extra_idioms", 0)):     # absent: the key of a run made before it existed holds
+        parts["extra_idioms"] = int(ctx.cfg["sft"]["extra_idioms"])
     key = sub_key(parts)
     done = read_marker(out)
     if not ctx.force and done.get("key") == key and (out / "stats.json").exists():
@@ -357,6 +359,8 @@ def run_stage(ctx) -> None:
         run.complete(summary)
         rows = [["sft_data train / val / eval / rl", " / ".join(f"{stats['records'][k]:,}"
                                                               for k in ("train", "val", "eval", "rl"))]]
+        if stats.get("extra_idioms"):
+            rows.append(["idioms outside the world (train only, sft.extra_idioms)", f"{stats['extra_idioms']:,}"])
         rows += [[f"dropped: {k}", v] for k, v in stats.get("dropped", {}).items()]
         rows += [["conversations trained on", len(train)], ["truncated to max_seq_len", train.n_truncated],
                  ["dropped: no answer token within max_seq_len", train.n_dropped],
