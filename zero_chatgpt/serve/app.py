@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,36 @@ class Defaults:
     max_tokens: int = 256
 
 
+class Outbox:
+    """Engine events on their way to the requests' queues on the event loop. The engine thread emits one event
+    per busy row at every decode step; a wake-up of the loop per event (call_soon_threadsafe writes to its
+    self-pipe each time) cost more than the step on a small model, so the events gathered until the loop runs
+    go in one wake-up."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.Queue, tuple]] = []
+
+    def post(self, queue: asyncio.Queue, ev: tuple) -> None:
+        """(the engine thread) Queue `ev` for `queue`; wake the loop unless a wake-up is already on its way."""
+        with self.lock:
+            self.items.append((queue, ev))
+            if len(self.items) > 1:
+                return
+        try:
+            self.loop.call_soon_threadsafe(self.flush)
+        except RuntimeError:     # the event loop has closed: nobody is listening any more
+            with self.lock:
+                self.items.clear()
+
+    def flush(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
+
 def _param(loc) -> str | None:
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) or None
@@ -78,6 +109,7 @@ def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults = Defau
     created = int(time.time())
     fingerprint = f"zc-{model_id}"
     context = engine.max_len
+    outboxes: dict[asyncio.AbstractEventLoop, Outbox] = {}     # one per event loop (uvicorn runs one)
 
     @app.exception_handler(api.ApiError)
     async def _api_error(_, e: api.ApiError):
@@ -178,12 +210,10 @@ def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults = Defau
                   **api.ERRORS_CHAT})
     async def chat_completions(body: api.ChatCompletionRequest, request: Request):
         loop = asyncio.get_running_loop()
+        outbox = outboxes.get(loop) or outboxes.setdefault(loop, Outbox(loop))
         events: asyncio.Queue = asyncio.Queue()
         def emit(ev):   # called from the engine thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, ev)
-            except RuntimeError:     # the event loop has closed: nobody is listening any more
-                pass
+            outbox.post(events, ev)
         req = engine_request(body, emit)
         submit(req)
         cid = f"chatcmpl-{secrets.token_hex(12)}"
@@ -235,18 +265,27 @@ async def _stream(engine, req, events, cid, now, model_id, fingerprint, include_
         for i in range(req.n):
             yield chunk([api.ChunkChoice(index=i, delta=api.Delta(role="assistant", content=""))])
         while True:
-            ev = await events.get()
-            if ev[0] == "text":
-                yield chunk([api.ChunkChoice(index=ev[1], delta=api.Delta(content=ev[2]))])
-            elif ev[0] == "finish":
-                yield chunk([api.ChunkChoice(index=ev[1], delta=api.Delta(), finish_reason=ev[2])])
-            elif ev[0] == "error":
-                yield f"data: {json.dumps(_engine_error(ev).body())}\n\n"
-                return
-            else:
-                if include_usage:
-                    yield chunk([], usage=api.Usage(**ev[1]))
-                yield "data: [DONE]\n\n"
+            # Every event already queued goes out in one write (still one `data:` event each): under load the
+            # loop falls behind the engine, and a send per event would widen the gap.
+            out, ev = [], await events.get()
+            while True:
+                if ev[0] == "text":
+                    out.append(chunk([api.ChunkChoice(index=ev[1], delta=api.Delta(content=ev[2]))]))
+                elif ev[0] == "finish":
+                    out.append(chunk([api.ChunkChoice(index=ev[1], delta=api.Delta(), finish_reason=ev[2])]))
+                elif ev[0] == "error":
+                    out.append(f"data: {json.dumps(_engine_error(ev).body())}\n\n")
+                    break
+                else:
+                    if include_usage:
+                        out.append(chunk([], usage=api.Usage(**ev[1])))
+                    out.append("data: [DONE]\n\n")
+                    break
+                if events.empty():
+                    break
+                ev = events.get_nowait()
+            yield "".join(out)
+            if ev[0] in ("error", "done"):
                 return
     finally:
         engine.cancel(req)     # the client went away mid-stream: its slots are free at the next step

@@ -7,13 +7,17 @@ request runs several forwards where one would do. Here, as in llama.cpp's server
 Kwon et al. 2023, arXiv:2309.06180, which pages the cache as well):
 
 - one KV cache of `slots` rows (`SlotCache`), each row a sequence at its own length;
-- a new request's prompt is prefilled alone, then its keys/values are copied into free rows (n > 1
-  choices share one prefill);
+- the requests admitted at one step are prefilled together, one forward of their prompts right-padded
+  to the longest (causal attention never lets a real position see the padding after it; prompts of
+  very different lengths go in separate forwards, so padding stays bounded), then each prompt's
+  keys/values are copied into free rows (n > 1 choices share one prefill);
 - every decode step is one forward of one token for each busy row, with per-row positions and a
   per-row length mask; a row that finishes is free at the next step, and a waiting request takes it.
 
-Sampling goes through the generator's `_process_logits` (repetition penalty, temperature, top-k,
-top-p), per sequence with its own torch.Generator, so `seed` reproduces an answer.
+Greedy rows without a repetition penalty take one argmax over the batch; the others sample through the
+generator's `_process_logits` (repetition penalty, temperature, top-k, top-p), per sequence with its
+own torch.Generator, so `seed` reproduces an answer (greedy skips top-k / top-p, which never remove
+the most likely token).
 
 The engine runs in one thread that owns the model; callers hand it `Request`s and receive events
 through the request's `emit` callback, called from that thread.
@@ -101,10 +105,10 @@ class SlotCache(KVCache):
         vl[r, :, pos] = v[:, :, 0]
         return kl[:self.rows, :, :self.end], vl[:self.rows, :, :self.end]
 
-    def load(self, slot: int, prefilled: KVCache, length: int) -> None:
-        """Copy a prefilled single-row cache into row `slot`."""
-        self.k[:, slot, :, :length] = prefilled.k[:, 0, :, :length]
-        self.v[:, slot, :, :length] = prefilled.v[:, 0, :, :length]
+    def load(self, slot: int, prefilled: KVCache, length: int, row: int = 0) -> None:
+        """Copy the first `length` positions of a prefilled cache's row `row` into row `slot`."""
+        self.k[:, slot, :, :length] = prefilled.k[:, row, :, :length]
+        self.v[:, slot, :, :length] = prefilled.v[:, row, :, :length]
         self.lens[slot] = length
 
 
@@ -116,8 +120,11 @@ class _Seq:
         self.tokens: list[int] = []
         self.emitted = 0          # characters of decoded text already sent
         s = req.sampling
-        seed = s.seed + index if s.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.greedy = effective_temperature(s.temperature) == 0
+        self.gen = None             # greedy draws nothing
+        if not self.greedy:
+            seed = s.seed + index if s.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            self.gen = torch.Generator(device=device).manual_seed(seed)
         self.seen = None
         if s.repetition_penalty != 1.0:
             self.seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
@@ -281,8 +288,8 @@ class Engine:
                     while self.pending and len(self.free) >= self.pending[0].n:
                         req = self.pending.popleft()
                         admitted.append((req, [self.free.pop(0) for _ in range(req.n)]))
-                for req, slots in admitted:
-                    self._guard(req, self._prefill, req, slots)
+                for group in prefill_groups(admitted):
+                    self._guard_prefill(group)
                 if self.active:
                     self._guard(None, self._decode_step)
                 with self.cond:
@@ -296,6 +303,27 @@ class Engine:
             victims = [req] if req is not None else list({id(s.req): s.req for s in self.active.values()}.values())
             for r in victims:
                 self._finish_request(r, error=f"generation failed: {type(e).__name__}: {e}")
+
+    def _guard_prefill(self, group: list[tuple[Request, list[int]]]) -> None:
+        """Prefill `group` together. If that forward fails, each prompt is tried alone (one of them may be the
+        cause); a request whose prefill fails gets an error event and the slots it was given are free again."""
+        try:
+            self._prefill(group)
+            return
+        except Exception as e:   # noqa: BLE001 - reported to the clients, the loop goes on
+            error = f"generation failed: {type(e).__name__}: {e}"
+        if len(group) > 1 and not any(slot in self.active for _, slots in group for slot in slots):
+            for item in group:    # the forward failed (nothing joined the batch): one prompt alone may be the cause
+                self._guard_prefill([item])
+            return
+        for req, slots in group:
+            with self.cond:
+                running = id(req) in self.live
+                for slot in slots:
+                    if slot not in self.active and slot not in self.free:
+                        self._release(slot)
+            if running:      # not one that ended already (an answer of one token, or an abort)
+                self._finish_request(req, error=error)
 
     def _drop_cancelled(self) -> None:
         """(under the lock) Cancelled requests leave the queue and free their slots now."""
@@ -313,53 +341,77 @@ class Engine:
         self.free.append(slot)
         self.free.sort()
 
-    def _prefill(self, req: Request, slots: list[int]) -> None:
-        P = len(req.prompt)
-        tmp = KVCache(self.model.config, 1, P, device=self.device, dtype=self.dtype)
-        ids = torch.as_tensor([req.prompt], dtype=torch.long, device=self.device)
-        logits = _last_logits(self.model, self.model(ids, kv_cache=tmp, return_hidden=True))
-        seqs = []
-        for i, slot in enumerate(slots):
-            self.cache.load(slot, tmp, P)
-            seq = _Seq(req, i, slot, self.device, self.model.config.vocab_size)
-            with self.cond:
-                self.active[slot] = seq
-            seqs.append(seq)
-        for seq in seqs:
-            self._accept(seq, self._sample(seq, logits))
+    def _prefill(self, group: list[tuple[Request, list[int]]]) -> None:
+        """One forward over the prompts of `group`, right-padded to the longest: a causal row never attends to
+        the padding after its own positions, so each prompt's keys, values and last logits are its own."""
+        lens = [len(req.prompt) for req, _ in group]
+        B, L = len(group), max(lens)
+        tmp = KVCache(self.model.config, B, L, device=self.device, dtype=self.dtype)
+        ids = torch.zeros(B, L, dtype=torch.long)
+        for i, (req, _) in enumerate(group):
+            ids[i, :lens[i]] = torch.as_tensor(req.prompt, dtype=torch.long)
+        hidden = self.model(ids.to(self.device), kv_cache=tmp, return_hidden=True)
+        last = hidden[torch.arange(B, device=self.device), torch.as_tensor(lens, device=self.device) - 1]
+        logits = self.model.logits(last).float()
+        seqs, rows = [], []
+        for r, (req, slots) in enumerate(group):
+            for i, slot in enumerate(slots):
+                self.cache.load(slot, tmp, lens[r], row=r)
+                seq = _Seq(req, i, slot, self.device, self.model.config.vocab_size)
+                with self.cond:
+                    self.active[slot] = seq
+                seqs.append(seq)
+                rows.append(r)
+        for seq, tok in zip(seqs, self._next_tokens(seqs, logits, rows)):
+            self._accept(seq, tok)
 
     def _decode_step(self) -> None:
         with self.cond:
             seqs = list(self.active.values())
         rows = max(s.slot for s in seqs) + 1
-        last = torch.zeros(rows, dtype=torch.long)
+        last = [0] * rows
         for s in seqs:
             last[s.slot] = s.tokens[-1]
+        busy = torch.as_tensor([s.slot for s in seqs], device=self.device)
         cache = self.cache
         lens = cache.lens[:rows]
         cache.rows, cache.end = rows, int(lens.max()) + 1
         # Row r attends to its own positions [0, lens[r]] (the new token included) and nothing else.
         mask = (torch.arange(cache.end, device=self.device)[None, :] <= lens[:, None])[:, None, None, :]
-        hidden = self.model(last.to(self.device)[:, None], position_ids=lens[:, None].clone(),
+        hidden = self.model(torch.as_tensor(last, device=self.device)[:, None], position_ids=lens[:, None].clone(),
                             attention_mask=mask, kv_cache=cache, return_hidden=True)
         cache.pos = 0                     # SlotCache tracks lengths per row, not one position
-        for s in seqs:
-            cache.lens[s.slot] += 1
+        cache.lens[busy] += 1
         logits = _last_logits(self.model, hidden)
         self.steps += 1
         self.max_batch = max(self.max_batch, len(seqs))
-        for s in seqs:
+        seqs = [s for s in seqs if not s.req.cancelled]
+        for s, tok in zip(seqs, self._next_tokens(seqs, logits, [s.slot for s in seqs])):
             if not s.req.cancelled:
-                self._accept(s, self._sample(s, logits[s.slot:s.slot + 1]))
+                self._accept(s, tok)
+
+    def _next_tokens(self, seqs: list[_Seq], logits: torch.Tensor, rows: list[int]) -> list[int]:
+        """The next token of each sequence from its row of `logits`: one argmax for all the greedy rows without a
+        repetition penalty, the sampler for each other row."""
+        toks = [0] * len(seqs)
+        plain = [i for i, s in enumerate(seqs) if s.greedy and s.seen is None]
+        if plain:
+            at = torch.as_tensor([rows[i] for i in plain], device=logits.device)
+            for i, tok in zip(plain, logits.index_select(0, at).max(-1).indices.tolist()):
+                toks[i] = tok
+        for i, s in enumerate(seqs):
+            if not (s.greedy and s.seen is None):
+                toks[i] = self._sample(s, logits[rows[i]:rows[i] + 1])
+        return toks
 
     def _sample(self, seq: _Seq, logits: torch.Tensor) -> int:
         sp = seq.req.sampling
-        temperature = effective_temperature(sp.temperature)
-        scores = _process_logits(logits, seq.seen, sp.repetition_penalty, temperature, sp.top_k, sp.top_p)
-        if temperature > 0:
-            tok = int(draw(scores, seq.gen))
+        if seq.greedy:      # top-k and top-p keep the most likely token: the argmax is the same without them
+            tok = int(_process_logits(logits, seq.seen, sp.repetition_penalty, 0.0, 0, 1.0).max(-1).indices)
         else:
-            tok = int(scores.max(-1).indices)
+            scores = _process_logits(logits, seq.seen, sp.repetition_penalty, effective_temperature(sp.temperature),
+                                     sp.top_k, sp.top_p)
+            tok = int(draw(scores, seq.gen))
         if seq.seen is not None:
             seq.seen[0, tok] = True
         return tok
@@ -417,6 +469,32 @@ class Engine:
         usage = {"prompt_tokens": len(req.prompt), "completion_tokens": req.completion_tokens,
                  "total_tokens": len(req.prompt) + req.completion_tokens}
         req.emit(("done", usage))
+
+
+# Prompts prefilled together are right-padded to the longest: a group stays within this many padded positions
+# per real one (and this many tokens in all), so one long prompt does not make many short ones pay its length.
+PREFILL_PAD_RATIO = 1.5
+PREFILL_MAX_TOKENS = 8192
+
+
+def prefill_groups(admitted: list[tuple[Request, list[int]]]) -> list[list[tuple[Request, list[int]]]]:
+    """Split the requests admitted at one step into prefill forwards: by prompt length, each group's padded size
+    (its count x its longest prompt) at most PREFILL_PAD_RATIO x its real tokens and PREFILL_MAX_TOKENS (a prompt
+    longer than that goes alone)."""
+    groups: list[list[tuple[Request, list[int]]]] = []
+    group: list[tuple[Request, list[int]]] = []
+    real = 0
+    for item in sorted(admitted, key=lambda rs: len(rs[0].prompt)):
+        n = len(item[0].prompt)       # the longest so far: the list is sorted
+        padded = (len(group) + 1) * n
+        if group and (padded > PREFILL_PAD_RATIO * (real + n) or padded > PREFILL_MAX_TOKENS):
+            groups.append(group)
+            group, real = [], 0
+        group.append(item)
+        real += n
+    if group:
+        groups.append(group)
+    return groups
 
 
 def available_memory(device: torch.device) -> int | None:
