@@ -289,11 +289,7 @@ def build_builtin(idioms: list[dict], *, seed: int = 1234, eval_fraction: float 
         _add_idiom(data, d, split[d["word"]], by_first, pools, rng, seed, multi_turn_fraction, system_fraction, leak)
     # Identity dialogues: all in train, repeated up to `identity_fraction` of it (they are few and short).
     ident = identity_dialogues(rng)
-    n_target = int(identity_fraction * len(data.splits["train"]))
-    reps = max(1, -(-n_target // len(ident)))
-    for _ in range(reps):
-        for rec in ident:
-            data.add("train", rec)
+    reps = _add_identity(data, ident, identity_fraction)
     for name in ("train", "val"):
         rng.shuffle(data.splits[name])
     # The extra idioms come last, from a generator of their own, and never enter the chaining pools: the
@@ -303,12 +299,19 @@ def build_builtin(idioms: list[dict], *, seed: int = 1234, eval_fraction: float 
         for d in (d for d in extra if d["word"] not in split):
             data.extra_idioms += 1
             _add_idiom(data, d, "train", by_first, pools, extra_rng, seed, multi_turn_fraction, system_fraction, leak)
-        more = int(identity_fraction * len(data.splits["train"])) - reps * len(ident)   # the same identity share
-        for _ in range(max(0, -(-more // len(ident)))):
-            for rec in ident:
-                data.add("train", rec)
+        _add_identity(data, ident, identity_fraction, have=reps)       # the same identity share
         extra_rng.shuffle(data.splits["train"])
     return data
+
+
+def _add_identity(data: ChatData, ident: list[dict], fraction: float, have: int = 0) -> int:
+    """Add the identity dialogues to train as many times as make them `fraction` of it (at least once overall),
+    counting `have` copies already there; returns how many copies it added."""
+    reps = max(1 - have, -(-int(fraction * len(data.splits["train"])) // len(ident)) - have, 0)
+    for _ in range(reps):
+        for rec in ident:
+            data.add("train", rec)
+    return reps
 
 
 def _add_idiom(data: ChatData, d: dict, s: str, by_first: dict, pools: dict, rng: random.Random, seed: int,
