@@ -258,6 +258,24 @@ def test_restates_idiom():
     assert not ev.restates_idiom("一见倾心", "") and not ev.restates_idiom("", "一见倾心")
 
 
+def test_sft_answers_name_their_idiom_first_where_restating_is_scored(dictionary):
+    """SFT teaches restating by example: every meaning / origin / example answer it trains on opens with
+    the idiom in quotes, so the metric and the data agree; the everyday judge reads each as idiom-shaped."""
+    from zero_chatgpt import eval_everyday as ed
+    from zero_chatgpt.data import chat_data
+    seen = {k: 0 for k in ev.RESTATE_KINDS}
+    for d in dictionary[::11]:
+        for kind, ref in chat_data.idiom_answers(d).items():
+            text = chat_data.answer_text(kind, d["word"], ref)
+            if kind in ev.RESTATE_KINDS:
+                seen[kind] += 1
+                assert text.startswith(f"“{d['word']}”") and ev.restates_idiom(text, d["word"]), (kind, text)
+                assert text.endswith(ref) and ed.looks_like_idiom_answer(text), (kind, text)
+            else:
+                assert text == ref
+    assert min(seen.values()) > 200, seen
+
+
 def test_new_metrics_are_defined_on_their_kinds_only():
     recs = [{"messages": [{"role": "user", "content": "q"}], "reference": ref, "meta": {"kind": k, "idiom": "一见倾心",
                                                                                       "first_char": "心"}}

@@ -144,3 +144,44 @@ def test_rule_rewards_check_pinyin_and_chaining_exactly(tok):
     assert got == [1.0, char_f1("初次见面", "初次见面就十分爱慕。"), 0.0] and 0 < got[1] < 1
     both = rule_rewards(recs, tok, {"一见倾心", "心花怒放"}, rules=True, reference=True)
     assert both([0], [ans("yī jiàn qīng xīn")]) == [1.0 + char_f1("yī jiàn qīng xīn", "yī jiàn qīng xīn")]
+
+
+def test_sequence_rewards_take_off_the_eos_and_loop_penalties(tok):
+    """An answer cut before its end loses missing_eos_penalty, one that loops (eval's repetition_rate: a
+    4-gram three times) loses loop_penalty, on top of the rule reward; the logs get the loop rate."""
+    from zero_chatgpt.evaluate import is_repetitive
+    from zero_chatgpt.train.ppo import sequence_rewards
+    end = [tok.im_end_id]
+    loop_text, plain = "一见倾心，一见倾心，一见倾心。", "初次见面就十分爱慕。"
+    assert is_repetitive(loop_text) and not is_repetitive(plain)
+    answers = [tok.encode(plain) + end, tok.encode(loop_text) + end, tok.encode(plain), tok.encode(loop_text)]
+
+    def rule_fn(idx, answers):
+        return [0.25] * len(answers)
+    seq, stats = sequence_rewards(None, rule_fn, [[1]] * 4, answers, [0] * 4, tok, 1.0, 0.5)
+    assert seq.tolist() == pytest.approx([0.25, -0.25, -0.75, -1.25])
+    assert stats["loop_rate"] == 0.5 and stats["reward"] == pytest.approx(seq.mean().item())
+    seq0, stats0 = sequence_rewards(None, rule_fn, [[1]] * 4, answers, [0] * 4, tok, 1.0)   # no loop penalty
+    assert seq0.tolist() == pytest.approx([0.25, 0.25, -0.75, -0.75]) and "loop_rate" not in stats0
+
+
+def test_grpo_adds_the_sft_mix_loss_when_ptx_coef_is_set(tok):
+    """grpo.ptx_coef: the loss of a batch with a `ptx` part is the RL loss + ptx_coef x the SFT loss of those
+    conversations (the same mix as PPO-ptx), and the logs carry that SFT loss."""
+    from zero_chatgpt.loss import IGNORE
+    from zero_chatgpt.train.alignment import sft_mix_loss
+    rs = RolloutSettings(prompts=8, samples_per_prompt=4, epochs=1, minibatches=1, temperature=1.0,
+                         max_new_tokens=8, seed=3)
+    policy, ref = _model(tok, 0), _model(tok, 0).eval()
+    scoring = GRPOScoring(TargetShare(_targets(tok)), None, rs.samples_per_prompt, {"missing_eos_penalty": 0.0}, tok)
+    b = RolloutBatches(rs, pool=_pool(tok), policy=policy, ref=ref, tok=tok, scoring=scoring, precision="fp32")(1, 0, 0, 1)
+    ids = torch.tensor([tok.encode("一见倾心，画蛇添足。") + [tok.im_end_id]] * 2)
+    labels = ids.clone()
+    labels[:, :3] = IGNORE
+    ptx = {"input_ids": ids, "labels": labels}
+    with torch.no_grad():
+        plain, m0, n0 = grpo_loss(1.0, 0.2, 0.02)(policy, b)
+        mixed, m1, n1 = grpo_loss(1.0, 0.2, 0.02, ptx_coef=0.5)(policy, {**b, "ptx": ptx})
+        sft = sft_mix_loss(policy, ptx)
+    assert n0 == n1 and "ptx_loss" not in m0 and float(m1["ptx_loss"]) == pytest.approx(float(sft))
+    assert float(sft) > 1.0 and float(mixed - plain) == pytest.approx(0.5 * float(sft), rel=1e-5)

@@ -226,7 +226,8 @@ RULES: dict[str, dict[str, Rule]] = {
     "ppo": {
         **_loop_rules(), "eval_every": Int(0), "prompts_per_rollout": Int(1), "epochs": Int(1), "minibatches": Int(1),
         "gen_batch_size": Int(1, operational=True), "kl_coef": Float(0.0, 100.0), "kl_target": Float(0.0, 1e4),
-        "kl_horizon": Int(1), "kl_budget": Float(0.0, 1e6), "missing_eos_penalty": Float(0.0, 100.0), "gamma": Frac(),
+        "kl_horizon": Int(1), "kl_budget": Float(0.0, 1e6), "missing_eos_penalty": Float(0.0, 100.0),
+        "loop_penalty": Float(0.0, 100.0, added_at=0.0), "gamma": Frac(),
         "lam": Frac(), "clip": Float(0.0, 10.0, lo_open=True), "value_clip": Float(0.0, 1e3, lo_open=True),
         "vf_coef": Float(0.0, 100.0), "critic_lr": Float(0.0, 1.0, lo_open=True), "ptx_coef": Float(0.0, 100.0),
         "ptx_rows": Int(1),
@@ -236,7 +237,9 @@ RULES: dict[str, dict[str, Rule]] = {
         "reward": Choice("rm", "rules", "rm+rules", "reference", "rm+reference", "rules+reference", "rm+rules+reference"), "rules_weight": Float(0.0, 100.0, lo_open=True),
         "scale_rewards": Choice("group", "batch", "none", added_at="group"), "epochs": Int(1),
         "minibatches": Int(1), "gen_batch_size": Int(1, operational=True), "kl_coef": Float(0.0, 100.0),
-        "kl_budget": Float(0.0, 1e6), "missing_eos_penalty": Float(0.0, 100.0), "clip": Float(0.0, 10.0, lo_open=True),
+        "kl_budget": Float(0.0, 1e6), "missing_eos_penalty": Float(0.0, 100.0),
+        "loop_penalty": Float(0.0, 100.0, added_at=0.0), "clip": Float(0.0, 10.0, lo_open=True),
+        "ptx_coef": Float(0.0, 100.0, added_at=0.0), "ptx_rows": Int(1, added_at=16),
     },
 }
 

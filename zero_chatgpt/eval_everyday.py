@@ -61,7 +61,7 @@ _WORDS = {
 _RX = {k: re.compile(v) for k, v in _WORDS.items()}
 _ABLE = re.compile(r"可以|能|会|擅长|帮|陪")          # "can": the answer is about what it is able to do
 # the shapes of an idiom answer (chat_data.answer_text and the dictionary's explanations)
-_IDIOM_ANSWER = re.compile(r"的意思是|[”」\"]出自|^出自|^(?:比喻|形容)")
+_IDIOM_ANSWER = re.compile(r"的意思是|[”」\"](?:出自|的例句)|^出自|^(?:比喻|形容)")
 _TONED = re.compile(r"[\u0304\u0301\u030c\u0300]")
 
 

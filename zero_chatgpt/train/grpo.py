@@ -15,12 +15,14 @@ grpo.prompts_per_rollout RL prompts; every answer's reward is
                               arXiv:1705.04304); the reported char_f1 is on other idioms (eval's test part)
                   "a+b"       the sum ("rm+rules", "rm+reference", ...); rules and reference weighted by
                               grpo.rules_weight
-    minus grpo.missing_eos_penalty for an answer that never ended;
+    minus grpo.missing_eos_penalty for an answer that never ended and grpo.loop_penalty for one that loops;
 
 the advantage of each answer is its reward minus its prompt's group mean, divided by the group's std,
 the rollout's std or nothing (grpo.scale_rewards, rl.group_advantages), on every token of it. The loss
 is the clipped ratio loss plus grpo.kl_coef x the k3 estimate of KL(pi || pi_ref) per token (the paper's unbiased, always positive form). A rollout whose KL to SFT
-exceeds grpo.kl_budget ends the run; final/ is the step with the best held-out gold char_f1.
+exceeds grpo.kl_budget ends the run; final/ is the step with the best held-out gold char_f1. With
+grpo.ptx_coef > 0 every step also trains on a few SFT conversations (InstructGPT's PPO-ptx mix), which
+holds the skills the reward does not look at (pinyin, chaining) where RL alone wears them down.
 """
 from __future__ import annotations
 
@@ -70,14 +72,21 @@ def rule_rewards(records: list[dict], tok, idioms: set[str] | None, rules: bool 
     return fn
 
 
-def grpo_loss(temperature: float, clip: float, kl_coef: float):
-    """The loop's loss over a rollout minibatch: the clipped policy loss + kl_coef x the k3 KL to the reference."""
+def grpo_loss(temperature: float, clip: float, kl_coef: float, ptx_coef: float = 0.0):
+    """The loop's loss over a rollout minibatch: the clipped policy loss + kl_coef x the k3 KL to the reference
+    (+ ptx_coef x the SFT loss of the batch's `ptx` part, as PPO's)."""
     def loss_fn(model, b):
         mask = (b["labels"] != IGNORE).float()
         logp = model(b["ids"], output=TokenLogProbs(b["labels"], temperature))
         pg, m = clipped_policy_loss(logp, b["old_logp"], b["advantages"], mask, clip)
         kl = masked_mean(k3_kl(logp, b["ref_logp"]), mask)
-        return pg + kl_coef * kl, {**b["stats"], **m, "policy_loss": pg.detach(), "kl_k3": kl.detach()}, int(mask.sum())
+        loss = pg + kl_coef * kl
+        metrics = {**b["stats"], **m, "policy_loss": pg.detach(), "kl_k3": kl.detach()}
+        if "ptx" in b:
+            ptx = alignment.sft_mix_loss(model, b["ptx"])
+            loss = loss + ptx_coef * ptx
+            metrics["ptx_loss"] = ptx.detach()
+        return loss, metrics, int(mask.sum())
     return loss_fn
 
 
@@ -98,7 +107,7 @@ class GRPOScoring:
     def score(self, buf: dict, prompts, answers, idx, src) -> dict:
         mask = (buf["labels"] != IGNORE).float()
         seq, stats = sequence_rewards(self.scorer, self.rule_fn, prompts, answers, idx, self.tok,
-                                      float(self.c["missing_eos_penalty"]))
+                                      float(self.c["missing_eos_penalty"]), float(self.c.get("loop_penalty", 0.0)))
         scale = str(self.c.get("scale_rewards", "group"))
         adv = group_advantages(seq, self.k, scale=scale, batch_std=_all_ranks_std(seq, src) if scale == "batch" else None)
         buf["advantages"] = adv[:, None] * mask
@@ -148,7 +157,11 @@ def run_stage(ctx) -> None:
     ref = ckpt.load_model(sft_path, device=d.device)
     batches = RolloutBatches(rs, pool=pool, policy=actor, ref=ref, tok=tok, scoring=GRPOScoring(scorer, rule_fn, k, c, tok),
                              precision=p.precision, rank=d.rank, world=d.world)
-    loss_fn = grpo_loss(rs.temperature, float(c["clip"]), float(c["kl_coef"]))
+    ptx_coef = float(c["ptx_coef"])
+    if ptx_coef > 0:
+        batches = alignment.WithSFTMix(batches, alignment.sft_mix_data(ctx, tok), tok.pad_id, int(c["ptx_rows"]),
+                                       rs.seed)
+    loss_fn = grpo_loss(rs.temperature, float(c["clip"]), float(c["kl_coef"]), ptx_coef)
 
     gold = alignment.gold_records(cfg, rd)
     info(f"grpo: {len(pool):,} RL prompts, {rs.prompts} per rollout x {k} samples, reward {reward}, {rs.epochs} "
@@ -162,7 +175,7 @@ def run_stage(ctx) -> None:
     if not d.main:
         return
     steps = [{k_: h.get(k_) for k_ in ("step", "rollout", "reward", "rm_score", "rule_reward", "kl", "entropy",
-                                       "answer_tokens", "eos_rate", "flat_groups")} for h in batches.history]
+                                       "answer_tokens", "eos_rate", "flat_groups", "loop_rate")} for h in batches.history]
     alignment.write_curves(rd, "grpo", result, steps, {"reward": reward})
     alignment.finish(run, rd, "grpo", result, [
         ["rollouts", len(batches.history)], ["reward", reward],

@@ -8,7 +8,9 @@ answers of RL prompts (idioms the RM never saw) at rl.temperature, up to rl.max_
 length the RM was trained on), then:
 
     reward_t = -beta * (log pi - log pi_ref)_t            every answer token (k1 KL penalty)
-             + RM(prompt, answer) - missing_eos_penalty   at the answer's last token (normalized score)
+             + RM(prompt, answer) - missing_eos_penalty   at the answer's last token (normalized score),
+             - loop_penalty                               the latter when the answer never ended, the other
+                                                          when it loops (eval's repetition_rate)
 
 beta follows the adaptive controller toward ppo.kl_target (rl.AdaptiveKL); advantages by GAE
 (gamma, lambda) whitened over the rollout's answer tokens; returns for the critic. Then
@@ -40,10 +42,11 @@ def ended_mask(answers: list[list[int]], tok) -> torch.Tensor:
     return torch.tensor([bool(a) and a[-1] in tok.stop_ids for a in answers], dtype=torch.float32)
 
 
-def sequence_rewards(scorer: RewardScorer | None, rule_fn, prompts, answers, idx, tok, missing_eos_penalty: float
-                     ) -> tuple[torch.Tensor, dict]:
+def sequence_rewards(scorer: RewardScorer | None, rule_fn, prompts, answers, idx, tok, missing_eos_penalty: float,
+                     loop_penalty: float = 0.0) -> tuple[torch.Tensor, dict]:
     """(N,) each answer's reward: the normalized RM score (if a scorer), + rule rewards (if rule_fn),
-    - missing_eos_penalty for an answer that never ended; with the parts for the logs."""
+    - missing_eos_penalty for an answer that never ended, - loop_penalty for one that loops (a 4-gram three
+    times or more: evaluate.is_repetitive, eval's repetition_rate); with the parts for the logs."""
     ended = ended_mask(answers, tok)
     total = torch.zeros(len(answers))
     stats = {}
@@ -56,6 +59,12 @@ def sequence_rewards(scorer: RewardScorer | None, rule_fn, prompts, answers, idx
         total += rules
         stats["rule_reward"] = float(rules.mean())
     total -= missing_eos_penalty * (1 - ended)
+    if loop_penalty:
+        from zero_chatgpt.evaluate import is_repetitive
+        loops = torch.tensor([float(is_repetitive(tok.decode([t for t in a if t not in tok.stop_ids])))
+                              for a in answers])
+        total -= loop_penalty * loops
+        stats["loop_rate"] = float(loops.mean())
     stats["reward"] = float(total.mean())
     return total, stats
 
@@ -71,7 +80,7 @@ class PPOScoring:
         mask = (buf["labels"] != IGNORE).float()
         values = src.forward_rows(self.critic, lambda lab: ScalarValues()) * mask
         seq, stats = sequence_rewards(self.scorer, None, prompts, answers, idx, self.tok,
-                                      float(self.c["missing_eos_penalty"]))
+                                      float(self.c["missing_eos_penalty"]), float(self.c.get("loop_penalty", 0.0)))
         beta = self.kl.beta
         rewards = -beta * (buf["old_logp"] - buf["ref_logp"]) * mask
         last = last_answer_index(buf["labels"])
@@ -199,7 +208,7 @@ def run_stage(ctx) -> None:
     if not d.main:
         return
     steps = [{k: h.get(k) for k in ("step", "rollout", "reward", "rm_score", "kl", "kl_coef", "entropy",
-                                    "answer_tokens", "eos_rate")} for h in batches.history]
+                                    "answer_tokens", "eos_rate", "loop_rate")} for h in batches.history]
     alignment.write_curves(rd, "ppo", result, steps)
     last = batches.history[-1] if batches.history else {}
     alignment.finish(run, rd, "ppo", result, [
