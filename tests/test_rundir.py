@@ -269,9 +269,10 @@ def test_every_key_has_a_rule_and_demo_uses_the_gpu_when_there_is_one():
 LEGACY = "979da15"     # the version before stage records
 
 
-def test_runs_of_the_previous_version_are_adopted_not_redone(tmp_path, capsys):
-    """A run made by the previous version's real code: its records are adopted where the saved
-    config reproduces them, nothing is rebuilt or retrained, and what it cannot tell is refused."""
+def test_runs_of_the_previous_version_are_kept_not_replaced(tmp_path, capsys):
+    """A run made by the previous version's real code: its records do not say what each stage was built
+    from, so its trained models and the stages they were built from are refused, never replaced, and
+    nothing in the run changes; a new run directory works as usual."""
     root = __import__("pathlib").Path(__file__).resolve().parent.parent
     old = tmp_path / "old"
     old.mkdir()
@@ -288,17 +289,19 @@ def test_runs_of_the_previous_version_are_adopted_not_redone(tmp_path, capsys):
         assert r.returncode == 0, r.stderr[-2000:]
     assert "closure" not in json.loads((run / "pretrain" / ".stage.json").read_text())     # the old format
     before = tree(run)
+    unchanged = lambda: tree(run) == {**before, ".lock": tree(run)[".lock"]}  # noqa: E731
     outputs = lambda t: {k: v for k, v in t.items() if not k.endswith((".json", "config.toml", ".lock"))}  # noqa: E731
-    # that version did not remember --source: the data it built is not replaced by the built-in corpus
+    # the data that the trained models were built from, named with them
     code, err = cli(capsys, "run", "--run-dir", run, "--until", "sft")
-    assert code == 2 and "data in" in err and "built by an earlier version" in err and "--source" in err, err
-    assert tree(run) == {**before, ".lock": tree(run)[".lock"]}
-    # given again, everything is adopted as it is
-    code, err = cli(capsys, "data", "--run-dir", run, "--source", f"jsonl:{corpus}")
-    assert code == 0 and "data: adopted the record" in err, err
-    code, err = cli(capsys, "run", "--run-dir", run, "--until", "pretrain")
-    assert code == 0 and "tokenizer: adopted" in err and "pretrain: adopted" in err
-    code, err = cli(capsys, "sft", "--run-dir", run, "--source", f"messages:{chat}")
-    assert code == 0 and "sft: adopted" in err and "sft: up to date" in err, err
-    assert outputs(tree(run)) == outputs(before)          # no shard, token file or weight rewritten
-    assert pick_model(RunDir(run), None, chat=True)[0] == "sft"
+    assert code == 2 and "data in" in err and "earlier version" in err and "pretrain, sft" in err, err
+    assert "--force" in err and "--run-dir" in err and unchanged()
+    for stage in ("pretrain", "sft"):           # a trained stage itself, even with its inputs given again
+        code, err = cli(capsys, stage, "--run-dir", run, *(["--source", f"messages:{chat}"] if stage == "sft" else []))
+        assert code == 2 and "earlier version" in err and "--run-dir" in err, err
+        assert outputs(tree(run)) == outputs(before)   # no shard, token file or weight rewritten (--source is remembered)
+    with pytest.raises(UserError, match="no current chat model"):      # nothing it can vouch for
+        pick_model(RunDir(run), None, chat=True)
+    # the same inputs in a new run directory: built as usual
+    new = tmp_path / "new"
+    code, err = cli(capsys, "data", "--run-dir", new, "--source", f"jsonl:{corpus}", *tiny_args())
+    assert code == 0 and (new / "data" / ".stage.json").exists(), err

@@ -28,8 +28,8 @@ state (running | complete).
 A stage is *current* when it is complete, final/ holds the weights its record names, and every
 stage it read is current and still the one it read (same closure, same output). `pick_model`
 gives chat/export/serve the last current model stage in pipeline order and says why the later
-ones were passed over. Records written by the version before these records are adopted when
-they still fit the saved config (legacy.py).
+ones were passed over. A record written by a version before these records (a key without a closure)
+does not say what its output was built from: it is never replaced silently (see `_refuse_legacy`).
 """
 from __future__ import annotations
 
@@ -348,18 +348,16 @@ def dependents(rd: RunDir, name: str) -> list[str]:
 def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[str, ...] | None = None) -> StageRun:
     """Decide what stage `name` does now (see the module docstring); prints one line when it skips,
     refuses with a UserError. Call it first in every stage function, on every rank."""
-    from zero_chatgpt import legacy
     st = STAGES[name]
     rd = ctx.run_dir
     reads = tuple(st.reads if reads is None else reads)
     closure = closure_for(ctx, name, st.sections, extra, reads)
     out = rd / st.out
     m = read_marker(out)
-    if "key" in m and "closure" not in m:        # written by an earlier version: adopt it if it still fits
-        adopted = legacy.adopt(ctx, st, m, closure, out)
-        if adopted is None and not ctx.force:
+    if "key" in m and "closure" not in m:        # written by an earlier version: its inputs are unknown
+        if not ctx.force:
             _refuse_legacy(rd, st, out)
-        m = adopted or {}
+        m = {}
     rec = finished_record(out, st)               # the finished output on disk, if any
     running = m if m.get("state") == "running" else {}
     # the record of a finished run whose final/ was deleted since: its checkpoints are still its work
@@ -446,15 +444,14 @@ def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[st
 
 
 def _refuse_legacy(rd: RunDir, st: Stage, out: Path) -> None:
-    """An earlier version's output that today's config does not reproduce: never replaced silently."""
+    """An earlier version's output, whose record does not say what it was built from: never replaced silently
+    where it is trained work or trained work was built from it."""
     deps = dependents(rd, st.name)
     if not st.trained and not deps:
         return                                     # nothing was built from it: rebuilt as usual
-    hint = (" That version did not remember --source: give the sources it was built from again (e.g. "
-            f"`zero-chatgpt {st.name} --run-dir {rd.root} --source FORMAT:PATH`)." if st.name in ("data", "sft") else "")
-    raise UserError(f"{st.name} in {out} was built by an earlier version of zero-chatgpt from inputs other than "
-                    f"today's config{' (and ' + ', '.join(deps) + ' from it)' if deps else ''}.{hint} Or add --force "
-                    f"to rebuild it, or use a new --run-dir")
+    raise UserError(f"{st.name} in {out} was built by an earlier version of zero-chatgpt, whose record does not say "
+                    f"from which inputs{' (and ' + ', '.join(deps) + ' was built from it)' if deps else ''}; it is "
+                    f"kept as it is. Use a new --run-dir, or add --force to rebuild it (replacing it)")
 
 
 def _newest_step(out: Path) -> Path | None:
@@ -497,8 +494,8 @@ def stale_reason(rd: RunDir, name: str) -> str | None:
     if not m:
         return "not built"
     if "key" in m and "closure" not in m:
-        return (f"recorded by an earlier version of zero-chatgpt; run `zero-chatgpt run --run-dir {rd.root}` once "
-                f"to adopt its records")
+        return ("recorded by an earlier version of zero-chatgpt, whose record does not say from which inputs; "
+                "use a new --run-dir, or --force to rebuild it")
     rec = finished_record(rd / st.out, st)
     if not rec:
         if not st.model or m.get("state") == "running":
