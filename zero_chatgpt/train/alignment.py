@@ -137,6 +137,12 @@ def write_curves(rd, stage: str, result: loop.TrainResult, steps: list[dict], ex
     return entry
 
 
+def first_last(history: list[dict], key: str) -> str:
+    """A figure at the first and the last rollout that logged it, for a summary row ("0.293 → 0.289")."""
+    vals = [h[key] for h in history if h.get(key) is not None]
+    return f"{vals[0]:.3f} → {vals[-1]:.3f}" if vals else "-"
+
+
 def finish(run, rd, stage: str, result: loop.TrainResult, rows: list[list] | None = None) -> None:
     """The stage's summary table and its record."""
     gold = [e for e in result.evals if "gold_char_f1" in e]

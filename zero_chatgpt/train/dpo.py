@@ -71,7 +71,7 @@ def run_stage(ctx) -> None:
     if run.skip:
         return
     tok = load_tokenizer(rd.tokenizer)
-    sft_path = Path(c["init_from"]) if c["init_from"] else rd / "sft" / "final"
+    sft_path = Path(c["init_from"]) if c["init_from"] else ckpt.stage_model_path(rd, "sft")
     pairs = pref.read_pairs(rd / "rm_data" / "train.jsonl")
     max_len = min(int(c["max_seq_len"]), ckpt.read_model_config(sft_path).max_position_embeddings)
     enc = encode_pairs(tok, pairs, max_len, desc="encode dpo pairs")

@@ -35,7 +35,7 @@ from zero_chatgpt.rewards import RewardScorer
 from zero_chatgpt.train.reward import load_scorer
 from zero_chatgpt.train import alignment, loop
 from zero_chatgpt.train.onpolicy import RolloutBatches
-from zero_chatgpt.train.ppo import _first_last, policy_setup, rollout_settings, sequence_rewards
+from zero_chatgpt.train.ppo import policy_setup, rollout_settings, sequence_rewards
 from zero_chatgpt.train.rl import clipped_policy_loss, group_advantages, masked_mean
 
 RULE_KINDS = ("pinyin", "chain")
@@ -179,5 +179,5 @@ def run_stage(ctx) -> None:
     alignment.write_curves(rd, "grpo", result, steps, {"reward": reward})
     alignment.finish(run, rd, "grpo", result, [
         ["rollouts", len(batches.history)], ["reward", reward],
-        ["reward (first → last rollout)", _first_last(batches.history, "reward")],
-        ["KL to SFT, nats per answer (first → last)", _first_last(batches.history, "kl")]])
+        ["reward (first → last rollout)", alignment.first_last(batches.history, "reward")],
+        ["KL to SFT, nats per answer (first → last)", alignment.first_last(batches.history, "kl")]])

@@ -163,7 +163,7 @@ def policy_setup(ctx, name: str) -> PolicyRun | None:
         raise UserError(f"{name}.fsdp: RL samples from the model it trains, which needs its whole weights on every "
                         f"process; use DDP (fsdp = false)")
     tok = load_tokenizer(rd.tokenizer)
-    sft_path = Path(c["init_from"]) if c["init_from"] else rd / "sft" / "final"
+    sft_path = Path(c["init_from"]) if c["init_from"] else ckpt.stage_model_path(rd, "sft")
     records = alignment.rl_prompt_records(rd)
     pool, _ = encode_prompts(tok, records, chat=True, limit=10 ** 9)
     settings = loop.LoopSettings.from_section(c, grad_accum=1, seed=rl_seed(cfg), init_from="",
@@ -213,11 +213,7 @@ def run_stage(ctx) -> None:
     last = batches.history[-1] if batches.history else {}
     alignment.finish(run, rd, "ppo", result, [
         ["rollouts", len(batches.history)],
-        ["reward (first → last rollout)", _first_last(batches.history, "reward")],
-        ["KL to SFT, nats per answer (first → last)", _first_last(batches.history, "kl")],
+        ["reward (first → last rollout)", alignment.first_last(batches.history, "reward")],
+        ["KL to SFT, nats per answer (first → last)", alignment.first_last(batches.history, "kl")],
         ["KL coefficient now", last.get("kl_coef", float("nan"))]])
 
-
-def _first_last(history: list[dict], key: str) -> str:
-    vals = [h[key] for h in history if h.get(key) is not None]
-    return f"{vals[0]:.3f} → {vals[-1]:.3f}" if vals else "-"

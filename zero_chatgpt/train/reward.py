@@ -188,7 +188,7 @@ def run_stage(ctx) -> None:
     if run.skip:
         return
     tok = load_tokenizer(rd.tokenizer)
-    sft_path = Path(c["init_from"]) if c["init_from"] else rd / "sft" / "final"
+    sft_path = Path(c["init_from"]) if c["init_from"] else ckpt.stage_model_path(rd, "sft")
     if d.main:
         ensure_pairs(ctx, tok, sft_path)
     if d.world > 1:
