@@ -102,6 +102,23 @@ def sft_mix_loss(model, ptx: dict) -> torch.Tensor:
     return loss
 
 
+def with_sft_mix(ctx, batches, tok, c: dict, seed: int):
+    """`batches`, with c["ptx_rows"] SFT conversations added to every batch when the stage's section `c` sets
+    ptx_coef > 0 (PPO's and GRPO's); as it is otherwise."""
+    if float(c["ptx_coef"]) <= 0:
+        return batches
+    return WithSFTMix(batches, sft_mix_data(ctx, tok), tok.pad_id, int(c["ptx_rows"]), seed)
+
+
+def add_sft_mix(loss: torch.Tensor, metrics: dict, model, b: dict, coef: float) -> torch.Tensor:
+    """`loss` + coef x the SFT loss of the batch's `ptx` part where it has one (logged as ptx_loss)."""
+    if "ptx" not in b:
+        return loss
+    ptx = sft_mix_loss(model, b["ptx"])
+    metrics["ptx_loss"] = ptx.detach()
+    return loss + coef * ptx
+
+
 def train_curve(rd, stage: str, keys: tuple[str, ...]) -> list[dict]:
     """Per logged step, the given figures of logs/<stage>.jsonl's training records (one uninterrupted run)."""
     path = Path(rd.logs) / f"{stage}.jsonl"

@@ -80,13 +80,8 @@ def grpo_loss(temperature: float, clip: float, kl_coef: float, ptx_coef: float =
         logp = model(b["ids"], output=TokenLogProbs(b["labels"], temperature))
         pg, m = clipped_policy_loss(logp, b["old_logp"], b["advantages"], mask, clip)
         kl = masked_mean(k3_kl(logp, b["ref_logp"]), mask)
-        loss = pg + kl_coef * kl
         metrics = {**b["stats"], **m, "policy_loss": pg.detach(), "kl_k3": kl.detach()}
-        if "ptx" in b:
-            ptx = alignment.sft_mix_loss(model, b["ptx"])
-            loss = loss + ptx_coef * ptx
-            metrics["ptx_loss"] = ptx.detach()
-        return loss, metrics, int(mask.sum())
+        return alignment.add_sft_mix(pg + kl_coef * kl, metrics, model, b, ptx_coef), metrics, int(mask.sum())
     return loss_fn
 
 
@@ -157,11 +152,8 @@ def run_stage(ctx) -> None:
     ref = ckpt.load_model(sft_path, device=d.device)
     batches = RolloutBatches(rs, pool=pool, policy=actor, ref=ref, tok=tok, scoring=GRPOScoring(scorer, rule_fn, k, c, tok),
                              precision=p.precision, rank=d.rank, world=d.world)
-    ptx_coef = float(c["ptx_coef"])
-    if ptx_coef > 0:
-        batches = alignment.WithSFTMix(batches, alignment.sft_mix_data(ctx, tok), tok.pad_id, int(c["ptx_rows"]),
-                                       rs.seed)
-    loss_fn = grpo_loss(rs.temperature, float(c["clip"]), float(c["kl_coef"]), ptx_coef)
+    batches = alignment.with_sft_mix(ctx, batches, tok, c, rs.seed)
+    loss_fn = grpo_loss(rs.temperature, float(c["clip"]), float(c["kl_coef"]), float(c["ptx_coef"]))
 
     gold = alignment.gold_records(cfg, rd)
     info(f"grpo: {len(pool):,} RL prompts, {rs.prompts} per rollout x {k} samples, reward {reward}, {rs.epochs} "

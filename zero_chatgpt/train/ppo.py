@@ -110,12 +110,8 @@ def ppo_loss(temperature: float, clip: float, value_clip: float, vf_coef: float,
         pg, m = clipped_policy_loss(logp, b["old_logp"], b["advantages"], mask, clip)
         values = models["critic"](b["ids"], output=ScalarValues())
         vf = clipped_value_loss(values, b["old_values"], b["returns"], mask, value_clip)
-        loss = pg + vf_coef * vf
         metrics = {**b["stats"], **m, "policy_loss": pg.detach(), "value_loss": vf.detach()}
-        if "ptx" in b:
-            ptx = alignment.sft_mix_loss(models["model"], b["ptx"])
-            loss = loss + ptx_coef * ptx
-            metrics["ptx_loss"] = ptx.detach()
+        loss = alignment.add_sft_mix(pg + vf_coef * vf, metrics, models["model"], b, ptx_coef)
         return loss, metrics, int(mask.sum())
     return loss_fn
 
@@ -188,11 +184,9 @@ def run_stage(ctx) -> None:
     scoring = PPOScoring(critic, scorer, kl, c, tok, rs.prompts)
     batches = RolloutBatches(rs, pool=pool, policy=actor, ref=ref, tok=tok, scoring=scoring, precision=precision,
                              rank=d.rank, world=d.world)
-    ptx_coef = float(c["ptx_coef"])
-    if ptx_coef > 0:
-        batches = alignment.WithSFTMix(batches, alignment.sft_mix_data(ctx, tok), tok.pad_id, int(c["ptx_rows"]),
-                                       rs.seed)
-    loss_fn = ppo_loss(rs.temperature, float(c["clip"]), float(c["value_clip"]), float(c["vf_coef"]), ptx_coef)
+    batches = alignment.with_sft_mix(ctx, batches, tok, c, rs.seed)
+    loss_fn = ppo_loss(rs.temperature, float(c["clip"]), float(c["value_clip"]), float(c["vf_coef"]),
+                       float(c["ptx_coef"]))
 
     gold = alignment.gold_records(cfg, rd)
     info(f"ppo: {len(pool):,} RL prompts, {rs.prompts} per rollout, {rs.epochs} epochs x {rs.minibatches} "
