@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from zero_chatgpt import config  # noqa: E402
-from zero_chatgpt.checkpoint import load_model, write_model_files  # noqa: E402
-from zero_chatgpt.generate import generate  # noqa: E402
-from zero_chatgpt.model import Transformer, model_config_from  # noqa: E402
+from zero_chatgpt.core import config  # noqa: E402
+from zero_chatgpt.core.checkpoint import load_model, write_model_files  # noqa: E402
+from zero_chatgpt.model.generate import generate  # noqa: E402
+from zero_chatgpt.model.transformer import Transformer, model_config_from  # noqa: E402
 
 
 def main() -> None:

@@ -39,9 +39,9 @@ os.environ.setdefault("ZC_NO_PROGRESS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from zero_chatgpt import config  # noqa: E402
-from zero_chatgpt import checkpoint as ckpt  # noqa: E402
-from zero_chatgpt.model import Transformer, model_config_from  # noqa: E402
+from zero_chatgpt.core import config  # noqa: E402
+from zero_chatgpt.core import checkpoint as ckpt  # noqa: E402
+from zero_chatgpt.model.transformer import Transformer, model_config_from  # noqa: E402
 
 TARGETS = set(range(300, 340))
 
@@ -52,8 +52,8 @@ def share(answers) -> list[float]:
 
 def setup(a, tmp: Path):
     from zero_chatgpt.data.builtin import load_idioms
-    from zero_chatgpt.export import export_hf
-    from zero_chatgpt.tokenizer import load_tokenizer, train_bpe
+    from zero_chatgpt.export.command import export_hf
+    from zero_chatgpt.model.tokenizer import load_tokenizer, train_bpe
     idioms = [d for d in load_idioms() if d.get("explanation")][:4000]
     if a.run_dir:
         tok_dir, model_dir = a.run_dir / "tokenizer", a.run_dir / "sft" / "final"
@@ -91,7 +91,7 @@ def grpo(a, tok, hf_dir, idioms, tmp) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from zero_chatgpt.train import loop
-    from zero_chatgpt.train.grpo import GRPOScoring, grpo_loss
+    from zero_chatgpt.stages.grpo import GRPOScoring, grpo_loss
     from zero_chatgpt.train.onpolicy import RolloutBatches, RolloutSettings
     P, k, new, steps = a.prompts, a.k, a.new, a.steps
     questions = [f"「{d['word']}」是什么意思？" for d in idioms[:P * (steps + 1)]]
@@ -143,7 +143,7 @@ def dpo(a, tok, hf_dir, idioms, tmp) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from zero_chatgpt.train import loop
-    from zero_chatgpt.train.dpo import DPOBatches, dpo_loss
+    from zero_chatgpt.stages.dpo import DPOBatches, dpo_loss
     from zero_chatgpt.train.pairs import encode_pairs, sequence_logprobs
     B, steps = a.pairs, a.steps
     n = B * (steps + 1)

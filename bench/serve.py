@@ -313,7 +313,7 @@ def llama_cpp_missing() -> str | None:
 def idiom_tokenizer(tmp: Path):
     """A 4,096-token BPE trained on the built-in idiom dictionary (for a run without a tokenizer)."""
     from zero_chatgpt.data.builtin import load_idioms
-    from zero_chatgpt.tokenizer import train_bpe
+    from zero_chatgpt.model.tokenizer import train_bpe
     idioms = [d for d in load_idioms() if d.get("explanation")][:4000]
     tok = train_bpe([d["word"] + "：" + d["explanation"] for d in idioms], 4096)
     tok.save(tmp / "tokenizer")
@@ -326,10 +326,10 @@ def random_run(preset: str, tok_dir: Path | None, tmp: Path) -> Path:
     commands get --preset)."""
     import torch
 
-    from zero_chatgpt import config
-    from zero_chatgpt.checkpoint import save_checkpoint
-    from zero_chatgpt.model import Transformer, model_config_from
-    from zero_chatgpt.tokenizer import load_tokenizer
+    from zero_chatgpt.core import config
+    from zero_chatgpt.core.checkpoint import save_checkpoint
+    from zero_chatgpt.model.transformer import Transformer, model_config_from
+    from zero_chatgpt.model.tokenizer import load_tokenizer
     rd = tmp / f"{preset}-random"
     rd.mkdir()
     if tok_dir is not None:
@@ -461,7 +461,7 @@ def main() -> None:
     machine = cpu_info()
     threads = a.threads or default_threads(machine["cores"], machine["loadavg_at_start"][0])
 
-    from zero_chatgpt.tokenizer import load_tokenizer
+    from zero_chatgpt.model.tokenizer import load_tokenizer
     tmp_obj = tempfile.TemporaryDirectory(prefix="zc-bench-serve-")
     tmp = Path(tmp_obj.name)
     servers: list[Server] = []
@@ -578,7 +578,7 @@ def main() -> None:
                 continue
             rows.append([c, k, f"{r['completed']}/{r['requests']}", r["tokens_per_s"], r["ttft_p50_s"],
                          r["ttft_p95_s"], r["errors"], r["cut"]])
-    from zero_chatgpt.console import format_table
+    from zero_chatgpt.core.console import format_table
     print(format_table(["clients", "server", "done", "tokens/s", "TTFT p50 (s)", "TTFT p95 (s)", "errors", "cut"],
                        rows, title=f"{model_id}: {s['max_tokens']} max_tokens, greedy; ours {s['slots']} slots, "
                                    f"llama.cpp 1 slot (its server has no parallel slots)"), flush=True)

@@ -47,7 +47,7 @@ def child(kind: str, train: str, vocab: int, out: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if kind == "ours":
-        from zero_chatgpt.tokenizer import train_bpe
+        from zero_chatgpt.model.tokenizer import train_bpe
         train_bpe(_iter_train(train), vocab).save(out)
     elif kind == "hf":
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -130,7 +130,7 @@ def main() -> None:
 
         from tokenizers import Tokenizer as HFTokenizer
         import sentencepiece as spm
-        from zero_chatgpt.tokenizer import load_tokenizer
+        from zero_chatgpt.model.tokenizer import load_tokenizer
         ours = load_tokenizer(tmp / "ours")
         hf_trained = HFTokenizer.from_file(str(tmp / "hf" / "tokenizer.json"))
         sp = spm.SentencePieceProcessor(model_file=str(tmp / "spm" / "spm.model"))
@@ -151,7 +151,7 @@ def main() -> None:
         # throughput = MB per CPU-second over all threads, which contention does not inflate
         # "ours" is the corpus encoder of the tokens/ stage (encode.ShardEncoder: numpy ids + eot
         # per document); "ours_list" is Tokenizer.encode_batch, which returns Python lists.
-        from zero_chatgpt.encode import ShardEncoder
+        from zero_chatgpt.model.shard_encoding import ShardEncoder
         shard_encoder = ShardEncoder(ours, cores)
         docs = [d for f in shard_encoder.submit(enc_texts) for d in f.result()]
         identical = identical and all(list(d[:-1]) == ids for d, ids in zip(docs, a))

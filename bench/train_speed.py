@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from zero_chatgpt import config  # noqa: E402
-from zero_chatgpt.loss import lm_loss  # noqa: E402
-from zero_chatgpt.model import Transformer, model_config_from  # noqa: E402
+from zero_chatgpt.core import config  # noqa: E402
+from zero_chatgpt.model.losses import lm_loss  # noqa: E402
+from zero_chatgpt.model.transformer import Transformer, model_config_from  # noqa: E402
 from zero_chatgpt.train.loop import LoopSettings, build_optimizer, resolve_precision  # noqa: E402
 
 

@@ -4,9 +4,9 @@ functions would, so that the commands that read a run (chat, export, eval, later
 import os
 from pathlib import Path
 
-from zero_chatgpt.io import atomic_write_json
-from zero_chatgpt.rundir import MARKER, closure_key, output_id, read_marker
-from zero_chatgpt.stages import STAGES
+from zero_chatgpt.core.io import atomic_write_json
+from zero_chatgpt.core.rundir import MARKER, closure_key, output_id, read_marker
+from zero_chatgpt.core.registry import STAGES
 
 
 def skip_unless_ci(reason: str) -> None:

@@ -32,8 +32,8 @@ def test_peak_table_and_flops_per_token():
     assert gpu.peak_flops("NVIDIA H200") == 989e12
     assert gpu.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert gpu.peak_flops("Some New Accelerator") is None
-    from zero_chatgpt import config
-    from zero_chatgpt.model import model_config_from
+    from zero_chatgpt.core import config
+    from zero_chatgpt.model.transformer import model_config_from
     cfg = model_config_from(config.load_preset("seed-0.1b")["model"], 32006)
     d, i, layers, vocab = 512, 2752, 24, 32006
     # per layer: q k v o (16 heads, no grouping), gate/up/down, two RMSNorms; then the final norm and lm_head

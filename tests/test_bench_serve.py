@@ -110,8 +110,8 @@ def test_prefill_groups_bound_the_padding():
 @pytest.fixture(scope="module")
 def tiny():
     """A random model (stop rows zeroed: answers never end) and a small BPE tokenizer."""
-    from zero_chatgpt.model import ModelConfig, Transformer
-    from zero_chatgpt.tokenizer import train_bpe
+    from zero_chatgpt.model.transformer import ModelConfig, Transformer
+    from zero_chatgpt.model.tokenizer import train_bpe
     tok = train_bpe(["苹果是一种水果，长江是中国最长的河流。", "北京是中国的首都，一见倾心是成语。"] * 20, 300)
     torch.manual_seed(3)
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -164,7 +164,7 @@ def _run_together(model, tok, prompts, sampling, patch=None):
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_prompts_admitted_together_share_a_prefill_and_answer_as_alone(tiny, penalty):
-    from zero_chatgpt.generate import generate
+    from zero_chatgpt.model.generate import generate
     from zero_chatgpt.serve.engine import Sampling
     model, tok = tiny
     questions = ("苹果是什么？", "长江", "一见倾心是什么意思？请解释一下", "北京", "长江是中国最长的河流吗？")

@@ -5,9 +5,9 @@ import sys
 import pytest
 
 from test_sft import TOY, toy_run_copy
-from zero_chatgpt.chat import pick_stage
-from zero_chatgpt.console import UserError
-from zero_chatgpt.rundir import RunDir
+from zero_chatgpt.serve.chat import pick_stage
+from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.rundir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_chat_through_a_pipe(run_dir):
 
 def test_no_model_says_which_stage_to_run(tmp_path):
     from runs import record_stage
-    from zero_chatgpt import checkpoint as ckpt
+    from zero_chatgpt.core import checkpoint as ckpt
     from test_sft import _tiny_model, make_tokenizer
     rd = RunDir(tmp_path)
     with pytest.raises(UserError, match="no trained model.*zero-chatgpt run"):

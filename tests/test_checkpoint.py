@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from runs import tiny_args, write_sources, zc
-from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt.console import UserError
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.core.console import UserError
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_final_holds_the_model_only_copied_from_the_last_step(master):
 
 def test_file_modes_follow_the_umask(tmp_path):
     code = ("import os, sys, torch\nos.umask(int(sys.argv[2], 8))\n"
-            "from zero_chatgpt import checkpoint as c\nfrom zero_chatgpt.model import ModelConfig, Transformer\n"
+            "from zero_chatgpt.core import checkpoint as c\nfrom zero_chatgpt.model.transformer import ModelConfig, Transformer\n"
             "m = Transformer(ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, "
             "num_attention_heads=2, max_position_embeddings=16))\n"
             "c.save_checkpoint(sys.argv[1], 'step-1', model_state=m.state_dict(), cfg=m.config, trainer_state={'step': 1})\n")

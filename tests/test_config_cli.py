@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from zero_chatgpt import config
+from zero_chatgpt.core import config
 from zero_chatgpt.cli import main
-from zero_chatgpt.console import UserError
+from zero_chatgpt.core.console import UserError
 
 
 def test_every_preset_loads_and_matches_schema():
@@ -58,7 +58,7 @@ def test_every_subcommand_has_help(capsys):
 
 
 def test_help_lists_the_registry_and_marks_what_is_not_built(capsys):
-    from zero_chatgpt.stages import PIPELINE, is_built
+    from zero_chatgpt.core.registry import PIPELINE, is_built
     with pytest.raises(SystemExit):
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
@@ -73,7 +73,7 @@ def test_help_lists_the_registry_and_marks_what_is_not_built(capsys):
 def test_a_key_added_later_enters_stage_keys_only_when_set():
     """pretrain.ema_decay came after run directories with stage records: at its default (off, the
     behaviour before it) it is not in the closure, so those runs' stages stay current; set, it is."""
-    from zero_chatgpt import config
+    from zero_chatgpt.core import config
     cfg = config.defaults()
     assert "pretrain.ema_decay" not in config.result_items(cfg, ["pretrain"])
     assert "pretrain.lr" in config.result_items(cfg, ["pretrain"])

@@ -1,8 +1,7 @@
 """The built-in corpus: People's Daily articles, reviews with polarity, idiom paragraphs."""
 import itertools
 
-from zero_chatgpt.data.builtin import (_balance_quotes, idiom_paragraph, iter_builtin_documents, iter_idiom_documents,
-                                       iter_peoples_daily, iter_reviews, untag)
+from zero_chatgpt.data.builtin import _balance_quotes, idiom_paragraph, iter_builtin_documents, iter_idiom_documents, iter_peoples_daily, iter_reviews, untag
 
 
 def test_untag():

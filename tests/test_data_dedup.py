@@ -7,8 +7,7 @@ import pytest
 
 from zero_chatgpt.data.builtin import iter_peoples_daily
 from zero_chatgpt.data.clean import normalize
-from zero_chatgpt.data.dedup import (MinHasher, UnionFind, candidate_pairs, candidate_probability, exact_hash,
-                                     find_duplicates, jaccard, lsh_params, shingle_hashes)
+from zero_chatgpt.data.dedup import MinHasher, UnionFind, candidate_pairs, candidate_probability, exact_hash, find_duplicates, jaccard, lsh_params, shingle_hashes
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +115,8 @@ def test_dedup_over_parts_equals_in_memory(corpus, tmp_path, monkeypatch, nworke
     from concurrent.futures import ThreadPoolExecutor
 
     from zero_chatgpt.data import dedup_parts
-    from zero_chatgpt.io import JsonlZstWriter
-    from zero_chatgpt.workers import InlineExecutor
+    from zero_chatgpt.core.io import JsonlZstWriter
+    from zero_chatgpt.core.workers import InlineExecutor
 
     text, base = corpus
     rng = random.Random(1)

@@ -9,11 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from zero_chatgpt import config
+from zero_chatgpt.core import config
 from zero_chatgpt.data.builtin import iter_reviews
-from zero_chatgpt.data.pipeline import run_stage
-from zero_chatgpt.io import corpus_shards, iter_corpus_texts, iter_jsonl
-from zero_chatgpt.rundir import Context, RunDir
+from zero_chatgpt.stages.data import run_stage
+from zero_chatgpt.core.io import corpus_shards, iter_corpus_texts, iter_jsonl
+from zero_chatgpt.core.rundir import Context, RunDir
 
 FIX = Path(__file__).parent / "fixtures" / "data"
 ENV = {**os.environ, "ZC_NO_PROGRESS": "1"}

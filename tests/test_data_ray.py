@@ -15,7 +15,7 @@ except ImportError:
 
 from test_data_pipeline import ctx_for, reviews  # noqa: E402
 
-from zero_chatgpt.data.pipeline import run_stage  # noqa: E402
+from zero_chatgpt.stages.data import run_stage  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_killed_worker_is_retried(ray_cluster, source, local, tmp_path):
 
 def test_ray_resumes_finished_parts(ray_cluster, source, local, tmp_path):
     # a run killed after cleaning two parts leaves them in work/; the Ray run reuses them
-    from zero_chatgpt.data import pipeline
+    from zero_chatgpt.stages import data as pipeline
     orig = pipeline.clean_part
     run = tmp_path / "run"
     ctx = ctx_for(run, "data.shard_docs=50", "data.val_fraction=0.1", "data.workers=1", sources=[source])
@@ -122,7 +122,7 @@ def test_ray_resumes_finished_parts(ray_cluster, source, local, tmp_path):
 def test_missing_ray_is_a_user_error(monkeypatch):
     import sys
 
-    from zero_chatgpt.console import UserError
+    from zero_chatgpt.core.console import UserError
     from zero_chatgpt.data.ray_executor import ray_executor
     monkeypatch.setitem(sys.modules, "ray", None)      # import ray raises ImportError
     with pytest.raises(UserError, match=r"pip install 'zero-chatgpt\[ray\]'"):
@@ -131,7 +131,7 @@ def test_missing_ray_is_a_user_error(monkeypatch):
 
 
 def _tokenize(run_dir, source, *sets):
-    from zero_chatgpt.data.tokenize import run_stage as tokenizer_stage
+    from zero_chatgpt.stages.tokenizer import run_stage as tokenizer_stage
     tokenizer_stage(ctx_for(run_dir, "data.shard_docs=50", "data.val_fraction=0.1", "data.workers=2",
                             "tokenizer.vocab_size=600", *sets, sources=[source]))
     shards = {p.name: p.read_bytes() for p in sorted((run_dir / "tokens").glob("*.bin"))}

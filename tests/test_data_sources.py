@@ -6,7 +6,7 @@ import shutil
 import pytest
 import zstandard
 
-from zero_chatgpt.console import UserError
+from zero_chatgpt.core.console import UserError
 from zero_chatgpt.data.sources import FORMATS, BadRecords, iter_records, parse_source
 
 FIX = __import__("pathlib").Path(__file__).parent / "fixtures" / "data"
@@ -252,7 +252,7 @@ def _zstd_frames():
 
 
 def test_zst_cut_anywhere_inside_a_frame_is_an_error_and_between_frames_is_not(tmp_path):
-    from zero_chatgpt.io import open_binary
+    from zero_chatgpt.core.io import open_binary
 
     frames = _zstd_frames()
     whole = b"".join(frames)
@@ -305,7 +305,7 @@ def test_truncated_zst_is_a_bad_record_naming_the_file(tmp_path):
 def test_whole_zst_files_read_fully_multi_frame_and_our_own(tmp_path):
     import os
 
-    from zero_chatgpt.io import JsonlZstWriter, iter_jsonl, open_binary
+    from zero_chatgpt.core.io import JsonlZstWriter, iter_jsonl, open_binary
 
     docs = [{"text": f"第{i}篇：" + "长文" * (i % 300)} for i in range(4000)]   # > 1 MiB: many blocks, reads
     with JsonlZstWriter(tmp_path / "ours.jsonl.zst") as w:

@@ -39,7 +39,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     for (_, a), (_, b) in zip(t1 + e1, t2 + e2):
         assert abs(a - b) <= 1e-5, (a, b)
     # the sharded state was gathered into one full checkpoint that loads like any other
-    from zero_chatgpt.checkpoint import load_model, load_trainer_state
+    from zero_chatgpt.core.checkpoint import load_model, load_trainer_state
     a, b = load_model(one / "pretrain" / "final"), load_model(two / "pretrain" / "final")
     assert all((x - y).abs().max() < 1e-5 for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert load_trainer_state(two / "pretrain" / "step-4")["step"] == 4

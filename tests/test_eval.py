@@ -6,14 +6,14 @@ import torch
 
 from runs import record_stage
 from test_sft import _tiny_model, toy_run_copy
-from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt import config
-from zero_chatgpt import eval_everyday as everyday
-from zero_chatgpt import evaluate as ev
-from zero_chatgpt.console import UserError
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.core import config
+from zero_chatgpt.eval import everyday
+from zero_chatgpt.stages import eval as ev
+from zero_chatgpt.core.console import UserError
 from zero_chatgpt.data import chat_data
 from zero_chatgpt.data.builtin import load_idioms
-from zero_chatgpt.rundir import Context, RunDir
+from zero_chatgpt.core.rundir import Context, RunDir
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +137,8 @@ def test_prompt_selection_covers_kinds():
 
 
 def test_kl_along_is_exact_zero_for_the_same_model_and_positive_for_a_perturbed_one(run):
-    from zero_chatgpt.generate import generate
-    from zero_chatgpt.tokenizer import load_tokenizer
+    from zero_chatgpt.model.generate import generate
+    from zero_chatgpt.model.tokenizer import load_tokenizer
     tok = load_tokenizer(run / "tokenizer")
     sft = ckpt.load_model(run / "sft" / "final")
     other = ckpt.load_model(run / "sft" / "final")
@@ -164,7 +164,7 @@ def test_kl_along_is_exact_zero_for_the_same_model_and_positive_for_a_perturbed_
 def test_win_rate_vs_sft_is_half_when_a_stage_answers_as_sft(run, tmp_path, capsys):
     """A tiny score-head reward model, recorded as a finished rm stage, and a 'ppo' stage with SFT's weights."""
     import shutil
-    from zero_chatgpt.model import ModelConfig, Transformer
+    from zero_chatgpt.model.transformer import ModelConfig, Transformer
     root = tmp_path / "run"
     shutil.copytree(run, root)
     sft = ckpt.load_model(root / "sft" / "final")

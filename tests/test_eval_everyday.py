@@ -5,7 +5,7 @@ import unicodedata
 
 import pytest
 
-from zero_chatgpt import eval_everyday as ed
+from zero_chatgpt.eval import everyday as ed
 from zero_chatgpt.data import chat_data
 
 CANNED = "我是Zero-ChatGPT，有什么可以帮你的吗？"       # the line a model that learned strings says to anything

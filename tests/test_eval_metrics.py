@@ -4,7 +4,7 @@ import functools
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from zero_chatgpt import evaluate as ev
+from zero_chatgpt.stages import eval as ev
 
 
 def test_units_mix_cjk_chars_and_words():
@@ -228,7 +228,7 @@ def test_pinyin_syllable_acc_known_values():
 
 
 def test_pinyin_syllables_on_dictionary_pinyin(dictionary):
-    from zero_chatgpt.eval_pinyin import SYLLABLES
+    from zero_chatgpt.eval.pinyin import SYLLABLES
     sample = dictionary[::40]
     sylls = [s for d in dictionary for s in ev.pinyin_syllables(d["pinyin"], tones=False, cut=False)]
     # the inventory holds the dictionary's syllables but for its few misspellings (boi, jiui, zhng, ...)
@@ -261,7 +261,7 @@ def test_restates_idiom():
 def test_sft_answers_name_their_idiom_first_where_restating_is_scored(dictionary):
     """SFT teaches restating by example: every meaning / origin / example answer it trains on opens with
     the idiom in quotes, so the metric and the data agree; the everyday judge reads each as idiom-shaped."""
-    from zero_chatgpt import eval_everyday as ed
+    from zero_chatgpt.eval import everyday as ed
     from zero_chatgpt.data import chat_data
     seen = {k: 0 for k in ev.RESTATE_KINDS}
     for d in dictionary[::11]:

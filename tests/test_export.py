@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from runs import record_stage
-from zero_chatgpt import tokens
-from zero_chatgpt.checkpoint import load_model
+from zero_chatgpt.model import token_shards as tokens
+from zero_chatgpt.core.checkpoint import load_model
 from zero_chatgpt.data.builtin import iter_peoples_daily
-from zero_chatgpt.generate import generate
-from zero_chatgpt.tokenizer import load_tokenizer, train_bpe
+from zero_chatgpt.model.generate import generate
+from zero_chatgpt.model.tokenizer import load_tokenizer, train_bpe
 
 TINY = ["--set", "model.hidden_size=64", "--set", "model.intermediate_size=128", "--set", "model.num_hidden_layers=2",
         "--set", "model.num_attention_heads=4", "--set", "model.num_key_value_heads=2",

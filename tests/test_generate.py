@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from zero_chatgpt.generate import _process_logits, generate
-from zero_chatgpt.model import ModelConfig, Transformer
+from zero_chatgpt.model.generate import _process_logits, generate
+from zero_chatgpt.model.transformer import ModelConfig, Transformer
 
 
 
@@ -59,7 +59,7 @@ def test_stop_ids_and_length_limit(model):
 def test_rows_that_finish_leave_the_batch_without_changing_any_answer(model):
     """Rows stop at different steps (a common token as the stop id), so the batch drops finished rows
     more than once; every answer, log-prob and stream must be what the prompt gets alone."""
-    import zero_chatgpt.generate as gen_mod
+    import zero_chatgpt.model.generate as gen_mod
     prompts = [[i % 90 + 1, (7 * i) % 90 + 1, (3 * i) % 50 + 2][: 1 + i % 3] for i in range(16)]
     free = generate(model, prompts, max_new_tokens=20, temperature=0)
     counts = {}
@@ -120,7 +120,7 @@ def test_logit_processing_matches_transformers():
 
 def test_stop_strings_and_text(tmp_path):
     from zero_chatgpt.data.builtin import iter_peoples_daily
-    from zero_chatgpt.tokenizer import train_bpe
+    from zero_chatgpt.model.tokenizer import train_bpe
     tok = train_bpe([a["text"] for a in itertools.islice(iter_peoples_daily(), 30)], 400)
     torch.manual_seed(5)
     m = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -137,7 +137,7 @@ def test_stop_strings_and_text(tmp_path):
 
 
 def test_draw_samples_the_softmax_and_never_a_filtered_token():
-    from zero_chatgpt.generate import draw
+    from zero_chatgpt.model.generate import draw
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(60, generator=g) * 2
     scores[[0, 7, 59]] = float("-inf")            # filtered (top-k / top-p), also at both ends

@@ -15,12 +15,12 @@ import torch
 
 from runs import record_stage, skip_unless_ci, zc
 from test_sft import make_tokenizer
-from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt.console import UserError
-from zero_chatgpt.generate import generate
-from zero_chatgpt.gguf_export import export_gguf, permute_qk, tensor_names
-from zero_chatgpt.model import ModelConfig, Transformer
-from zero_chatgpt.tokenizer import BYTE_TO_CHAR, DEFAULT_PATTERN, Tokenizer, chat_template, load_tokenizer
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.core.console import UserError
+from zero_chatgpt.model.generate import generate
+from zero_chatgpt.export.gguf import export_gguf, permute_qk, tensor_names
+from zero_chatgpt.model.transformer import ModelConfig, Transformer
+from zero_chatgpt.model.tokenizer import BYTE_TO_CHAR, DEFAULT_PATTERN, Tokenizer, chat_template, load_tokenizer
 
 # Llama 3's split regex as llama.cpp's llama-vocab.cpp quotes it for LLAMA_VOCAB_PRE_TYPE_LLAMA3 (the
 # pre-tokenizer "llama-bpe"): "original regex from tokenizer.json".

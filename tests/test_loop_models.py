@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from test_loop_resume import HERE, read_log, run_env
-from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt.loss import LMLoss, ScalarValues, TokenLogProbs, chunked_cross_entropy
-from zero_chatgpt.model import ModelConfig, Transformer
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.model.losses import LMLoss, ScalarValues, TokenLogProbs, chunked_cross_entropy
+from zero_chatgpt.model.transformer import ModelConfig, Transformer
 from zero_chatgpt.train import loop
 
 CFG = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -144,16 +144,16 @@ def test_ddp_resume_restores_every_ranks_random_state(tmp_path):
 
 
 def test_tokenizer_and_encoder_import_no_stage():
-    code = ("import sys, zero_chatgpt.tokenizer, zero_chatgpt.encode\n"
-            "assert not any(m in sys.modules for m in ('zero_chatgpt.data.tokenize', 'zero_chatgpt.rundir')), "
+    code = ("import sys, zero_chatgpt.model.tokenizer, zero_chatgpt.model.shard_encoding\n"
+            "assert not any(m in sys.modules for m in ('zero_chatgpt.stages.tokenizer', 'zero_chatgpt.core.rundir')), "
             "sorted(m for m in sys.modules if m.startswith('zero_chatgpt'))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     import ast
-    import zero_chatgpt.tokenizer as t
+    import zero_chatgpt.model.tokenizer as t
     tree = ast.parse(open(t.__file__).read())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert not {"zero_chatgpt.encode", "zero_chatgpt.data.tokenize"} & imported
+    assert not {"zero_chatgpt.model.shard_encoding", "zero_chatgpt.stages.tokenizer"} & imported
 
 
 def _lm_loss(model, batch):
@@ -226,7 +226,7 @@ def test_ema_selected_by_metric_ships_the_best_average(tmp_path):
 
 
 def test_ema_settings_are_checked():
-    from zero_chatgpt.console import UserError
+    from zero_chatgpt.core.console import UserError
     with pytest.raises(UserError, match="ema_decay must be in"):
         loop.LoopSettings.from_section({"ema_decay": 1.0})
     with pytest.raises(UserError, match="fsdp"):

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve()
 
 
 def make_shards(tokens_dir: Path) -> None:
-    from zero_chatgpt import tokens
+    from zero_chatgpt.model import token_shards as tokens
     from zero_chatgpt.data.builtin import iter_peoples_daily
     tokens_dir.mkdir(parents=True, exist_ok=True)
     docs = [list(a["text"].encode()) + [258] for a in itertools.islice(iter_peoples_daily(), 60)]
@@ -50,11 +50,11 @@ def main(argv=None) -> None:
 
     import torch
     torch.set_num_threads(1)
-    from zero_chatgpt import checkpoint as ckpt
-    from zero_chatgpt import tokens
-    from zero_chatgpt.model import ModelConfig, Transformer
+    from zero_chatgpt.core import checkpoint as ckpt
+    from zero_chatgpt.model import token_shards as tokens
+    from zero_chatgpt.model.transformer import ModelConfig, Transformer
     from zero_chatgpt.train import loop
-    from zero_chatgpt.train.pretrain import PackedBlocks, ValEval, lm_loss_fn
+    from zero_chatgpt.stages.pretrain import PackedBlocks, ValEval, lm_loss_fn
 
     if a.slow_save:
         real = ckpt.write_file
@@ -171,9 +171,9 @@ def test_init_from_hf_folder_and_wrong_shape(tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from zero_chatgpt.checkpoint import load_model
-    from zero_chatgpt.console import UserError
-    from zero_chatgpt.model import ModelConfig, Transformer
+    from zero_chatgpt.core.checkpoint import load_model
+    from zero_chatgpt.core.console import UserError
+    from zero_chatgpt.model.transformer import ModelConfig, Transformer
     from zero_chatgpt.train import loop
     cfg = ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                       max_position_embeddings=16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zero_chatgpt.loss import chunked_cross_entropy, unlikelihood_candidates
+from zero_chatgpt.model.losses import chunked_cross_entropy, unlikelihood_candidates
 
 IGN = -100
 

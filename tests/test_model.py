@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt import config
-from zero_chatgpt.loss import lm_loss
-from zero_chatgpt.model import KVCache, ModelConfig, Transformer, model_config_from
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.core import config
+from zero_chatgpt.model.losses import lm_loss
+from zero_chatgpt.model.transformer import KVCache, ModelConfig, Transformer, model_config_from
 from zero_chatgpt.train.loop import LoopSettings, lr_at
 
 import transformers  # noqa: E402 - a dev extra (make test installs it): never skipped

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from test_sft import make_tokenizer
-from zero_chatgpt.model import ModelConfig, Transformer
+from zero_chatgpt.model.transformer import ModelConfig, Transformer
 from zero_chatgpt.train import loop
-from zero_chatgpt.train.grpo import GRPOScoring, grpo_loss
+from zero_chatgpt.stages.grpo import GRPOScoring, grpo_loss
 from zero_chatgpt.train.onpolicy import RolloutBatches, RolloutSettings
-from zero_chatgpt.train.ppo import PPOScoring, ppo_loss
-from zero_chatgpt.train.rl import AdaptiveKL
+from zero_chatgpt.stages.ppo import PPOScoring, ppo_loss
+from zero_chatgpt.train.rl_math import AdaptiveKL
 
 PPO_C = {"missing_eos_penalty": 0.0, "gamma": 1.0, "lam": 0.95}
 
@@ -125,7 +125,7 @@ def test_before_the_first_update_the_ratio_is_exactly_one(tok, tmp_path, method,
 
 
 def test_rule_rewards_check_pinyin_and_chaining_exactly(tok):
-    from zero_chatgpt.train.grpo import rule_rewards
+    from zero_chatgpt.stages.grpo import rule_rewards
     recs = [{"reference": "yī jiàn qīng xīn", "meta": {"kind": "pinyin"}},
             {"reference": "", "meta": {"kind": "chain", "first_char": "心", "idiom": "一见倾心"}},
             {"reference": "初次见面就十分爱慕。", "meta": {"kind": "meaning"}}]
@@ -138,7 +138,7 @@ def test_rule_rewards_check_pinyin_and_chaining_exactly(tok):
     assert got == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]   # a wrong tone; not an idiom; the one asked; no rule for meaning
 
     # the reference reward: char_f1 against the record's reference, on the kinds with one right answer only
-    from zero_chatgpt.evaluate import char_f1
+    from zero_chatgpt.stages.eval import char_f1
     ref = rule_rewards(recs, tok, {"一见倾心", "心花怒放"}, rules=False, reference=True)
     got = ref([2, 2, 1], [ans("初次见面就十分爱慕。"), ans("初次见面"), ans("心花怒放。")])
     assert got == [1.0, char_f1("初次见面", "初次见面就十分爱慕。"), 0.0] and 0 < got[1] < 1
@@ -149,8 +149,8 @@ def test_rule_rewards_check_pinyin_and_chaining_exactly(tok):
 def test_sequence_rewards_take_off_the_eos_and_loop_penalties(tok):
     """An answer cut before its end loses missing_eos_penalty, one that loops (eval's repetition_rate: a
     4-gram three times) loses loop_penalty, on top of the rule reward; the logs get the loop rate."""
-    from zero_chatgpt.evaluate import is_repetitive
-    from zero_chatgpt.train.ppo import sequence_rewards
+    from zero_chatgpt.stages.eval import is_repetitive
+    from zero_chatgpt.stages.ppo import sequence_rewards
     end = [tok.im_end_id]
     loop_text, plain = "一见倾心，一见倾心，一见倾心。", "初次见面就十分爱慕。"
     assert is_repetitive(loop_text) and not is_repetitive(plain)
@@ -168,7 +168,7 @@ def test_sequence_rewards_take_off_the_eos_and_loop_penalties(tok):
 def test_grpo_adds_the_sft_mix_loss_when_ptx_coef_is_set(tok):
     """grpo.ptx_coef: the loss of a batch with a `ptx` part is the RL loss + ptx_coef x the SFT loss of those
     conversations (the same mix as PPO-ptx), and the logs carry that SFT loss."""
-    from zero_chatgpt.loss import IGNORE
+    from zero_chatgpt.model.losses import IGNORE
     from zero_chatgpt.train.alignment import sft_mix_loss
     rs = RolloutSettings(prompts=8, samples_per_prompt=4, epochs=1, minibatches=1, temperature=1.0,
                          max_new_tokens=8, seed=3)

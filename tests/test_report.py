@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from runs import record_stage, skip_unless_ci, tiny_args, write_sources, zc
-from zero_chatgpt import cli, plots
-from zero_chatgpt import evaluate as ev
-from zero_chatgpt.console import format_cell
-from zero_chatgpt.rundir import RunDir
+from zero_chatgpt import cli
+from zero_chatgpt.report import plots
+from zero_chatgpt.stages import eval as ev
+from zero_chatgpt.core.console import format_cell
+from zero_chatgpt.core.rundir import RunDir
 
 SECTIONS = ("Data", "Tokenizer", "Training curves", "Reward model", "Alignment: reward, gold char_f1, KL",
             "The model after every stage", "Run")
@@ -151,7 +152,7 @@ def _write_eval(rd, recs, stage, answers, sft=None):
                prompt_set={"part": "test", "gold_fraction": 0.2, "test_prompts": 40, "gold_prompts": 10, "seed": 1},
                **ev.question_baseline(recs))
     if stage != "pretrain":               # the chat stages' everyday answers: SFT's in kind, the others canned
-        from zero_chatgpt import eval_everyday as ed
+        from zero_chatgpt.eval import everyday as ed
         every = ed.everyday_records()
         res.update(ed.judge(every, ["不客气，再见！你好，我是Zero-ChatGPT，可以解释成语。" if stage == "sft" else
                                     "我是Zero-ChatGPT，有什么可以帮你的吗？"] * len(every)))
@@ -244,7 +245,7 @@ def test_the_card_of_a_whole_run(whole, capsys):
 def test_run_ends_with_the_report_and_the_chat_and_serve_commands(whole, monkeypatch, capsys):
     rd, _ = whole
     before = _timings(rd)["stages"]
-    from zero_chatgpt.stages import STAGES
+    from zero_chatgpt.core.registry import STAGES
     # the trained stages here were written by hand: walk the stages that check their own inputs, then the card
     monkeypatch.setattr(cli, "PIPELINE", tuple(STAGES[s] for s in ("data", "tokenizer", "pretrain", "report")))
     cli.main(["run", "--run-dir", str(rd)])

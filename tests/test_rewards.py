@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from test_sft import _tiny_model, make_tokenizer
-from zero_chatgpt import checkpoint as ckpt
+from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.data import preference as pref
-from zero_chatgpt.model import ModelConfig, Transformer
-from zero_chatgpt.rewards import bradley_terry, last_index, pad_sequences, sequence_scores
+from zero_chatgpt.model.transformer import ModelConfig, Transformer
+from zero_chatgpt.model.reward_model import bradley_terry, last_index, pad_sequences, sequence_scores
 from zero_chatgpt.train import loop
-from zero_chatgpt.train.dpo import dpo_loss
+from zero_chatgpt.stages.dpo import dpo_loss
 from zero_chatgpt.train.pairs import EncodedPairs, PairBatches, collate, sequence_logprobs
-from zero_chatgpt.train.reward import rm_loss, score_model_from
+from zero_chatgpt.stages.rm import rm_loss, score_model_from
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_the_best_evaluated_step_becomes_final(tmp_path, tok):
                           precision="fp32", tensorboard=False, seed=0, select_metric="gold", eval_at_start=True)
     toy = [torch.randint(1, tok.vocab_size, (4, 9), generator=torch.Generator().manual_seed(i)) for i in range(20)]
     batches = lambda step, micro, rank, world: {"input_ids": toy[step][:, :-1], "labels": toy[step][:, 1:]}  # noqa
-    from zero_chatgpt.train.pretrain import lm_loss_fn
+    from zero_chatgpt.stages.pretrain import lm_loss_fn
     r = loop.train(s, model=_tiny_model(tok), stage="x", stage_dir=tmp_path / "x", log_dir=tmp_path / "logs",
                    batches=batches, loss_fn=lm_loss_fn, eval_fn=eval_fn, dist_info=loop.Dist())
     assert seen == [0, 5, 10, 15, 20] and r.selected_step == 10

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from zero_chatgpt.train.rl import (AdaptiveKL, clipped_policy_loss, clipped_value_loss, gae, group_advantages,
-                                   masked_whiten)
+from zero_chatgpt.train.rl_math import AdaptiveKL, clipped_policy_loss, clipped_value_loss, gae, group_advantages, masked_whiten
 
 
 def naive_gae(r, v, gamma, lam):
@@ -77,7 +76,7 @@ def test_group_advantages_scaled_by_the_batch_or_not_at_all():
 def _std_worker(rank: int, port: int, rewards: torch.Tensor, out):
     import torch.distributed as dist
 
-    from zero_chatgpt.train.grpo import _all_ranks_std
+    from zero_chatgpt.stages.grpo import _all_ranks_std
     from zero_chatgpt.train.onpolicy import RolloutBatches
 
     class Src:                        # the rollout source's seam for figures over ranks

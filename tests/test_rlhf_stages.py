@@ -13,8 +13,8 @@ import time
 import pytest
 
 from runs import tiny_args, write_sources, zc
-from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt.rewards import NORM_FILE
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.model.reward_model import NORM_FILE
 
 RL = {"rm.prompts": 40, "rm.max_steps": 6, "rm.batch_pairs": 8, "rm.micro_batch_pairs": 8, "rm.eval_every": 3,
       "rm.checkpoint_every": 3, "rm.tensorboard": False, "rm.precision": "fp32", "rm.lr": 1e-3, "rm.warmup_steps": 1,

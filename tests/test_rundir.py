@@ -10,10 +10,10 @@ import time
 import pytest
 
 from runs import record_stage, skip_unless_ci, tiny_args, write_sources, zc
-from zero_chatgpt import config
+from zero_chatgpt.core import config
 from zero_chatgpt.cli import main
-from zero_chatgpt.console import UserError
-from zero_chatgpt.rundir import RunDir, pick_model, read_marker
+from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.rundir import RunDir, pick_model, read_marker
 
 
 def cli(capsys, *args):
@@ -195,7 +195,7 @@ def test_latest_model_is_the_newest_current_one(run, capsys):
 
 def test_a_second_writer_is_refused_while_readers_go_on(run):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom zero_chatgpt.rundir import RunLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom zero_chatgpt.core.rundir import RunLock\n"
          "with RunLock(sys.argv[1], 'pretrain'):\n    print('locked', flush=True)\n    time.sleep(60)\n", str(run)],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -17,7 +17,7 @@ import torch
 
 from runs import record_stage, skip_unless_ci
 from test_sft import TOY, toy_run_copy
-from zero_chatgpt.generate import generate
+from zero_chatgpt.model.generate import generate
 
 QUESTION = [{"role": "user", "content": "苹果是什么？"}]
 
@@ -42,8 +42,8 @@ def make_endless_run(root, tok):
     """A run whose 'SFT' model is random with its stop tokens' output rows zeroed: greedy answers never end
     (a stop logit of 0 is always below the largest of ~800 random logits), so a stream lasts as long as
     max_tokens says: what the tests of queueing, disconnects and draining need."""
-    from zero_chatgpt import checkpoint as ckpt
-    from zero_chatgpt.model import ModelConfig, Transformer
+    from zero_chatgpt.core import checkpoint as ckpt
+    from zero_chatgpt.model.transformer import ModelConfig, Transformer
     tok.save(root / "tokenizer")
     record_stage(root, "tokenizer")
     torch.manual_seed(1)
@@ -141,7 +141,7 @@ def _client(server, key="none"):
 def test_engine_batches_requests_that_arrive_and_leave_at_different_times(endless):
     """Requests submitted while others run join the running batch; each row computes what it would alone
     (greedy tokens equal generate()'s for that prompt alone), and every request ends with its own length."""
-    from zero_chatgpt.checkpoint import load_model
+    from zero_chatgpt.core.checkpoint import load_model
     from zero_chatgpt.serve.engine import Engine, Request, Sampling
     root, tok = endless
     model = load_model(root / "sft" / "final")
@@ -180,7 +180,7 @@ def test_engine_batches_requests_that_arrive_and_leave_at_different_times(endles
 
 
 def test_engine_n_choices_share_a_prefill_and_seed_reproduces(endless):
-    from zero_chatgpt.checkpoint import load_model
+    from zero_chatgpt.core.checkpoint import load_model
     from zero_chatgpt.serve.engine import Engine, Request, Sampling
     root, tok = endless
     model = load_model(root / "sft" / "final")
@@ -206,7 +206,7 @@ def test_engine_n_choices_share_a_prefill_and_seed_reproduces(endless):
 
 
 def test_engine_cancel_frees_slots_at_once(endless):
-    from zero_chatgpt.checkpoint import load_model
+    from zero_chatgpt.core.checkpoint import load_model
     from zero_chatgpt.serve.engine import Engine, Request, Sampling
     root, tok = endless
     model = load_model(root / "sft" / "final")
@@ -229,7 +229,7 @@ def test_engine_cancel_frees_slots_at_once(endless):
 def test_engine_drain_waits_for_a_request_it_is_still_prefilling(endless):
     """drain() returns only once every submitted request has ended, including one taken from the queue whose
     prompt is being prefilled (in neither the queue nor the batch at that moment)."""
-    from zero_chatgpt.checkpoint import load_model
+    from zero_chatgpt.core.checkpoint import load_model
     from zero_chatgpt.serve.engine import Draining, Engine, Request, Sampling
     root, tok = endless
     model = load_model(root / "sft" / "final")

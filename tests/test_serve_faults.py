@@ -85,9 +85,9 @@ def test_a_kv_cache_too_large_for_memory_stops_before_listening(run):
 def test_a_failed_cache_allocation_is_cache_too_large_before_the_thread_starts(run, monkeypatch):
     """Where free memory is unknown (or the check passes), the allocation itself fails: torch's allocator error
     becomes CacheTooLarge in the caller of start(), and no engine thread is left running."""
-    from zero_chatgpt.checkpoint import load_model
+    from zero_chatgpt.core.checkpoint import load_model
     from zero_chatgpt.serve import engine
-    from zero_chatgpt.tokenizer import load_tokenizer
+    from zero_chatgpt.model.tokenizer import load_tokenizer
     monkeypatch.setattr(engine, "available_memory", lambda device: None)
     # 2^26 slots x 4 MiB = 256 TiB: beyond the address space, so the allocation fails under any overcommit policy
     e = engine.Engine(load_model(run / "sft" / "final"), load_tokenizer(run / "tokenizer"), slots=1 << 26)

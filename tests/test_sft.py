@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from runs import record_stage
 from zero_chatgpt.data.builtin import load_idioms
-from zero_chatgpt.train import sft
+from zero_chatgpt.stages import sft
 
 # A toy task the model must learn: a word → its category.
 TOY = {"苹果": "水果", "白菜": "蔬菜", "老虎": "动物", "松树": "植物", "铁锤": "工具", "长江": "河流",
@@ -137,7 +137,7 @@ def test_batch_source_is_pure_and_splits_ranks(tok, real_set):
 
 
 def _tiny_model(tok):
-    from zero_chatgpt.model import ModelConfig, Transformer
+    from zero_chatgpt.model.transformer import ModelConfig, Transformer
     torch.manual_seed(0)
     return Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=160,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -180,7 +180,7 @@ def train_toy_run(tok, root):
 
 
 def make_tokenizer():
-    from zero_chatgpt.tokenizer import train_bpe
+    from zero_chatgpt.model.tokenizer import train_bpe
     texts = [d["word"] + "：" + d["explanation"] for d in load_idioms()[:3000]]
     texts += [f"{k}是什么？{v}" for k, v in TOY.items()]
     return train_bpe(texts, 800)
@@ -194,8 +194,8 @@ def toy_run(tmp_path_factory):
 
 
 def test_tiny_sft_learns_toy_task(toy_run):
-    from zero_chatgpt.checkpoint import load_model
-    from zero_chatgpt.generate import generate
+    from zero_chatgpt.core.checkpoint import load_model
+    from zero_chatgpt.model.generate import generate
     root, res = toy_run
     tok = _TOY_RUNS["tok"]
     logs = [json.loads(x) for x in (root / "logs" / "sft.jsonl").read_text().splitlines()]
@@ -212,9 +212,9 @@ def test_tiny_sft_learns_toy_task(toy_run):
 
 def test_sft_stage_from_source_resumes_nothing_and_reports(tok, tmp_path, capsys):
     """The stage itself: --source data, init from pretrain/final, summary with pad fraction and truncations."""
-    from zero_chatgpt import checkpoint as ckpt
-    from zero_chatgpt import config
-    from zero_chatgpt.rundir import Context, RunDir, read_marker
+    from zero_chatgpt.core import checkpoint as ckpt
+    from zero_chatgpt.core import config
+    from zero_chatgpt.core.rundir import Context, RunDir, read_marker
     tok.save(tmp_path / "tokenizer")
     pre = _tiny_model(tok)
     ckpt.save_checkpoint(tmp_path / "pretrain", "final", model_state=pre.state_dict(), cfg=pre.config)

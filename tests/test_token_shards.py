@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from zero_chatgpt.tokens import ShardError, load_split, open_shard, write_shard
+from zero_chatgpt.model.token_shards import ShardError, load_split, open_shard, write_shard
 
 
 def _docs(rng, n=50, vocab=1000, eot=999):

@@ -10,12 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runs import record_stage
-from zero_chatgpt import tokens as tokens_mod
+from zero_chatgpt.model import token_shards as tokens_mod
 from zero_chatgpt.cli import main
 from zero_chatgpt.data.builtin import iter_builtin_documents
-from zero_chatgpt.io import JsonlZstWriter
-from zero_chatgpt.tokenizer import (EOT, IM_END, IM_START, PAD, Tokenizer, load_tokenizer, sample_texts,
-                                    train_bpe)
+from zero_chatgpt.core.io import JsonlZstWriter
+from zero_chatgpt.model.tokenizer import EOT, IM_END, IM_START, PAD, Tokenizer, load_tokenizer, sample_texts, train_bpe
 
 SYSTEM = "你是一个乐于助人的助手。"
 
@@ -40,7 +39,7 @@ def saved(corpus, tmp_path_factory):
 def test_saved_tokenizer_is_the_trained_one(saved, tok, corpus):
     """Training, the saved files and the loaded encoder use one regex (the seed's runtime regex
     differed from its training regex, so digits split differently)."""
-    from zero_chatgpt.tokenizer import DEFAULT_PATTERN
+    from zero_chatgpt.model.tokenizer import DEFAULT_PATTERN
     trained = saved[2]
     assert tok.pattern == trained.pattern == DEFAULT_PATTERN
     spec = json.loads((saved[0] / "tokenizer.json").read_text())
@@ -262,7 +261,7 @@ def test_stage_encodes_shards_resumes_and_detects_corruption(tmp_path, corpus, c
 
 
 def test_load_tokenizer_missing_folder_is_user_error(tmp_path):
-    from zero_chatgpt.console import UserError
+    from zero_chatgpt.core.console import UserError
     with pytest.raises(UserError, match="run `zero-chatgpt tokenizer`"):
         load_tokenizer(tmp_path)
 
@@ -276,7 +275,7 @@ def test_stage_without_corpus_says_what_to_do(tmp_path, capsys):
 
 def test_shards_from_worker_processes_equal_shards_from_threads(tmp_path, corpus, saved):
     """Many shards go to worker processes, few to a thread pool: the files must not differ."""
-    from zero_chatgpt.encode import _NoBar, run_jobs
+    from zero_chatgpt.model.shard_encoding import _NoBar, run_jobs
     data = tmp_path / "data"
     data.mkdir()
     for i in range(4):

@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from zero_chatgpt import config as config_mod
-from zero_chatgpt import timings
-from zero_chatgpt.console import UserError, info, is_main_process, table
-from zero_chatgpt.rundir import Context, RunDir, RunLock
-from zero_chatgpt.stages import PIPELINE, READ_ONLY, STAGES, TOOLS, Stage, is_built, model_stages
+from zero_chatgpt.core import config as config_mod
+from zero_chatgpt.core import timings
+from zero_chatgpt.core.console import UserError, info, is_main_process, table
+from zero_chatgpt.core.rundir import Context, RunDir, RunLock
+from zero_chatgpt.core.registry import PIPELINE, READ_ONLY, STAGES, TOOLS, Stage, is_built, model_stages
 
 EPILOG = """\
 The run directory defaults to runs/<preset> (runs/demo without --preset), so runs of
@@ -166,7 +166,7 @@ def run_stage(ctx: Context, st: Stage) -> str:
         import torch
         torch.manual_seed(int(ctx.cfg["run"]["seed"]))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from zero_chatgpt.train.runtime import run_under_torchrun
+        from zero_chatgpt.core.runtime import run_under_torchrun
         run_under_torchrun(ctx, st.name, lambda: fn(ctx), everywhere=st.distributed)
     else:
         fn(ctx)
@@ -197,7 +197,7 @@ def _say_where_next(ctx: Context) -> None:
     """The last lines of `run`: where the report is, and how to talk to the model."""
     import shlex
 
-    from zero_chatgpt.rundir import pick_model
+    from zero_chatgpt.core.rundir import pick_model
     rd = ctx.run_dir
     where = shlex.quote(str(rd.root))
     html = rd.report / "report.html"

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from zero_chatgpt.console import UserError
+from zero_chatgpt.core.console import UserError
 
 
 def package_dir(name: str) -> Path:

@@ -36,8 +36,8 @@ from typing import Iterable
 
 import xxhash
 
-from zero_chatgpt.console import UserError, info
-from zero_chatgpt.io import atomic_write_json
+from zero_chatgpt.core.console import UserError, info
+from zero_chatgpt.core.io import atomic_write_json
 
 KINDS = ("meaning", "origin", "example", "pinyin", "chain")
 # Kinds whose reference is one dictionary field, so char-F1/ROUGE-L against it is meaningful.

@@ -267,7 +267,7 @@ class CleanConfig:
                 kw[k] = tuple(v) if isinstance(v, list) else v
         cfg = cls(**kw)
         if len(cfg.top_ngram_n) != len(cfg.top_ngram_max) or len(cfg.dup_ngram_n) != len(cfg.dup_ngram_max):
-            from zero_chatgpt.console import UserError
+            from zero_chatgpt.core.console import UserError
             raise UserError("data.top_ngram_n / top_ngram_max (and dup_ngram_n / dup_ngram_max) must have "
                             "the same length")
         return cfg

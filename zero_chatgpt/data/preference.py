@@ -139,7 +139,7 @@ def bad_rows(bad: dict | None, show: int = 3) -> list[list]:
 
 
 def write_pairs(path: Path, pairs: list[dict]) -> None:
-    from zero_chatgpt.io import atomic_write_text
+    from zero_chatgpt.core.io import atomic_write_text
     atomic_write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
 
 

@@ -12,7 +12,7 @@ import os
 from concurrent.futures import Future
 from typing import Iterator
 
-from zero_chatgpt.console import UserError, info
+from zero_chatgpt.core.console import UserError, info
 
 
 def _ray():

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from zero_chatgpt.console import UserError
-from zero_chatgpt.io import DECOMPRESSION_ERRORS, open_binary
+from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.io import DECOMPRESSION_ERRORS, open_binary
 
 _CHUNK = 1 << 20  # bytes read at a time by the JSON-array reader
 MAX_RECORD_BYTES = 16 << 20  # default cap on one line / one JSON element (data.max_record_bytes)

@@ -292,14 +292,14 @@ async def _stream(engine, req, events, cid, now, model_id, fingerprint, include_
 
 
 def run_command(ctx) -> None:
-    from zero_chatgpt.console import UserError
+    from zero_chatgpt.core.console import UserError
 
     rd, a = ctx.run_dir, ctx.args
     host, key = a.get("host") or "127.0.0.1", a.get("api_key")
     check_api_key(key)               # before torch and the model load: a refusal answers at once
     check_exposure(host, key, bool(a.get("insecure")))
-    from zero_chatgpt.chat import load_chat_model
-    from zero_chatgpt.checkpoint import stage_model_path
+    from zero_chatgpt.serve.chat import load_chat_model
+    from zero_chatgpt.core.checkpoint import stage_model_path
     from zero_chatgpt.serve.engine import CacheTooLarge, Engine
 
     stage, model, tok = load_chat_model(ctx)

@@ -33,8 +33,8 @@ from typing import Callable
 
 import torch
 
-from zero_chatgpt.generate import _last_logits, _process_logits, draw, effective_temperature
-from zero_chatgpt.model import KVCache
+from zero_chatgpt.model.generate import _last_logits, _process_logits, draw, effective_temperature
+from zero_chatgpt.model.transformer import KVCache
 
 
 class QueueFull(Exception):

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from zero_chatgpt.console import UserError, info
+from zero_chatgpt.core.console import UserError, info
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

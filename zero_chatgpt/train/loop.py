@@ -62,9 +62,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt.console import UserError, info, progress, table
-from zero_chatgpt.train.runtime import Dist, cpu_group, gather_to_all, peak_flops, resolve_precision, setup_distributed
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.core.console import UserError, info, progress, table
+from zero_chatgpt.core.runtime import Dist, cpu_group, gather_to_all, peak_flops, resolve_precision, setup_distributed
 
 BatchSource = Callable[[int, int, int, int], Any]
 LossFn = Callable[[torch.nn.Module, Any], tuple]

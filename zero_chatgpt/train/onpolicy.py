@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from zero_chatgpt.console import UserError
-from zero_chatgpt.loss import IGNORE, TokenLogProbs
-from zero_chatgpt.train.rl import masked_mean
+from zero_chatgpt.core.console import UserError
+from zero_chatgpt.model.losses import IGNORE, TokenLogProbs
+from zero_chatgpt.train.rl_math import masked_mean
 from zero_chatgpt.train.rollout import prompt_limit, sample
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from zero_chatgpt.console import UserError, progress
-from zero_chatgpt.loss import IGNORE, TokenLogProbs
-from zero_chatgpt.rewards import answer_ids, prompt_ids
+from zero_chatgpt.core.console import UserError, progress
+from zero_chatgpt.model.losses import IGNORE, TokenLogProbs
+from zero_chatgpt.model.reward_model import answer_ids, prompt_ids
 
 
 @dataclass

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from zero_chatgpt.console import progress
-from zero_chatgpt.generate import Generation, generate
+from zero_chatgpt.core.console import progress
+from zero_chatgpt.model.generate import Generation, generate
 
 
 def sample(model, tok, prompts: list[list[int]], *, temperature: float, max_new_tokens: int, seed: int,

@@ -43,11 +43,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zero_chatgpt import config as config_mod
-from zero_chatgpt import manifest
-from zero_chatgpt.console import UserError, info
-from zero_chatgpt.io import atomic_write_json
-from zero_chatgpt.stages import STAGES, Stage, model_stages
+from zero_chatgpt.core import config as config_mod
+from zero_chatgpt.core import manifest
+from zero_chatgpt.core.console import UserError, info
+from zero_chatgpt.core.io import atomic_write_json
+from zero_chatgpt.core.registry import STAGES, Stage, model_stages
 
 MARKER = ".stage.json"
 FINGERPRINTS = ".fingerprints.json"
@@ -455,7 +455,7 @@ def _refuse_legacy(rd: RunDir, st: Stage, out: Path) -> None:
 
 
 def _newest_step(out: Path) -> Path | None:
-    from zero_chatgpt.checkpoint import list_checkpoints
+    from zero_chatgpt.core.checkpoint import list_checkpoints
     steps = [p for p in list_checkpoints(out) if (p / manifest.MANIFEST).exists()]
     return steps[-1] if steps else None
 

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from zero_chatgpt.model import KVCache
+from zero_chatgpt.model.transformer import KVCache
 
 
 @dataclass

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from zero_chatgpt.console import UserError
+from zero_chatgpt.core.console import UserError
 
 
 @dataclass

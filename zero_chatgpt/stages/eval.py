@@ -62,10 +62,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from zero_chatgpt import eval_everyday as everyday
+from zero_chatgpt.eval import everyday
 # pinyin scoring lives in eval_pinyin.py; its names stay importable from here (grpo.py, the tests)
-from zero_chatgpt.eval_pinyin import (TONE_MARKS, pinyin_exact, pinyin_key, pinyin_syllable_acc,  # noqa: F401
-                                      pinyin_syllables)
+from zero_chatgpt.eval.pinyin import TONE_MARKS, pinyin_exact, pinyin_key, pinyin_syllable_acc, pinyin_syllables
 
 # ---------------------------------------------------------------- metrics
 #
@@ -272,7 +271,7 @@ def _root(run_dir) -> Path:
 
 
 def _gold_fraction_of(run_dir) -> float:
-    from zero_chatgpt import config
+    from zero_chatgpt.core import config
     cfg = config.defaults()
     path = _root(run_dir) / config.CONFIG_FILE
     if path.exists():
@@ -356,8 +355,8 @@ def answer_prompts(model, tok, records: list[dict], *, chat: bool, max_new_token
     Chat stages get the chat template with the generation prompt and stop at <|im_end|>/<|endoftext|>;
     pretrain gets `plain_prompt` and also stops at the end of the line (its natural end of an answer).
     """
-    from zero_chatgpt.console import progress
-    from zero_chatgpt.generate import generate
+    from zero_chatgpt.core.console import progress
+    from zero_chatgpt.model.generate import generate
     from zero_chatgpt.train.rollout import prompt_limit
 
     prompts, cut = encode_prompts(tok, records, chat=chat, limit=prompt_limit(model, max_new_tokens))
@@ -416,7 +415,7 @@ def kl_along(model, ref_model, prompts: list[list[int]], answers: list[list[int]
 
 def rm_scores(scorer, tok, records: list[dict], answers: list[str], ended: list[bool]):
     """The reward model's normalized scores of answers to the records' prompts (as the chat model sees them)."""
-    from zero_chatgpt.rewards import answer_ids, prompt_ids
+    from zero_chatgpt.model.reward_model import answer_ids, prompt_ids
     return scorer.score([prompt_ids(tok, r["messages"]) for r in records],
                         [answer_ids(tok, a, e) for a, e in zip(answers, ended)])
 
@@ -551,8 +550,8 @@ def question_baseline(records: list[dict]) -> dict:
 
 def trained_stages(run_dir) -> tuple[list[str], list[str]]:
     """(model stages that are complete and current, notes on the others that have a folder), pipeline order."""
-    from zero_chatgpt.rundir import stale_reason
-    from zero_chatgpt.stages import model_stages
+    from zero_chatgpt.core.rundir import stale_reason
+    from zero_chatgpt.core.registry import model_stages
     have, notes = [], []
     for st in model_stages():
         why = stale_reason(run_dir, st.name)
@@ -577,7 +576,7 @@ def _compact_json(obj, indent: int = 0) -> str:
 
 
 def write_result(path: Path, res: dict) -> None:
-    from zero_chatgpt.io import atomic_write_text
+    from zero_chatgpt.core.io import atomic_write_text
     atomic_write_text(path, _compact_json(res) + "\n")
 
 
@@ -589,10 +588,10 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     (the reward model's scores of SFT's answers, computed once)."""
     import time
 
-    from zero_chatgpt.checkpoint import load_model, stage_model_path
-    from zero_chatgpt.console import info
+    from zero_chatgpt.core.checkpoint import load_model, stage_model_path
+    from zero_chatgpt.core.console import info
     from zero_chatgpt.train.rollout import prompt_limit
-    from zero_chatgpt.train.sft import masked_val_loss
+    from zero_chatgpt.stages.sft import masked_val_loss
 
     e = ctx.cfg["eval"]
     t0 = time.perf_counter()
@@ -750,7 +749,7 @@ TABLE_METRICS = ("val_loss", "chat_val_loss", "char_f1", "rouge_l", "restates_id
 
 def print_tables(results: dict[str, dict], base: dict, n_prompts: int, how: str, where) -> None:
     """Every stage side by side; then each stage's paired differences to SFT with their 95 % intervals."""
-    from zero_chatgpt.console import table
+    from zero_chatgpt.core.console import table
 
     rows = [[c] + [results[s].get(c, "-") for s in results] for c in TABLE_METRICS
             if any(c in r for r in results.values())]
@@ -772,13 +771,13 @@ def print_tables(results: dict[str, dict], base: dict, n_prompts: int, how: str,
 
 
 def run_stage(ctx) -> None:
-    from zero_chatgpt.console import UserError, info
+    from zero_chatgpt.core.console import UserError, info
 
     from zero_chatgpt.data.chat_data import read_split
-    from zero_chatgpt.rundir import begin, read_marker, stale_reason, sub_key
-    from zero_chatgpt.stages import model_stages
-    from zero_chatgpt.tokenizer import load_tokenizer
-    from zero_chatgpt.train.sft import encode_records
+    from zero_chatgpt.core.rundir import begin, read_marker, stale_reason, sub_key
+    from zero_chatgpt.core.registry import model_stages
+    from zero_chatgpt.model.tokenizer import load_tokenizer
+    from zero_chatgpt.stages.sft import encode_records
 
     rd, e = ctx.run_dir, ctx.cfg["eval"]
     want = ctx.args.get("stage")
@@ -804,7 +803,7 @@ def run_stage(ctx) -> None:
     run = begin(ctx, "eval", reads=tuple(stages) + (("rm",) if use_rm else ()),
                 extra={"eval.metrics": " ".join(METRICS), "eval.everyday": everyday.asked_key()})
     if not (rd.sft_data / "eval.jsonl").exists():
-        from zero_chatgpt.train.sft import ensure_sft_data
+        from zero_chatgpt.stages.sft import ensure_sft_data
         ensure_sft_data(ctx)                                  # the held-out prompts, even before SFT ran
     tok = load_tokenizer(rd.tokenizer)
     seed = int(ctx.cfg["run"]["seed"])
@@ -844,7 +843,7 @@ def run_stage(ctx) -> None:
             max_len = int(ctx.cfg["sft"]["max_seq_len"])
             val = encode_records(tok, val_recs, max_len, desc="encode val")
         if st != "sft" and use_rm and scorer is None:
-            from zero_chatgpt.rewards import RewardScorer
+            from zero_chatgpt.model.reward_model import RewardScorer
             scorer = RewardScorer.load(rd / "rm" / "final", tok.pad_id, batch_size=e["batch_size"])
         res = evaluate_stage(ctx, st, tok, eval_recs, val, idioms, ref=results.get("sft") if st != "sft" else None,
                              scorer=scorer, cache=cache)

@@ -42,41 +42,41 @@ class Stage:
 
 
 PIPELINE: tuple[Stage, ...] = (
-    Stage("data", "zero_chatgpt.data.pipeline", "clean and deduplicate the corpus into RUN_DIR/data",
+    Stage("data", "zero_chatgpt.stages.data", "clean and deduplicate the corpus into RUN_DIR/data",
           out="data", sections=("data",)),
-    Stage("tokenizer", "zero_chatgpt.data.tokenize", "train the BPE tokenizer and encode the corpus into RUN_DIR/tokens",
+    Stage("tokenizer", "zero_chatgpt.stages.tokenizer", "train the BPE tokenizer and encode the corpus into RUN_DIR/tokens",
           out="tokenizer", reads=("data",), sections=("tokenizer",)),
-    Stage("pretrain", "zero_chatgpt.train.pretrain", "pretrain the language model on RUN_DIR/tokens",
+    Stage("pretrain", "zero_chatgpt.stages.pretrain", "pretrain the language model on RUN_DIR/tokens",
           out="pretrain", reads=("tokenizer",), sections=("run", "model", "pretrain"), trained=True, model="lm",
           distributed=True),
-    Stage("sft", "zero_chatgpt.train.sft", "build instruction data and fine-tune the pretrained model (SFT)",
+    Stage("sft", "zero_chatgpt.stages.sft", "build instruction data and fine-tune the pretrained model (SFT)",
           out="sft", reads=("tokenizer", "pretrain"), sections=("run", "sft"), trained=True, model="lm", chat=True,
           distributed=True),
-    Stage("rm", "zero_chatgpt.train.reward", "train the reward model on preference pairs",
+    Stage("rm", "zero_chatgpt.stages.rm", "train the reward model on preference pairs",
           out="rm", reads=("sft",), sections=("run", "rl", "rm"), trained=True, model="rm", distributed=True),
-    Stage("ppo", "zero_chatgpt.train.ppo", "align the SFT model with PPO against the reward model",
+    Stage("ppo", "zero_chatgpt.stages.ppo", "align the SFT model with PPO against the reward model",
           out="ppo", reads=("sft", "rm"), sections=("run", "rl", "ppo"), trained=True, model="lm", chat=True,
           distributed=True),
-    Stage("dpo", "zero_chatgpt.train.dpo", "align the SFT model with DPO on preference pairs",
+    Stage("dpo", "zero_chatgpt.stages.dpo", "align the SFT model with DPO on preference pairs",
           out="dpo", reads=("sft", "rm"), sections=("run", "rl", "dpo"), trained=True, model="lm", chat=True,
           distributed=True),
-    Stage("grpo", "zero_chatgpt.train.grpo", "align the SFT model with GRPO (group-normalized rewards, no critic)",
+    Stage("grpo", "zero_chatgpt.stages.grpo", "align the SFT model with GRPO (group-normalized rewards, no critic)",
           out="grpo", reads=("sft", "rm"), sections=("run", "rl", "grpo"), trained=True, model="lm", chat=True,
           distributed=True),
-    Stage("eval", "zero_chatgpt.evaluate", "evaluate every trained model on the same held-out prompts",
+    Stage("eval", "zero_chatgpt.stages.eval", "evaluate every trained model on the same held-out prompts",
           out="eval", sections=("eval",)),
-    Stage("report", "zero_chatgpt.report", "write RUN_DIR/report/report.md and report.html with plots",
+    Stage("report", "zero_chatgpt.stages.report", "write RUN_DIR/report/report.md and report.html with plots",
           out="report"),
 )
 STAGES: dict[str, Stage] = {s.name: s for s in PIPELINE}
 
 # Commands that use a run's outputs but are not steps of the recipe.
 TOOLS: dict[str, Stage] = {t.name: t for t in (
-    Stage("chat", "zero_chatgpt.chat", "chat with a trained model in the terminal (streams tokens)", out="",
+    Stage("chat", "zero_chatgpt.serve.chat", "chat with a trained model in the terminal (streams tokens)", out="",
           func="run_command"),
     Stage("serve", "zero_chatgpt.serve.app", "serve an OpenAI-compatible API and a web chat page", out="",
           func="run_command"),
-    Stage("export", "zero_chatgpt.export", "export a trained model (hf | gguf)", out="", func="run_command"),
+    Stage("export", "zero_chatgpt.export.command", "export a trained model (hf | gguf)", out="", func="run_command"),
 )}
 # Commands that only read the run directory: no lock, nothing written into it.
 READ_ONLY = frozenset(TOOLS)

@@ -22,10 +22,10 @@ import json
 import platform
 from pathlib import Path
 
-from zero_chatgpt import plots
-from zero_chatgpt import report_doc as doc
-from zero_chatgpt import timings
-from zero_chatgpt.console import SMALL_N, share
+from zero_chatgpt.report import plots
+from zero_chatgpt.report import document as doc
+from zero_chatgpt.core import timings
+from zero_chatgpt.core.console import SMALL_N, share
 
 # the metrics of the side-by-side table, as evaluate.py names them
 EVAL_ROWS = ("char_f1", "rouge_l", "restates_idiom", "pinyin_exact", "pinyin_syllable_acc", "chain_valid", "eos_rate",
@@ -83,8 +83,8 @@ class Run:
     """What the stages left in the run directory, read once."""
 
     def __init__(self, ctx):
-        from zero_chatgpt.rundir import read_marker, stale_reason
-        from zero_chatgpt.stages import PIPELINE
+        from zero_chatgpt.core.rundir import read_marker, stale_reason
+        from zero_chatgpt.core.registry import PIPELINE
         self.ctx, self.rd = ctx, ctx.run_dir
         self.where = str(self.rd.root)
         self.names = [st.name for st in PIPELINE if st.name != "report"]
@@ -97,7 +97,7 @@ class Run:
         self.rl = {s: _json(self.rd.eval / f"{s}_train.json") or curves.get(s) for s in RL_STAGES}
         self.rm = _json(self.rd.eval / "rm.json")
         self.evals = {}
-        from zero_chatgpt.stages import model_stages
+        from zero_chatgpt.core.registry import model_stages
         for st in model_stages():
             res = _json(self.rd.eval / f"{st.name}.json")
             if isinstance(res, dict):
@@ -140,7 +140,7 @@ def headline(r: Run, name: str) -> str:
         return f"accuracy {share(r.rm['accuracy'], r.rm.get('val_pairs'))}" + \
             (f", gold agreement {share(ga, r.rm.get('gold_pairs'))}" if ga is not None else "")
     if name in RL_STAGES and name in r.evals and "char_f1" in r.evals[name]:
-        from zero_chatgpt.evaluate import format_diff
+        from zero_chatgpt.stages.eval import format_diff
         d = r.evals[name].get("vs_sft", {}).get("char_f1")
         return f"char_f1 {r.evals[name]['char_f1']:.3f}" + (f" ({format_diff(d)} vs sft)" if d else "")
     if name == "eval" and r.evaluated():
@@ -179,7 +179,7 @@ def data_section(r: Run) -> list:
     s = r.stats
     if not s:
         return out + [doc.note(r.run_hint("data"))]
-    from zero_chatgpt.data.pipeline import funnel_rows
+    from zero_chatgpt.stages.data import funnel_rows
     rows = funnel_rows(s)
     out.append(doc.p(f"{s['docs_in']:,} documents ({s['chars_in']:,} characters) in, {s['docs_out']:,} "
                      f"({s['chars_out']:,} characters) out: {s['train_docs']:,} train, {s['val_docs']:,} val."))
@@ -319,10 +319,10 @@ def rm_section(r: Run) -> list:
 
 
 def models_section(r: Run) -> list:
-    from zero_chatgpt.evaluate import format_diff
+    from zero_chatgpt.stages.eval import format_diff
     out = [doc.h(2, "The model after every stage")]
     have = r.evaluated()
-    from zero_chatgpt.stages import model_stages
+    from zero_chatgpt.core.registry import model_stages
     for s in [st.name for st in model_stages() if st.name not in have]:
         out.append(doc.note(f"{s}: " + (r.run_hint(s) if r.status(s) == "not run" else
                                         f"trained, not evaluated: `zero-chatgpt eval --run-dir {r.where}`")))
@@ -348,7 +348,7 @@ def models_section(r: Run) -> list:
                         if dec.get("repetition_penalty", 1.0) != 1.0 else "")
                      + f", at most {dec.get('max_new_tokens', '?')} new tokens."))
     # everyday_in_kind rests on 45 questions, 9 a category: its rows carry their k/n (eval_everyday.table_rows)
-    from zero_chatgpt.eval_everyday import table_rows
+    from zero_chatgpt.eval.everyday import table_rows
     rows = [[m] + [x.get(m) for x in res.values()] for m in ("chat_val_loss", *EVAL_ROWS, "mean_length")
             if m != "everyday_in_kind" and any(m in x for x in res.values())]
     rows += table_rows(res)
@@ -414,7 +414,7 @@ def _answer_of(res: dict, pid) -> dict | None:
 
 
 def run_section(r: Run) -> list:
-    from zero_chatgpt import config as config_mod
+    from zero_chatgpt.core import config as config_mod
     out = [doc.h(2, "Run")]
     t = r.timings
     stages = t.get("stages", {})
@@ -451,9 +451,9 @@ def _inputs_key(ctx) -> str:
     """What the card is drawn from: the files it reads, every stage's record, the timings (without the
     card's own entry), the config and this version."""
     from zero_chatgpt import __version__
-    from zero_chatgpt import config as config_mod
-    from zero_chatgpt.rundir import MARKER, fingerprint_files, sub_key
-    from zero_chatgpt.stages import PIPELINE
+    from zero_chatgpt.core import config as config_mod
+    from zero_chatgpt.core.rundir import MARKER, fingerprint_files, sub_key
+    from zero_chatgpt.core.registry import PIPELINE
     root = Path(ctx.run_dir.root)
     files = [root / "data" / "stats.json", *sorted(root.glob("eval/*.json")), *sorted(root.glob("logs/*.jsonl")),
              *[root / st.out / MARKER for st in PIPELINE if st.name != "report"]]
@@ -470,7 +470,7 @@ SECTIONS = {"Data": data_section, "Tokenizer": tokenizer_section, "Training curv
 
 
 def build(ctx) -> tuple[list, Run]:
-    from zero_chatgpt.console import info
+    from zero_chatgpt.core.console import info
     r = Run(ctx)
     if r.bad_log_lines:
         info(f"report: {bad_lines_note(r.bad_log_lines)}")
@@ -490,7 +490,7 @@ def build(ctx) -> tuple[list, Run]:
 
 def write(rd, blocks: list, title: str) -> Path:
     """report.md, report.html and plots/*.png (plots of an earlier card that this one lacks are removed)."""
-    from zero_chatgpt.io import atomic_write_bytes, atomic_write_text
+    from zero_chatgpt.core.io import atomic_write_bytes, atomic_write_text
     out = Path(rd.report)
     pdir = out / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
@@ -508,9 +508,9 @@ def write(rd, blocks: list, title: str) -> Path:
 
 
 def run_stage(ctx) -> None:
-    from zero_chatgpt.console import UserError, info, table
-    from zero_chatgpt.rundir import begin, read_marker
-    from zero_chatgpt.stages import PIPELINE
+    from zero_chatgpt.core.console import UserError, info, table
+    from zero_chatgpt.core.rundir import begin, read_marker
+    from zero_chatgpt.core.registry import PIPELINE
     rd = ctx.run_dir
     built = [st.name for st in PIPELINE if st.name != "report" and read_marker(rd / st.out)]
     if not built:

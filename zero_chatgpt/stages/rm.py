@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt import manifest
-from zero_chatgpt.config import rl_seed
-from zero_chatgpt.console import UserError, info, share, table
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.core import manifest
+from zero_chatgpt.core.config import rl_seed
+from zero_chatgpt.core.console import UserError, info, share, table
 from zero_chatgpt.data import preference as pref
-from zero_chatgpt.io import atomic_write_json
-from zero_chatgpt.model import Transformer
-from zero_chatgpt.rewards import NORM_FILE, Normalization, RewardScorer, bradley_terry, prompt_ids, sequence_scores
-from zero_chatgpt.rundir import begin, inputs_or_recorded, read_marker, source_fingerprints, sub_key, write_sub_marker
+from zero_chatgpt.core.io import atomic_write_json
+from zero_chatgpt.model.transformer import Transformer
+from zero_chatgpt.model.reward_model import NORM_FILE, Normalization, RewardScorer, bradley_terry, prompt_ids, sequence_scores
+from zero_chatgpt.core.rundir import begin, inputs_or_recorded, read_marker, source_fingerprints, sub_key, write_sub_marker
 from zero_chatgpt.train import loop
 from zero_chatgpt.train.pairs import PairBatches, batched_indices, collate, encode_pairs
 from zero_chatgpt.train.rollout import ended, sample
@@ -136,8 +136,8 @@ def ensure_pairs(ctx, tok, sft_path: Path) -> dict:
 
 def evaluate_rm(model, tok, val_pairs: list[dict], gold: list[dict], max_len: int) -> tuple[dict, Normalization]:
     """eval/rm.json's figures and the normalization fitted on held-out SFT samples."""
-    from zero_chatgpt.evaluate import char_f1
-    from zero_chatgpt.rewards import answer_ids
+    from zero_chatgpt.stages.eval import char_f1
+    from zero_chatgpt.model.reward_model import answer_ids
     enc = encode_pairs(tok, val_pairs, max_len, desc="rm eval: pairs")
     rc, rr = pair_scores(model, enc, tok.pad_id)
     neg = np.array(enc.negatives)
@@ -179,7 +179,7 @@ def add_to_checkpoint(folder: Path, name: str, data: dict) -> None:
 # ---------------------------------------------------------------- the stage
 
 def run_stage(ctx) -> None:
-    from zero_chatgpt.tokenizer import load_tokenizer
+    from zero_chatgpt.model.tokenizer import load_tokenizer
     cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["rm"]
     d = loop.setup_distributed(cfg["run"]["device"])
     inputs = inputs_or_recorded(ctx, "rm", ["rm.sources"],

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt import manifest
-from zero_chatgpt.console import UserError
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.core import manifest
+from zero_chatgpt.core.console import UserError
 
 GGUF_TYPES = ("f16", "f32")
 DEFAULT_GGUF_TYPE = "f16"
@@ -91,8 +91,8 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, out: Path, *, name: str, g
     (unchanged, by the marker beside it: export._replaceable), never a file of the user's."""
     import gguf
 
-    from zero_chatgpt.export import _replaceable, file_marker, generation_settings
-    from zero_chatgpt.tokenizer import DEFAULT_PATTERN, chat_template, load_tokenizer
+    from zero_chatgpt.export.command import _replaceable, file_marker, generation_settings
+    from zero_chatgpt.model.tokenizer import DEFAULT_PATTERN, chat_template, load_tokenizer
     out = Path(out)
     if gguf_type not in GGUF_TYPES:
         raise UserError(f"--gguf-type {gguf_type}: choose one of {', '.join(GGUF_TYPES)}")

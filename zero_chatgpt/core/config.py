@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from zero_chatgpt.console import UserError
-from zero_chatgpt.io import atomic_write_text
+from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.io import atomic_write_text
 
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).parents[1] / "presets"
 CONFIG_FILE = "config.toml"
 DEFAULT_PRESET = "demo"
 

@@ -26,16 +26,16 @@ from pathlib import Path
 
 import torch
 
-from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt.config import rl_seed
-from zero_chatgpt.console import UserError, info
-from zero_chatgpt.loss import IGNORE, ScalarValues, TokenLogProbs
-from zero_chatgpt.rewards import RewardScorer
-from zero_chatgpt.train.reward import load_scorer
-from zero_chatgpt.rundir import begin
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.core.config import rl_seed
+from zero_chatgpt.core.console import UserError, info
+from zero_chatgpt.model.losses import IGNORE, ScalarValues, TokenLogProbs
+from zero_chatgpt.model.reward_model import RewardScorer
+from zero_chatgpt.stages.rm import load_scorer
+from zero_chatgpt.core.rundir import begin
 from zero_chatgpt.train import alignment, loop
 from zero_chatgpt.train.onpolicy import RolloutBatches, RolloutSettings, last_answer_index
-from zero_chatgpt.train.rl import AdaptiveKL, clipped_policy_loss, clipped_value_loss, gae, masked_mean, masked_whiten
+from zero_chatgpt.train.rl_math import AdaptiveKL, clipped_policy_loss, clipped_value_loss, gae, masked_mean, masked_whiten
 
 
 def ended_mask(answers: list[list[int]], tok) -> torch.Tensor:
@@ -60,7 +60,7 @@ def sequence_rewards(scorer: RewardScorer | None, rule_fn, prompts, answers, idx
         stats["rule_reward"] = float(rules.mean())
     total -= missing_eos_penalty * (1 - ended)
     if loop_penalty:
-        from zero_chatgpt.evaluate import is_repetitive
+        from zero_chatgpt.stages.eval import is_repetitive
         loops = torch.tensor([float(is_repetitive(tok.decode([t for t in a if t not in tok.stop_ids])))
                               for a in answers])
         total -= loop_penalty * loops
@@ -148,8 +148,8 @@ class PolicyRun:
 def policy_setup(ctx, name: str) -> PolicyRun | None:
     """The distributed setup, the stage's begin, the tokenizer, the SFT path, the RL prompts, the loop
     settings. None when the stage is current."""
-    from zero_chatgpt.evaluate import encode_prompts
-    from zero_chatgpt.tokenizer import load_tokenizer
+    from zero_chatgpt.stages.eval import encode_prompts
+    from zero_chatgpt.model.tokenizer import load_tokenizer
     cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg[name]
     d = loop.setup_distributed(cfg["run"]["device"])
     run = begin(ctx, name, extra={"eval.gold_fraction": cfg["eval"]["gold_fraction"]})

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from zero_chatgpt.io import atomic_write_json
+from zero_chatgpt.core.io import atomic_write_json
 
 FILE = "timings.json"
 
@@ -47,8 +47,8 @@ def load(rd) -> dict:
 
 def record(rd, name: str, outcome: dict) -> dict:
     """Merge one stage's outcome ({"action", "seconds"}, from ctx.outcomes) into timings.json (atomically)."""
-    from zero_chatgpt.rundir import read_marker
-    from zero_chatgpt.stages import STAGES
+    from zero_chatgpt.core.rundir import read_marker
+    from zero_chatgpt.core.registry import STAGES
 
     action = outcome.get("action", "ran")
     if action == "not built":

@@ -1,7 +1,7 @@
 """`zero-chatgpt tokenizer`: train the BPE tokenizer on a sample of data/, save tokenizer/, encode tokens/.
 
-The stage is a recipe over two components: `zero_chatgpt.tokenizer` (train_bpe, Tokenizer,
-load_tokenizer, the corpus sample) and `zero_chatgpt.encode` (corpus shards to token shards).
+The stage is a recipe over two components: `zero_chatgpt.model.tokenizer` (train_bpe, Tokenizer,
+load_tokenizer, the corpus sample) and `zero_chatgpt.model.shard_encoding` (corpus shards to token shards).
 Its two steps resume separately: a kill while encoding keeps the trained tokenizer
 (`tokenizer/.trained.json` records the key it was trained for) and the shards already encoded
 (`tokens/manifest.json`).
@@ -12,12 +12,12 @@ import json
 import time
 from pathlib import Path
 
-from zero_chatgpt import tokens as tokens_mod
-from zero_chatgpt.console import UserError, info, progress, table
-from zero_chatgpt.encode import MANIFEST, count_lines, file_sha, run_jobs, token_path
-from zero_chatgpt.io import atomic_write_json, corpus_shards
-from zero_chatgpt.rundir import Context, begin
-from zero_chatgpt.tokenizer import DEFAULT_PATTERN, load_tokenizer, sample_texts, special_tokens, train_bpe
+from zero_chatgpt.model import token_shards as tokens_mod
+from zero_chatgpt.core.console import UserError, info, progress, table
+from zero_chatgpt.model.shard_encoding import MANIFEST, count_lines, file_sha, run_jobs, token_path
+from zero_chatgpt.core.io import atomic_write_json, corpus_shards
+from zero_chatgpt.core.rundir import Context, begin
+from zero_chatgpt.model.tokenizer import DEFAULT_PATTERN, load_tokenizer, sample_texts, special_tokens, train_bpe
 
 TRAINED = ".trained.json"
 
@@ -69,7 +69,7 @@ def _executor(ctx: Context, tok):
     data = ctx.cfg["data"]
     if data["executor"] != "ray":
         return None
-    from zero_chatgpt.data.pipeline import executor_for
+    from zero_chatgpt.stages.data import executor_for
     return executor_for(data, tok.num_threads)
 
 

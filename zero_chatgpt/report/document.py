@@ -12,7 +12,7 @@ import html
 import re
 from dataclasses import dataclass, field
 
-from zero_chatgpt.console import format_cell
+from zero_chatgpt.core.console import format_cell
 
 
 @dataclass

@@ -46,9 +46,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from zero_chatgpt import manifest
-from zero_chatgpt.console import UserError, info
-from zero_chatgpt.model import ModelConfig, Transformer, rope_tables
+from zero_chatgpt.core import manifest
+from zero_chatgpt.core.console import UserError, info
+from zero_chatgpt.model.transformer import ModelConfig, Transformer, rope_tables
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

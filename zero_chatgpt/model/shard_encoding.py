@@ -1,7 +1,7 @@
 """Encode the cleaned corpus (RUN_DIR/data) into token shards (RUN_DIR/tokens).
 
 One token shard per corpus shard: data/train-00003.jsonl.zst -> tokens/train-00003.bin,
-in the `zero_chatgpt.tokens` format (each document's ids followed by <|endoftext|>,
+in the `zero_chatgpt.model.token_shards` format (each document's ids followed by <|endoftext|>,
 uint16 when the vocabulary fits). Encoding runs on every core: with few shards, tiktoken's
 Rust encoder (which releases the GIL) runs in a thread pool while the main thread
 decompresses and parses the next batch and writes the last one; with many shards, whole
@@ -23,10 +23,10 @@ from typing import Iterator
 import numpy as np
 import zstandard
 
-from zero_chatgpt import tokens as tokens_mod
-from zero_chatgpt.console import info
-from zero_chatgpt.tokenizer import load_tokenizer, shard_texts
-from zero_chatgpt.workers import fault_point, process_pool
+from zero_chatgpt.model import token_shards as tokens_mod
+from zero_chatgpt.core.console import info
+from zero_chatgpt.model.tokenizer import load_tokenizer, shard_texts
+from zero_chatgpt.core.workers import fault_point, process_pool
 
 MANIFEST = "manifest.json"
 BATCH_CHARS = 4 << 20     # characters handed to the thread pool at a time

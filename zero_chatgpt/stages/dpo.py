@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt.config import rl_seed
-from zero_chatgpt.console import info
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.core.config import rl_seed
+from zero_chatgpt.core.console import info
 from zero_chatgpt.data import preference as pref
-from zero_chatgpt.rundir import begin
+from zero_chatgpt.core.rundir import begin
 from zero_chatgpt.train import alignment, loop
 from zero_chatgpt.train.pairs import PairBatches, collate, encode_pairs, sequence_logprobs
 
@@ -63,7 +63,7 @@ class DPOBatches(PairBatches):
 
 
 def run_stage(ctx) -> None:
-    from zero_chatgpt.tokenizer import load_tokenizer
+    from zero_chatgpt.model.tokenizer import load_tokenizer
     cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["dpo"]
     d = loop.setup_distributed(cfg["run"]["device"])
     # its gold prompts are eval's gold part: the share that is gold decides them (and keeps them out of the report)

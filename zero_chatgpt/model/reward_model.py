@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zero_chatgpt.loss import ScalarValues
+from zero_chatgpt.model.losses import ScalarValues
 
 NORM_FILE = "reward_norm.json"
 
@@ -92,7 +92,7 @@ class RewardScorer:
 
     @classmethod
     def load(cls, folder: str | Path, pad_id: int, device="cpu", **kw) -> "RewardScorer":
-        from zero_chatgpt.checkpoint import load_model
+        from zero_chatgpt.core.checkpoint import load_model
         folder = Path(folder)
         model = load_model(folder, device=device)
         try:

@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import torch
 
-from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt.console import UserError, info
-from zero_chatgpt.loss import IGNORE, TokenLogProbs
-from zero_chatgpt.rewards import RewardScorer
-from zero_chatgpt.train.reward import load_scorer
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.core.console import UserError, info
+from zero_chatgpt.model.losses import IGNORE, TokenLogProbs
+from zero_chatgpt.model.reward_model import RewardScorer
+from zero_chatgpt.stages.rm import load_scorer
 from zero_chatgpt.train import alignment, loop
 from zero_chatgpt.train.onpolicy import RolloutBatches
-from zero_chatgpt.train.ppo import policy_setup, rollout_settings, sequence_rewards
-from zero_chatgpt.train.rl import clipped_policy_loss, group_advantages, masked_mean
+from zero_chatgpt.stages.ppo import policy_setup, rollout_settings, sequence_rewards
+from zero_chatgpt.train.rl_math import clipped_policy_loss, group_advantages, masked_mean
 
 RULE_KINDS = ("pinyin", "chain")
 
@@ -51,7 +51,7 @@ def rule_rewards(records: list[dict], tok, idioms: set[str] | None, rules: bool 
     """rule_fn(prompt indices, answers) -> rewards: with `rules`, pinyin_exact / chain_valid where defined;
     with `reference`, plus char_f1 against the record's reference on the kinds with one right answer."""
     from zero_chatgpt.data.chat_data import SCORED_KINDS
-    from zero_chatgpt.evaluate import chain_valid, char_f1, pinyin_exact
+    from zero_chatgpt.stages.eval import chain_valid, char_f1, pinyin_exact
 
     def fn(idx: list[int], answers: list[list[int]]) -> list[float]:
         out = []

@@ -26,8 +26,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from zero_chatgpt.console import UserError
-from zero_chatgpt.io import atomic_write_json, atomic_write_text
+from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.io import atomic_write_json, atomic_write_text
 
 # The pre-tokenization regex (Llama 3's, which is GPT-4's with possessive quantifiers
 # removed so that Oniguruma, fancy-regex and rustbpe all read it the same way).
@@ -323,7 +323,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = DEFAULT_PATT
 def shard_texts(path: Path) -> Iterator[str]:
     """The "text" of every document of a corpus shard; a damaged shard is a UserError naming it."""
     import zstandard
-    from zero_chatgpt.io import iter_jsonl
+    from zero_chatgpt.core.io import iter_jsonl
     n = 0
     try:
         for n, rec in enumerate(iter_jsonl(path), 1):
@@ -344,7 +344,7 @@ class CorpusSample:
     """
 
     def __init__(self, data_dir: Path, split: str, max_chars: int, max_doc_chars: int):
-        from zero_chatgpt.io import corpus_shards
+        from zero_chatgpt.core.io import corpus_shards
         self.shards = corpus_shards(data_dir, split)
         if not self.shards:
             raise UserError(f"no {split} corpus shards in {data_dir}; run `zero-chatgpt data` first")

@@ -18,9 +18,9 @@ import os
 import shutil
 from pathlib import Path
 
-from zero_chatgpt import checkpoint as ckpt
-from zero_chatgpt import manifest
-from zero_chatgpt.console import UserError, info, table
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.core import manifest
+from zero_chatgpt.core.console import UserError, info, table
 
 def pick_stage(run_dir, stage: str | None) -> tuple[str, Path]:
     """The stage to export and its final/ folder (see rundir.pick_model), saying why later ones were passed over.
@@ -28,8 +28,8 @@ def pick_stage(run_dir, stage: str | None) -> tuple[str, Path]:
     Without --stage the pick must be a chat model (sft and after), as for `chat`: a pretrained model
     continues text instead of answering, and exporting one because a later model went missing would ship
     the wrong model without a word. It is exported when --stage names it."""
-    from zero_chatgpt.rundir import pick_model
-    from zero_chatgpt.stages import STAGES, model_stages
+    from zero_chatgpt.core.rundir import pick_model
+    from zero_chatgpt.core.registry import STAGES, model_stages
     name, path, notes = pick_model(run_dir, stage, chat=False)
     if stage is None and not STAGES[name].chat:
         chats = ", ".join(s.name for s in model_stages(chat_only=True))
@@ -105,7 +105,7 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out: Path, sampling: dict | 
 
     Never deletes what export did not write: the folder is built beside `out` and moved into place,
     and only an empty `out` or an earlier export (unchanged, by its marker) is replaced."""
-    from zero_chatgpt.tokenizer import load_tokenizer
+    from zero_chatgpt.model.tokenizer import load_tokenizer
     out = Path(out)
     why = _replaceable(out)
     if why:
@@ -172,7 +172,7 @@ def run_command(ctx) -> None:
 
 def _export(ctx, fmt: str, stage: str, model_dir: Path, out: Path) -> None:
     if fmt == "gguf":
-        from zero_chatgpt.gguf_export import DEFAULT_GGUF_TYPE, export_gguf
+        from zero_chatgpt.export.gguf import DEFAULT_GGUF_TYPE, export_gguf
         kind = ctx.args.get("gguf_type") or DEFAULT_GGUF_TYPE
         name = f"zero-chatgpt {ctx.run_dir.root.resolve().name} {stage}"
         s = export_gguf(model_dir, ctx.run_dir.tokenizer, Path(out), name=name, gguf_type=kind,

@@ -31,15 +31,15 @@ from typing import Iterator
 
 import numpy as np
 
-from zero_chatgpt.console import UserError, info, progress, table
+from zero_chatgpt.core.console import UserError, info, progress, table
 from zero_chatgpt.data import builtin
 from zero_chatgpt.data.clean import REASONS, Cleaner, CleanConfig
 from zero_chatgpt.data.dedup import MinHasher, exact_hash
 from zero_chatgpt.data.dedup_parts import deduplicate
 from zero_chatgpt.data.sources import BadRecords, iter_records, parse_source
-from zero_chatgpt.io import JsonlZstWriter, atomic_write_json, iter_jsonl
-from zero_chatgpt.rundir import Context, begin, inputs_or_recorded, source_fingerprints
-from zero_chatgpt.workers import command_alive, fault_point, process_pool
+from zero_chatgpt.core.io import JsonlZstWriter, atomic_write_json, iter_jsonl
+from zero_chatgpt.core.rundir import Context, begin, inputs_or_recorded, source_fingerprints
+from zero_chatgpt.core.workers import command_alive, fault_point, process_pool
 
 DEDUP_REASONS = ("exact_dup", "near_dup")
 

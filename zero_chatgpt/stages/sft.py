@@ -34,9 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zero_chatgpt.console import UserError, info, progress, table
-from zero_chatgpt.rundir import (begin, folder_fingerprint, inputs_or_recorded, read_marker, source_fingerprints,
-                                 sub_key, write_sub_marker)
+from zero_chatgpt.core.console import UserError, info, progress, table
+from zero_chatgpt.core.rundir import begin, folder_fingerprint, inputs_or_recorded, read_marker, source_fingerprints, sub_key, write_sub_marker
 
 IGNORE = -100
 
@@ -207,7 +206,7 @@ class LengthGroupedBatches:
         m = (step * self.grad_accum + micro) * world + rank
         batch = collate(self.data, self.indices(m), self.pad_id)
         if self.unlikelihood:
-            from zero_chatgpt.loss import unlikelihood_candidates
+            from zero_chatgpt.model.losses import unlikelihood_candidates
             batch["ul_candidates"] = unlikelihood_candidates(batch["labels"], IGNORE)
         return batch
 
@@ -215,7 +214,7 @@ class LengthGroupedBatches:
 def sft_loss(model, batch: dict, unlikelihood: float = 0.0):
     """Mean cross-entropy over the assistant tokens of the batch (labels already shifted and masked),
     plus `unlikelihood` x the token-level unlikelihood of the answer's earlier tokens (loss.py)."""
-    from zero_chatgpt.loss import lm_loss
+    from zero_chatgpt.model.losses import lm_loss
     loss, n = lm_loss(model, batch["input_ids"], batch["labels"], IGNORE,
                       ul_candidates=batch.get("ul_candidates"), ul_alpha=unlikelihood)
     return loss, {}, n
@@ -224,7 +223,7 @@ def sft_loss(model, batch: dict, unlikelihood: float = 0.0):
 @torch.no_grad()
 def masked_val_loss(model, data: SFTSet, pad_id: int, micro_batch_tokens: int = 4096) -> float:
     """Mean loss over every assistant token of `data` (the SFT validation loss), in length-sorted batches."""
-    from zero_chatgpt.loss import lm_loss
+    from zero_chatgpt.model.losses import lm_loss
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -283,7 +282,7 @@ def ensure_sft_data(ctx, inputs: dict | None = None) -> dict:
 
 
 def init_path(ctx) -> Path:
-    from zero_chatgpt.checkpoint import stage_model_path
+    from zero_chatgpt.core.checkpoint import stage_model_path
     s = ctx.cfg["sft"]
     path = Path(s["init_from"]) if s.get("init_from") else stage_model_path(ctx.run_dir, "pretrain")
     if not (path / "config.json").exists():
@@ -297,10 +296,10 @@ def init_path(ctx) -> Path:
 def run_stage(ctx) -> None:
     import time
 
-    from zero_chatgpt import checkpoint as ckpt
+    from zero_chatgpt.core import checkpoint as ckpt
     from zero_chatgpt.data.chat_data import read_split
-    from zero_chatgpt.model import Transformer
-    from zero_chatgpt.tokenizer import load_tokenizer
+    from zero_chatgpt.model.transformer import Transformer
+    from zero_chatgpt.model.tokenizer import load_tokenizer
     from zero_chatgpt.train import loop
 
     t0 = time.perf_counter()
