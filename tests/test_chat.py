@@ -6,7 +6,7 @@ import pytest
 
 from test_sft import TOY, toy_run_copy
 from zero_chatgpt.serve.chat import pick_stage
-from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.rundir import RunDir
 
 

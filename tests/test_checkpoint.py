@@ -13,7 +13,7 @@ import pytest
 
 from runs import tiny_args, write_sources, zc
 from zero_chatgpt.core import checkpoint as ckpt
-from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 
 from zero_chatgpt.core import config
 from zero_chatgpt.cli import main
-from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.errors import UserError
 
 
 def test_every_preset_loads_and_matches_schema():

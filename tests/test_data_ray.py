@@ -122,8 +122,8 @@ def test_ray_resumes_finished_parts(ray_cluster, source, local, tmp_path):
 def test_missing_ray_is_a_user_error(monkeypatch):
     import sys
 
-    from zero_chatgpt.core.console import UserError
-    from zero_chatgpt.data.ray_executor import ray_executor
+    from zero_chatgpt.core.errors import UserError
+    from zero_chatgpt.data.executors import ray_executor
     monkeypatch.setitem(sys.modules, "ray", None)      # import ray raises ImportError
     with pytest.raises(UserError, match=r"pip install 'zero-chatgpt\[ray\]'"):
         with ray_executor("", 2):

@@ -30,11 +30,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zero_chatgpt.core import config
-from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.data import streams
 from zero_chatgpt.data.streams import has_surrogates
 from zero_chatgpt.stages.data import run_stage
-from zero_chatgpt.data.sources import FORMATS, BadRecords, Source, iter_records
+from zero_chatgpt.data.sources import FORMATS, Source, iter_records
+from zero_chatgpt.data.streams import BadRecords
 from zero_chatgpt.core.rundir import Context, RunDir
 
 SUFFIX = {"text": ".txt", "parquet": ".parquet", "wikipedia-cn": ".json"}  # the others: .jsonl

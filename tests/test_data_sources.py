@@ -6,8 +6,9 @@ import shutil
 import pytest
 import zstandard
 
-from zero_chatgpt.core.console import UserError
-from zero_chatgpt.data.sources import FORMATS, BadRecords, iter_records, parse_source
+from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.data.sources import FORMATS, iter_records, parse_source
+from zero_chatgpt.data.streams import BadRecords
 
 FIX = __import__("pathlib").Path(__file__).parent / "fixtures" / "data"
 

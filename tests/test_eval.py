@@ -3,17 +3,17 @@ import json
 
 import pytest
 import torch
+from test_sft import _tiny_model, toy_run_copy
 
 from runs import record_stage
-from test_sft import _tiny_model, toy_run_copy
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core import config
-from zero_chatgpt.eval import everyday
-from zero_chatgpt.stages import eval as ev
-from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.rundir import Context, RunDir
 from zero_chatgpt.data import chat_data
 from zero_chatgpt.data.builtin import load_idioms
-from zero_chatgpt.core.rundir import Context, RunDir
+from zero_chatgpt.eval import everyday, metrics, prompts
+from zero_chatgpt.stages import eval as ev
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_eval_writes_every_stage_and_keeps_pretrain_keys(run, capsys):
     assert pre["vs_sft"]["pinyin_exact"]["n"] == sft["by_kind"]["pinyin"]["n"]
     assert "difference to SFT" in out and "[" in out
     # restating the idiom and pinyin syllables: defined on their kinds only, reported and compared
-    assert [x is None for x in pp["restates_idiom"]] == [k not in ev.RESTATE_KINDS for k in pp["kind"]]
+    assert [x is None for x in pp["restates_idiom"]] == [k not in metrics.RESTATE_KINDS for k in pp["kind"]]
     assert [x is None for x in pp["pinyin_syllable_acc"]] == [k != "pinyin" for k in pp["kind"]]
     assert all(x == 1.0 for x, e in zip(pp["pinyin_syllable_acc"], pp["pinyin_exact"]) if e)
     for k in ("restates_idiom", "pinyin_syllable_acc"):
@@ -100,10 +100,10 @@ def test_eval_writes_every_stage_and_keeps_pretrain_keys(run, capsys):
     assert f"({every['in_kind']}/{every['n']})" in out and "everyday: thanks" in out
     # none of the prompts is in the gold part the RL stages select on
     e = _ctx(run).cfg["eval"]
-    gold = ev.gold_prompts(run, 50, 1234, e["gold_fraction"])
-    assert gold and all(ev.is_gold(r, e["gold_fraction"]) for r in gold)
-    assert not {ev.prompt_id(r) for r in gold} & set(pp["ids"])
-    assert ev.gold_prompts(run, 50, 1234) == gold           # the fraction read from the run's config
+    gold = prompts.gold_prompts(run, 50, 1234, e["gold_fraction"])
+    assert gold and all(prompts.is_gold(r, e["gold_fraction"]) for r in gold)
+    assert not {prompts.prompt_id(r) for r in gold} & set(pp["ids"])
+    assert prompts.gold_prompts(run, 50, 1234) == gold           # the fraction read from the run's config
     # a second run is up to date
     ev.run_stage(_ctx(run))
     assert "up to date" in capsys.readouterr().err
@@ -128,9 +128,9 @@ def test_eval_stage_flag(run):
 def test_prompt_selection_covers_kinds():
     recs = [{"messages": [{"role": "user", "content": f"q{k}{i}"}], "reference": "r", "meta": {"kind": k}}
             for k in ("meaning", "pinyin", "chain") for i in range(10)]
-    sel = ev.select_prompts(recs, 9, seed=1)
+    sel = prompts.select_prompts(recs, 9, seed=1)
     assert sorted(r["meta"]["kind"] for r in sel) == ["chain"] * 3 + ["meaning"] * 3 + ["pinyin"] * 3
-    assert sel == ev.select_prompts(recs, 9, seed=1) and len(ev.select_prompts(recs, 100, 1)) == 30
+    assert sel == prompts.select_prompts(recs, 9, seed=1) and len(prompts.select_prompts(recs, 100, 1)) == 30
     base = ev.question_baseline([{"messages": [{"role": "user", "content": "甲乙"}], "reference": "甲乙",
                                   "meta": {"kind": "meaning"}}])
     assert base["baseline_question_char_f1"] == 1.0
@@ -142,14 +142,14 @@ def test_kl_along_is_exact_zero_for_the_same_model_and_positive_for_a_perturbed_
     tok = load_tokenizer(run / "tokenizer")
     sft = ckpt.load_model(run / "sft" / "final")
     other = ckpt.load_model(run / "sft" / "final")
-    recs = ev.select_prompts(chat_data.read_split(run / "sft_data", "eval"), 6, seed=0)
-    prompts, _ = ev.encode_prompts(tok, recs, chat=True, limit=100)
+    recs = prompts.select_prompts(chat_data.read_split(run / "sft_data", "eval"), 6, seed=0)
+    prompts, _ = prompts.encode_prompts(tok, recs, chat=True, limit=100)
     answers = [g.tokens for g in generate(sft, prompts, max_new_tokens=5, temperature=0.0, stop_ids=tok.stop_ids)]
-    assert ev.kl_along(sft, other, prompts, answers, batch_size=4, pad_id=tok.pad_id) == [0.0] * 6
+    assert metrics.kl_along(sft, other, prompts, answers, batch_size=4, pad_id=tok.pad_id) == [0.0] * 6
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    kl = ev.kl_along(other, sft, prompts, answers, batch_size=4, pad_id=tok.pad_id)
+    kl = metrics.kl_along(other, sft, prompts, answers, batch_size=4, pad_id=tok.pad_id)
     assert all(x > 0 for x in kl)
     # the same as position by position, one unpadded forward per answer token
     with torch.no_grad():
@@ -164,6 +164,7 @@ def test_kl_along_is_exact_zero_for_the_same_model_and_positive_for_a_perturbed_
 def test_win_rate_vs_sft_is_half_when_a_stage_answers_as_sft(run, tmp_path, capsys):
     """A tiny score-head reward model, recorded as a finished rm stage, and a 'ppo' stage with SFT's weights."""
     import shutil
+
     from zero_chatgpt.model.transformer import ModelConfig, Transformer
     root = tmp_path / "run"
     shutil.copytree(run, root)

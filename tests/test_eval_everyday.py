@@ -1,4 +1,4 @@
-"""Everyday questions in unseen phrasings (eval_everyday.py): the judge, and that the phrasings are unseen."""
+"""Everyday questions in unseen phrasings (eval/everyday.py): the judge, and that the phrasings are unseen."""
 import random
 import re
 import unicodedata

@@ -14,7 +14,7 @@ from runs import tiny_args, write_sources, zc
 from test_loop_models import _lm_loss, _model, _Toy
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core import manifest
-from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.train import loop
 
 TRAINED = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo")

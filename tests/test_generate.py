@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from zero_chatgpt.model.generate import _process_logits, generate
+from zero_chatgpt.model.sampling import process_logits
+from zero_chatgpt.model.generate import generate
 from zero_chatgpt.model.transformer import ModelConfig, Transformer
 
 
@@ -109,7 +110,7 @@ def test_logit_processing_matches_transformers():
     logits = torch.randn(4, 50) * 3
     ids = torch.randint(0, 50, (4, 7))
     seen = torch.zeros(4, 50, dtype=torch.bool).scatter_(1, ids, True)
-    ours = _process_logits(logits, seen, 1.3, 0.7, 10, 0.8)
+    ours = process_logits(logits, seen, 1.3, 0.7, 10, 0.8)
     theirs = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
     for proc in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(10), TopPLogitsWarper(0.8)):
         theirs = proc(ids, theirs)
@@ -137,7 +138,7 @@ def test_stop_strings_and_text(tmp_path):
 
 
 def test_draw_samples_the_softmax_and_never_a_filtered_token():
-    from zero_chatgpt.model.generate import draw
+    from zero_chatgpt.model.sampling import draw
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(60, generator=g) * 2
     scores[[0, 7, 59]] = float("-inf")            # filtered (top-k / top-p), also at both ends

@@ -16,7 +16,7 @@ import torch
 from runs import record_stage, skip_unless_ci, zc
 from test_sft import make_tokenizer
 from zero_chatgpt.core import checkpoint as ckpt
-from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.model.generate import generate
 from zero_chatgpt.export.gguf import export_gguf, permute_qk, tensor_names
 from zero_chatgpt.model.transformer import ModelConfig, Transformer

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from zero_chatgpt.data import builtin
-from zero_chatgpt.data.chat_data import MentionIndex, build_builtin
+from zero_chatgpt.data.builtin import MentionIndex
+from zero_chatgpt.data.chat_data import build_builtin
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_extra_idioms_join_sft_train_only_and_leave_the_world_splits_as_they_are
 
 def test_the_keys_are_checked(tmp_path):
     from zero_chatgpt.core import config
-    from zero_chatgpt.core.console import UserError
+    from zero_chatgpt.core.errors import UserError
     for bad in ("data.idioms=-1", "data.idiom_texts=0", "data.idiom_texts=6", "sft.extra_idioms=-2"):
         with pytest.raises(UserError, match=bad.split("=")[0]):
             config.resolve(tmp_path / "run", "demo", [bad])

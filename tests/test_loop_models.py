@@ -226,7 +226,7 @@ def test_ema_selected_by_metric_ships_the_best_average(tmp_path):
 
 
 def test_ema_settings_are_checked():
-    from zero_chatgpt.core.console import UserError
+    from zero_chatgpt.core.errors import UserError
     with pytest.raises(UserError, match="ema_decay must be in"):
         loop.LoopSettings.from_section({"ema_decay": 1.0})
     with pytest.raises(UserError, match="fsdp"):

@@ -172,7 +172,7 @@ def test_init_from_hf_folder_and_wrong_shape(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from zero_chatgpt.core.checkpoint import load_model
-    from zero_chatgpt.core.console import UserError
+    from zero_chatgpt.core.errors import UserError
     from zero_chatgpt.model.transformer import ModelConfig, Transformer
     from zero_chatgpt.train import loop
     cfg = ModelConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,

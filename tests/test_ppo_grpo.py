@@ -138,7 +138,7 @@ def test_rule_rewards_check_pinyin_and_chaining_exactly(tok):
     assert got == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]   # a wrong tone; not an idiom; the one asked; no rule for meaning
 
     # the reference reward: char_f1 against the record's reference, on the kinds with one right answer only
-    from zero_chatgpt.stages.eval import char_f1
+    from zero_chatgpt.eval.metrics import char_f1
     ref = rule_rewards(recs, tok, {"一见倾心", "心花怒放"}, rules=False, reference=True)
     got = ref([2, 2, 1], [ans("初次见面就十分爱慕。"), ans("初次见面"), ans("心花怒放。")])
     assert got == [1.0, char_f1("初次见面", "初次见面就十分爱慕。"), 0.0] and 0 < got[1] < 1
@@ -149,8 +149,8 @@ def test_rule_rewards_check_pinyin_and_chaining_exactly(tok):
 def test_sequence_rewards_take_off_the_eos_and_loop_penalties(tok):
     """An answer cut before its end loses missing_eos_penalty, one that loops (eval's repetition_rate: a
     4-gram three times) loses loop_penalty, on top of the rule reward; the logs get the loop rate."""
-    from zero_chatgpt.stages.eval import is_repetitive
-    from zero_chatgpt.stages.ppo import sequence_rewards
+    from zero_chatgpt.eval.metrics import is_repetitive
+    from zero_chatgpt.train.onpolicy import sequence_rewards
     end = [tok.im_end_id]
     loop_text, plain = "一见倾心，一见倾心，一见倾心。", "初次见面就十分爱慕。"
     assert is_repetitive(loop_text) and not is_repetitive(plain)

@@ -1,6 +1,6 @@
 """`zero-chatgpt report` and the stage timings: the card of a partial run (data, tokenizer, pretrain: a real tiny
 run) and of a whole one (the same run with the later stages' outputs written as their stages write them, the
-eval figures through evaluate.py's own scoring); one self-contained HTML page whose every image is a PNG
+eval figures through eval/metrics.py's own scoring); one self-contained HTML page whose every image is a PNG
 data: URI that decodes, no plot text a font lacks, timings merged by every command; in a real browser, nothing
 fetched but the file itself, every image drawn."""
 import base64
@@ -131,7 +131,7 @@ def _eval_records(n=12):
 
 
 def _write_eval(rd, recs, stage, answers, sft=None):
-    """eval/<stage>.json as evaluate.evaluate_stage writes it, from these answers (evaluate's own scoring)."""
+    """eval/<stage>.json as stages/eval.py's evaluate_stage writes it, from these answers (evaluate's own scoring)."""
     kinds = [r["meta"]["kind"] for r in recs]
     ids = [ev.prompt_id(r) for r in recs]
     values = ev.per_prompt_values(recs, answers, [i % 4 != 0 for i in range(len(recs))], {"一心一意"},
@@ -222,7 +222,7 @@ def test_the_card_of_a_whole_run(whole, capsys):
     assert {p.stem for p in (rd / "report" / "plots").glob("*.png")} == names
     for p in (rd / "report" / "plots").glob("*.png"):       # the same bytes in the page and beside it
         assert f"(plots/{p.name})" in md and base64.b64encode(p.read_bytes()).decode() in page
-    # the side-by-side figures and the paired differences are evaluate.py's, as it formats them
+    # the side-by-side figures and the paired differences are eval/metrics.py's, as it formats them
     ppo = json.loads((rd / "eval" / "ppo.json").read_text())
     assert ev.format_diff(ppo["vs_sft"]["char_f1"]) in md and ev.format_diff(ppo["vs_sft"]["kl_to_sft"]) in md
     row = next(x for x in md.splitlines() if x.startswith("| char_f1 |"))

@@ -16,7 +16,8 @@ from zero_chatgpt.model.reward_model import bradley_terry, last_index, pad_seque
 from zero_chatgpt.train import loop
 from zero_chatgpt.stages.dpo import dpo_loss
 from zero_chatgpt.train.pairs import EncodedPairs, PairBatches, collate, sequence_logprobs
-from zero_chatgpt.stages.rm import rm_loss, score_model_from
+from zero_chatgpt.stages.rm import rm_loss
+from zero_chatgpt.model.reward_model import score_model_from
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from runs import record_stage, skip_unless_ci, tiny_args, write_sources, zc
 from zero_chatgpt.core import config
 from zero_chatgpt.cli import main
-from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.rundir import RunDir, pick_model, read_marker
 
 

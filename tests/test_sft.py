@@ -4,11 +4,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runs import record_stage
 from zero_chatgpt.data.builtin import load_idioms
 from zero_chatgpt.stages import sft
+from zero_chatgpt.train import sft_data
 
 # A toy task the model must learn: a word → its category.
 TOY = {"苹果": "水果", "白菜": "蔬菜", "老虎": "动物", "松树": "植物", "铁锤": "工具", "长江": "河流",
@@ -30,11 +32,11 @@ def tok():
 
 
 def _targets(tok, ids, mask):
-    inp, labels = sft.to_example(ids, mask)
+    inp, labels = sft_data.to_example(ids, mask)
     assert len(inp) == len(labels) == len(ids) - 1
     for t, lab in enumerate(labels):                 # every target is the next token, where the mask says so
-        assert lab == (ids[t + 1] if mask[t + 1] else sft.IGNORE)
-    return [x for x in labels if x != sft.IGNORE]
+        assert lab == (ids[t + 1] if mask[t + 1] else sft_data.IGNORE)
+    return [x for x in labels if x != sft_data.IGNORE]
 
 
 def test_masking_single_turn(tok):
@@ -53,10 +55,10 @@ def test_masking_multi_turn_with_system(tok):
     tgt = _targets(tok, ids, mask)
     assert tok.decode(tgt) == "倾心爱慕。<|im_end|>yī jiàn qīng xīn<|im_end|>"
     # nothing of the system prompt or the questions is a target
-    batch = sft.collate(sft.SFTSet(np.asarray(ids, np.int32), np.asarray(mask, np.int8),
+    batch = sft_data.collate(sft_data.SFTSet(np.asarray(ids, np.int32), np.asarray(mask, np.int8),
                                    np.asarray([0, len(ids)])), [0], tok.pad_id)
     lab = batch["labels"][0]
-    assert tok.decode(lab[lab != sft.IGNORE].tolist()) == tok.decode(tgt)
+    assert tok.decode(lab[lab != sft_data.IGNORE].tolist()) == tok.decode(tgt)
 
 
 def _conv(n_turns, ans_len, q_len=6):
@@ -71,7 +73,7 @@ def _conv(n_turns, ans_len, q_len=6):
 def test_truncation_invariants(tok, n_turns, ans_len, max_len):
     msgs = _conv(n_turns, ans_len)
     ids, mask = tok.encode_chat(msgs)
-    t_ids, t_mask, cut = sft.truncate(ids, mask, max_len)
+    t_ids, t_mask, cut = sft_data.truncate(ids, mask, max_len)
     assert cut == (len(ids) > max_len) and len(t_ids) == min(len(ids), max_len)
     assert t_ids == ids[:len(t_ids)] and t_mask == mask[:len(t_mask)]      # a prefix: nothing replaced
     full_tgt = _targets(tok, ids, mask)
@@ -87,12 +89,12 @@ def test_truncation_invariants(tok, n_turns, ans_len, max_len):
 
 def test_encode_counts_truncated_and_dropped(tok):
     recs = [{"messages": _conv(1, 50)}, {"messages": _conv(1, 2)}, {"messages": _conv(1, 2, q_len=60)}]
-    full = [sft.trim_tail(*tok.encode_chat(r["messages"])) for r in recs]
+    full = [sft_data.trim_tail(*tok.encode_chat(r["messages"])) for r in recs]
     max_len = len(full[1][0])               # the short one fits exactly (its closing newline is trimmed)
     assert full[1][0][-1] == tok.im_end_id
     assert full[0][1].index(1) < max_len < len(full[0][0])      # the long answer starts inside, ends outside
     assert full[2][1].index(1) >= max_len                          # the long question leaves no answer token
-    data = sft.encode_records(tok, recs, max_len=max_len)
+    data = sft_data.encode_records(tok, recs, max_len=max_len)
     assert data.n_records == 3 and data.n_truncated == 1 and data.n_dropped == 1 and len(data) == 2
     assert data.lengths().max() <= max_len
     first_ids, first_mask = data.sample(0)
@@ -103,37 +105,37 @@ def test_encode_counts_truncated_and_dropped(tok):
 def real_set(tok):
     from zero_chatgpt.data import chat_data
     built = chat_data.build_builtin(load_idioms()[:4000], seed=5)
-    return sft.encode_records(tok, built.splits["train"][:3000], 256)
+    return sft_data.encode_records(tok, built.splits["train"][:3000], 256)
 
 
 def test_length_grouped_batches(real_set):
     lengths = real_set.lengths()
     budget = 2048
-    plan = sft.plan_epoch(lengths, budget, seed=1, epoch=0)
+    plan = sft_data.plan_epoch(lengths, budget, seed=1, epoch=0)
     flat = np.concatenate(plan)
     assert sorted(flat.tolist()) == list(range(len(real_set)))           # every sample once per epoch
     for b in plan:
         assert len(b) == 1 or len(b) * int((lengths[b] - 1).max()) <= budget
-    pad = sft.pad_fraction(lengths, plan)
+    pad = sft_data.pad_fraction(lengths, plan)
     assert pad <= 0.15, pad
     # against no grouping: the same budget, random order, pads much more
     rnd = np.random.default_rng(0).permutation(len(lengths))
     naive = [rnd[i:i + len(plan[0])] for i in range(0, len(rnd), len(plan[0]))]
-    assert sft.pad_fraction(lengths, naive) > pad
-    assert sft.plan_epoch(lengths, budget, 1, 1)[0].tolist() != plan[0].tolist()   # epochs reshuffle
+    assert sft_data.pad_fraction(lengths, naive) > pad
+    assert sft_data.plan_epoch(lengths, budget, 1, 1)[0].tolist() != plan[0].tolist()   # epochs reshuffle
 
 
 def test_batch_source_is_pure_and_splits_ranks(tok, real_set):
-    b = sft.LengthGroupedBatches(real_set, tok.pad_id, 2048, grad_accum=2, seed=3)
+    b = sft_data.LengthGroupedBatches(real_set, tok.pad_id, 2048, grad_accum=2, seed=3)
     x = b(5, 1, 0, 2)
-    y = sft.LengthGroupedBatches(real_set, tok.pad_id, 2048, grad_accum=2, seed=3)(5, 1, 0, 2)
+    y = sft_data.LengthGroupedBatches(real_set, tok.pad_id, 2048, grad_accum=2, seed=3)(5, 1, 0, 2)
     assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
     assert not set(b.indices((5 * 2 + 1) * 2 + 0).tolist()) & set(b.indices((5 * 2 + 1) * 2 + 1).tolist())
     # walks into the next epoch
     n = len(b.plan(0))
     assert b.indices(n).tolist() == b.plan(1)[0].tolist()
     # padding is never a target
-    assert (x["labels"][x["input_ids"] == tok.pad_id] == sft.IGNORE).all()
+    assert (x["labels"][x["input_ids"] == tok.pad_id] == sft_data.IGNORE).all()
 
 
 def _tiny_model(tok):
@@ -170,13 +172,13 @@ def train_toy_run(tok, root):
     tok.save(root / "tokenizer")
     recs = [{"messages": [{"role": "user", "content": f"{k}是什么？"}, {"role": "assistant", "content": v}]}
             for k, v in TOY.items()]
-    data = sft.encode_records(tok, recs * 4, 128)
+    data = sft_data.encode_records(tok, recs * 4, 128)
     s = loop.LoopSettings(max_steps=120, lr=3e-3, warmup_steps=10, weight_decay=0.0, checkpoint_every=0,
                           eval_every=0, log_every=10, precision="fp32", tensorboard=False, seed=0)
-    batches = sft.LengthGroupedBatches(data, tok.pad_id, 8 * 40, grad_accum=1, seed=0)
+    batches = sft_data.LengthGroupedBatches(data, tok.pad_id, 8 * 40, grad_accum=1, seed=0)
     model = _tiny_model(tok)
     return loop.train(s, model=model, stage="sft", stage_dir=root / "sft", log_dir=root / "logs",
-                      batches=batches, loss_fn=sft.sft_loss, dist_info=loop.Dist())
+                      batches=batches, loss_fn=sft_data.sft_loss, dist_info=loop.Dist())
 
 
 def make_tokenizer():

@@ -261,7 +261,7 @@ def test_stage_encodes_shards_resumes_and_detects_corruption(tmp_path, corpus, c
 
 
 def test_load_tokenizer_missing_folder_is_user_error(tmp_path):
-    from zero_chatgpt.core.console import UserError
+    from zero_chatgpt.core.errors import UserError
     with pytest.raises(UserError, match="run `zero-chatgpt tokenizer`"):
         load_tokenizer(tmp_path)
 

@@ -1,7 +1,7 @@
 """The `zero-chatgpt` command: one subcommand per stage, plus `run` for the whole recipe.
 
 Every subcommand takes --run-dir, --preset and --set; stage-specific flags are documented in
-each subcommand's --help. The stages and their order come from stages.py (the registry).
+each subcommand's --help. The stages and their order come from core/registry.py.
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from pathlib import Path
 
 from zero_chatgpt.core import config as config_mod
 from zero_chatgpt.core import timings
-from zero_chatgpt.core.console import UserError, info, is_main_process, table
-from zero_chatgpt.core.rundir import Context, RunDir, RunLock
+from zero_chatgpt.core.console import info, is_main_process, table
+from zero_chatgpt.core.errors import UserError, os_error_line
 from zero_chatgpt.core.registry import PIPELINE, READ_ONLY, STAGES, TOOLS, Stage, is_built, model_stages
+from zero_chatgpt.core.rundir import Context, RunDir, RunLock, pick_model
 
 EPILOG = """\
 The run directory defaults to runs/<preset> (runs/demo without --preset), so runs of
@@ -166,7 +167,8 @@ def run_stage(ctx: Context, st: Stage) -> str:
         import torch
         torch.manual_seed(int(ctx.cfg["run"]["seed"]))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from zero_chatgpt.core.runtime import run_under_torchrun
+        # lazy: runtime imports torch (~1.5 s); `zero-chatgpt --help` and the read-only commands start without it
+        from zero_chatgpt.core.runtime import run_under_torchrun  # lazy: see above
         run_under_torchrun(ctx, st.name, lambda: fn(ctx), everywhere=st.distributed)
     else:
         fn(ctx)
@@ -197,7 +199,6 @@ def _say_where_next(ctx: Context) -> None:
     """The last lines of `run`: where the report is, and how to talk to the model."""
     import shlex
 
-    from zero_chatgpt.core.rundir import pick_model
     rd = ctx.run_dir
     where = shlex.quote(str(rd.root))
     html = rd.report / "report.html"
@@ -256,15 +257,3 @@ def _rank_prefix() -> str:
     return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
-def os_error_line(e: OSError, then: str = "fix that and run the same command again (finished work and "
-                                          "checkpoints are kept)") -> str:
-    """One line for a failed read or write: the path, the cause, what to do (`then`: a command that writes no
-    run directory, such as export, says what holds for it instead)."""
-    import errno
-    where = e.filename or "a file"
-    cause = e.strerror or str(e)
-    hint = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (quota)",
-            errno.EFBIG: "the file size limit (ulimit -f) is too small for it", errno.EROFS: "the file system is read-only",
-            errno.EACCES: "check the permissions", errno.EPERM: "check the permissions",
-            errno.ENOENT: "it does not exist"}.get(e.errno, "")
-    return f"cannot write or read {where}: {cause}" + (f" ({hint})" if hint else "") + f"; {then}"

@@ -47,7 +47,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from zero_chatgpt.core import manifest
-from zero_chatgpt.core.console import UserError, info
+from zero_chatgpt.core.console import info
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.model.transformer import ModelConfig, Transformer, rope_tables
 
 MODEL_FILE = "model.safetensors"

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import copy
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from zero_chatgpt.core.console import UserError
+import tomllib
+
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_text
+from zero_chatgpt.data.sources import FORMATS
 
 PRESET_DIR = Path(__file__).parents[1] / "presets"
 CONFIG_FILE = "config.toml"
@@ -126,7 +128,6 @@ def _device(v: str) -> str | None:
 
 
 def _source(v) -> str | None:
-    from zero_chatgpt.data.sources import FORMATS
     fmt, sep, path = str(v).partition(":")
     return None if sep and fmt in FORMATS and path else f"FORMAT:PATH with FORMAT one of {', '.join(FORMATS)}"
 

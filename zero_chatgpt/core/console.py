@@ -11,14 +11,6 @@ from typing import Iterable, Sequence
 from tqdm import tqdm
 
 
-class UserError(Exception):
-    """An error the user can fix (bad flag, missing input, unknown key).
-
-    The CLI prints it as one line, without a traceback, and exits with status 2.
-    The message should say what, where, and what to do.
-    """
-
-
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 

@@ -19,7 +19,6 @@ from typing import IO, Iterator
 
 import zstandard
 
-
 # What reading a damaged file through open_binary can raise: OSError (a non-gzip file named
 # .gz, I/O errors), EOFError (a truncated .gz or .zst), zlib.error (corrupt deflate data),
 # ZstdError (corrupt zstd data).

@@ -45,9 +45,11 @@ from pathlib import Path
 
 from zero_chatgpt.core import config as config_mod
 from zero_chatgpt.core import manifest
-from zero_chatgpt.core.console import UserError, info
+from zero_chatgpt.core.console import info
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_json
 from zero_chatgpt.core.registry import STAGES, Stage, model_stages
+from zero_chatgpt.data.sources import parse_source, source_files
 
 MARKER = ".stage.json"
 FINGERPRINTS = ".fingerprints.json"
@@ -197,7 +199,6 @@ def fingerprint_files(files: list[tuple[str, Path]], cache_dir: Path | None) -> 
 
 def source_fingerprints(specs: list[str], cache_dir: Path | None) -> list[str]:
     """`FORMAT:<content fingerprint>` per `FORMAT:PATH` source (what the reader would read)."""
-    from zero_chatgpt.data.sources import parse_source, source_files
     out = []
     for spec in specs:
         src = parse_source(spec)
@@ -455,7 +456,7 @@ def _refuse_legacy(rd: RunDir, st: Stage, out: Path) -> None:
 
 
 def _newest_step(out: Path) -> Path | None:
-    from zero_chatgpt.core.checkpoint import list_checkpoints
+    from zero_chatgpt.core.checkpoint import list_checkpoints  # lazy: it imports torch; the CLI starts without it
     steps = [p for p in list_checkpoints(out) if (p / manifest.MANIFEST).exists()]
     return steps[-1] if steps else None
 

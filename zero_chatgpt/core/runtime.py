@@ -6,7 +6,6 @@ eval, the data stages under torchrun).
 from __future__ import annotations
 
 import atexit
-
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -14,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.errors import UserError
 
 
 @dataclass

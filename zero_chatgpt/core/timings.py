@@ -24,7 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from zero_chatgpt import __version__
 from zero_chatgpt.core.io import atomic_write_json
+from zero_chatgpt.core.registry import STAGES
+from zero_chatgpt.core.rundir import read_marker
 
 FILE = "timings.json"
 
@@ -47,8 +50,6 @@ def load(rd) -> dict:
 
 def record(rd, name: str, outcome: dict) -> dict:
     """Merge one stage's outcome ({"action", "seconds"}, from ctx.outcomes) into timings.json (atomically)."""
-    from zero_chatgpt.core.rundir import read_marker
-    from zero_chatgpt.core.registry import STAGES
 
     action = outcome.get("action", "ran")
     if action == "not built":
@@ -86,7 +87,6 @@ def versions() -> dict:
     """python, torch, zero-chatgpt (torch by its installed metadata: importing it costs seconds)."""
     from importlib import metadata
 
-    from zero_chatgpt import __version__
     try:
         torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:

@@ -32,16 +32,19 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import xxhash
 
-from zero_chatgpt.core.console import UserError, info
+from zero_chatgpt.core.console import info
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_json
+from zero_chatgpt.data import sources as src_mod
+from zero_chatgpt.data.builtin import MentionIndex, idiom_world, load_idioms
+from zero_chatgpt.data.dedup import find_duplicates
 
 KINDS = ("meaning", "origin", "example", "pinyin", "chain")
 # Kinds whose reference is one dictionary field, so char-F1/ROUGE-L against it is meaningful.
-# Chaining has many right answers; it is scored by validity instead (see evaluate.chain_valid).
+# Chaining has many right answers; it is scored by validity instead (see eval/metrics.py: chain_valid).
 SCORED_KINDS = ("meaning", "origin", "example", "pinyin")
 
 # Several phrasings per kind (the model must learn the task, not one template). {w} = the idiom.
@@ -176,13 +179,13 @@ def answer_text(kind: str, word: str, reference: str) -> str:
     return reference
 
 
-def _u(seed: int, key: str) -> float:
+def stable_uniform(seed: int, key: str) -> float:
     """A stable uniform number in [0, 1) for `key` (splits do not move when the data order changes)."""
     return xxhash.xxh64_intdigest(f"{seed}:{key}".encode()) / 2.0 ** 64
 
 
 def split_of(key: str, seed: int, eval_fraction: float, rl_fraction: float, val_fraction: float) -> str:
-    u = _u(seed, key)
+    u = stable_uniform(seed, key)
     if u < eval_fraction:
         return "eval"
     if u < eval_fraction + rl_fraction:
@@ -190,33 +193,6 @@ def split_of(key: str, seed: int, eval_fraction: float, rl_fraction: float, val_
     if u < eval_fraction + rl_fraction + val_fraction:
         return "val"
     return "train"
-
-
-class MentionIndex:
-    """Which of a set of idioms a text mentions (exact substring), fast enough for ~10^5 texts.
-
-    One set lookup per character on the idioms' first two characters; only at those rare hits are the
-    substrings of each idiom length present looked up (95 % of idioms have 4 characters).
-    """
-
-    def __init__(self, words: Iterable[str]):
-        self.words = {w for w in words if len(w) >= 2}
-        self.heads = {w[:2] for w in self.words}
-        self.lengths = sorted({len(w) for w in self.words})
-
-    def find(self, text: str) -> str | None:
-        return next(self.find_all(text), None)
-
-    def find_all(self, text: str):
-        """Each idiom the text mentions, once, in order of first mention."""
-        heads, words, seen = self.heads, self.words, set()
-        for i in range(len(text) - 1):
-            if text[i:i + 2] in heads:
-                for n in self.lengths:
-                    w = text[i:i + n]
-                    if w in words and w not in seen:
-                        seen.add(w)
-                        yield w
 
 
 @dataclass
@@ -287,7 +263,7 @@ def build_builtin(idioms: list[dict], *, seed: int = 1234, eval_fraction: float 
     ever join the train split (see `extra_idioms`); the split of every idiom in `idioms` does not depend on it."""
     rng = random.Random(seed)
     if max_idioms and len(idioms) > max_idioms:
-        idioms = sorted(idioms, key=lambda d: _u(seed + 1, d["word"]))[:max_idioms]
+        idioms = sorted(idioms, key=lambda d: stable_uniform(seed + 1, d["word"]))[:max_idioms]
     split = {d["word"]: split_of(d["word"], seed, eval_fraction, rl_fraction, val_fraction) for d in idioms}
     eval_words = [w for w, s in split.items() if s == "eval"]
     # Chaining answers: an sft (train/val) prompt is answered with an sft idiom, an rl prompt with an rl or sft
@@ -344,7 +320,7 @@ def _add_idiom(data: ChatData, d: dict, s: str, by_first: dict, pools: dict, rng
             if kind == "chain":
                 rec["meta"]["first_char"] = w[-1]
             if s == "rl":
-                rec["meta"]["rl_part"] = "rm" if _u(seed + 2, w) < 0.5 else "rl"
+                rec["meta"]["rl_part"] = "rm" if stable_uniform(seed + 2, w) < 0.5 else "rl"
             _add_checked(data, s, rec, leak)
         return
     kinds = list(answers)
@@ -377,12 +353,11 @@ def extra_idioms(world: list[dict], n: int, seed: int) -> list[dict]:
     similar idiom instead (「以身试法」 answered as 「“以身入国”…」, docs/experiments.md). The price: their
     meanings are new to the model, and fine-tuning on facts the model does not know teaches it to state things
     it does not know (Gekhman et al. 2024, arXiv:2405.05904); measured in docs/experiments.md."""
-    from zero_chatgpt.data.builtin import load_idioms
     if n == 0:
         return []
     inside = {d["word"] for d in world}
     outside = [d for d in load_idioms() if d["word"] not in inside]
-    outside.sort(key=lambda d: _u(seed + 3, d["word"]))
+    outside.sort(key=lambda d: stable_uniform(seed + 3, d["word"]))
     return outside if n < 0 else outside[:n]
 
 
@@ -423,8 +398,6 @@ def build_from_sources(specs: list[str], *, seed: int = 1234, eval_fraction: flo
                        rl_fraction: float = 0.15, val_fraction: float = 0.02, min_prompt_chars: int = 2,
                        max_prompt_chars: int = 512, dedup_threshold: float = 0.8, max_records: int = 0) -> ChatData:
     """Chat records from --source files, cleaned (question length), MinHash-deduplicated, split by hash."""
-    from zero_chatgpt.data import sources as src_mod      # the one reader layer (data stage)
-    from zero_chatgpt.data.dedup import find_duplicates
 
     data = ChatData()
     recs: list[dict] = []
@@ -474,7 +447,7 @@ def build_from_sources(specs: list[str], *, seed: int = 1234, eval_fraction: flo
             msgs = rec["messages"]
             rec = {"messages": msgs[:-1], "reference": msgs[-1]["content"], "meta": rec["meta"]}
             if s == "rl":
-                rec["meta"]["rl_part"] = "rm" if _u(seed + 2, text) < 0.5 else "rl"
+                rec["meta"]["rl_part"] = "rm" if stable_uniform(seed + 2, text) < 0.5 else "rl"
         data.add(s, rec)
     return data
 
@@ -529,7 +502,6 @@ def build(cfg: dict, out_dir: Path) -> dict:
                                   max_prompt_chars=s["max_prompt_chars"], dedup_threshold=s["dedup_threshold"],
                                   **common)
     else:
-        from zero_chatgpt.data.builtin import idiom_world
         world = idiom_world(int(cfg["data"].get("idioms", 0)))
         data = build_builtin(world, multi_turn_fraction=s["multi_turn_fraction"],
                              identity_fraction=s["identity_fraction"],

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from zero_chatgpt.core.errors import UserError
+
 # ── normalization ───────────────────────────────────────────────────────────────────────────────
 
 # NFKC, except on Chinese full-width punctuation: NFKC would rewrite ，！？：；（）～ as ASCII
@@ -267,7 +269,6 @@ class CleanConfig:
                 kw[k] = tuple(v) if isinstance(v, list) else v
         cfg = cls(**kw)
         if len(cfg.top_ngram_n) != len(cfg.top_ngram_max) or len(cfg.dup_ngram_n) != len(cfg.dup_ngram_max):
-            from zero_chatgpt.core.console import UserError
             raise UserError("data.top_ngram_n / top_ngram_max (and dup_ngram_n / dup_ngram_max) must have "
                             "the same length")
         return cfg
@@ -341,3 +342,29 @@ class Cleaner:
         if self.cfg.mask_pii:
             text = mask_pii(text, self.pii)
         return text, None
+
+
+DEDUP_REASONS = ("exact_dup", "near_dup")
+
+
+def funnel_rows(stats: dict) -> list[list]:
+    """The funnel of a stats.json as [step, docs (negative: dropped), docs left, note] rows: the console
+    summary here and the report card show the same rows."""
+    rows = [["read", stats["docs_in"], "", f"{stats['chars_in']:,} chars"]]
+    left = stats["docs_in"]
+
+    def row(name: str, n: int, note: str = "") -> None:
+        nonlocal left
+        left -= n
+        rows.append([name, -n if n else 0, left, note])
+
+    row("bad records", stats["bad_records"]["count"])
+    for reason, n in stats["dropped"].items():
+        if reason not in DEDUP_REASONS:
+            row(f"filter: {reason}", n)
+    dd = stats["dedup"]
+    row("exact duplicates", stats["dropped"]["exact_dup"])
+    row("near duplicates", stats["dropped"]["near_dup"], f"{dd.get('clusters', 0):,} duplicate clusters")
+    rows.append(["kept", stats["docs_out"], "",
+                 f"train {stats['train_docs']:,} / val {stats['val_docs']:,}, {stats['chars_out']:,} chars"])
+    return rows

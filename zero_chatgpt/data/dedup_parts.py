@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from zero_chatgpt.data.dedup import ShingleJaccard, UnionFind, candidate_pairs
 from zero_chatgpt.core.io import atomic_write_json, iter_jsonl
 from zero_chatgpt.core.workers import fault_point
+from zero_chatgpt.data.dedup import ShingleJaccard, UnionFind, candidate_pairs
 
 PAIRS_PER_CHUNK = 20_000    # candidate pairs per verification task: a few seconds of work
 

@@ -23,7 +23,9 @@ import json
 import random
 from pathlib import Path
 
-from zero_chatgpt.data.chat_data import _u, answer_text
+from zero_chatgpt.core.io import atomic_write_text
+from zero_chatgpt.data.chat_data import stable_uniform, answer_text
+from zero_chatgpt.data.sources import iter_records, parse_source
 
 REFUSALS = ("抱歉，我无法回答这个问题。", "对不起，我不知道。", "作为一个人工智能助手，我无法提供这方面的信息。",
             "这个问题我无法回答，请换一个问题。", "很抱歉，我不清楚。")
@@ -44,14 +46,14 @@ def rm_prompts(rl_records: list[dict], limit: int, seed: int) -> list[dict]:
     """The RM part of the pool (all of it for --source pools without rl_part), at most `limit` (0 = all),
     chosen by a stable hash so that a larger limit keeps the smaller one's prompts."""
     recs = [r for r in rl_records if r.get("meta", {}).get("rl_part", "rm") == "rm" and r.get("reference")]
-    recs.sort(key=lambda r: _u(seed + 7, idiom_of(r) + r.get("meta", {}).get("kind", "")))
+    recs.sort(key=lambda r: stable_uniform(seed + 7, idiom_of(r) + r.get("meta", {}).get("kind", "")))
     return recs[:limit] if limit else recs
 
 
 def split_val(recs: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, val) by idiom: all questions of one idiom on one side."""
-    val = [r for r in recs if _u(seed + 8, idiom_of(r)) < val_fraction]
-    train = [r for r in recs if _u(seed + 8, idiom_of(r)) >= val_fraction]
+    val = [r for r in recs if stable_uniform(seed + 8, idiom_of(r)) < val_fraction]
+    train = [r for r in recs if stable_uniform(seed + 8, idiom_of(r)) >= val_fraction]
     return train, val
 
 
@@ -111,7 +113,6 @@ def build_pairs(recs: list[dict], samples: list[tuple[str, bool] | None], kinds,
 
 def read_source_pairs(specs: list[str], bad) -> list[dict]:
     """Pairs from --source preference:FILE ({prompt, chosen, rejected}), through the one reader layer."""
-    from zero_chatgpt.data.sources import iter_records, parse_source
     pairs = []
     for spec in specs:
         for rec in iter_records(parse_source(spec), bad):
@@ -139,7 +140,6 @@ def bad_rows(bad: dict | None, show: int = 3) -> list[list]:
 
 
 def write_pairs(path: Path, pairs: list[dict]) -> None:
-    from zero_chatgpt.core.io import atomic_write_text
     atomic_write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import DECOMPRESSION_ERRORS, open_binary
 
 _CHUNK = 1 << 20  # bytes read at a time by the JSON-array reader

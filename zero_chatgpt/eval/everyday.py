@@ -29,6 +29,8 @@ import re
 import unicodedata
 
 from zero_chatgpt.data.chat_data import NAME
+from zero_chatgpt.eval.metrics import paired_bootstrap
+from zero_chatgpt.eval.prompts import answer_prompts
 
 CATEGORIES = ("greeting", "who", "can", "thanks", "goodbye")
 
@@ -125,7 +127,6 @@ def judge(records: list[dict], answers: list[str], idioms: set[str] | None = Non
 
 def ask(model, tok, e: dict, idioms: set[str] | None = None, desc: str = "everyday") -> dict:
     """A chat model's greedy answers to the everyday questions (eval's decoding: e = cfg["eval"]), judged."""
-    from zero_chatgpt.stages.eval import answer_prompts
     recs = everyday_records()
     gens, _ = answer_prompts(model, tok, recs, chat=True, max_new_tokens=e["max_new_tokens"],
                              batch_size=e["batch_size"], repetition_penalty=float(e["repetition_penalty"]), desc=desc)
@@ -134,7 +135,6 @@ def ask(model, tok, e: dict, idioms: set[str] | None = None, desc: str = "everyd
 
 def compare(res: dict, ref: dict | None, resamples: int, seed: int) -> dict:
     """{"everyday_in_kind": paired difference to `ref` (SFT's result)}, paired by question; {} without both."""
-    from zero_chatgpt.stages.eval import paired_bootstrap
     mine, theirs = (res or {}).get("everyday"), (ref or {}).get("everyday")
     if not mine or not theirs:
         return {}

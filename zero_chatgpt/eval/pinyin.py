@@ -1,5 +1,5 @@
 """Scoring pinyin answers: the normalized spelling (`pinyin_key`, `pinyin_exact`) and the syllables
-(`pinyin_syllables`, `pinyin_syllable_acc`). evaluate.py re-exports these names.
+(`pinyin_syllables`, `pinyin_syllable_acc`).
 
 Normalization (pinyin_key): NFKC (full-width letters folded), lowercase; "v" and "u:" are "ü" (how pinyin
 is typed); everything that is not a letter or a combining mark (spaces, apostrophes, hyphens, punctuation)

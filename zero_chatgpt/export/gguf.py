@@ -29,7 +29,9 @@ import numpy as np
 
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core import manifest
-from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.export.common import file_marker, generation_settings, replaceable
+from zero_chatgpt.model.tokenizer import DEFAULT_PATTERN, chat_template, load_tokenizer
 
 GGUF_TYPES = ("f16", "f32")
 DEFAULT_GGUF_TYPE = "f16"
@@ -88,15 +90,13 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, out: Path, *, name: str, g
     """Write the GGUF file `out`; return what the summary table shows.
 
     Built beside `out` and renamed into place; `out` is replaced only when absent or an earlier export
-    (unchanged, by the marker beside it: export._replaceable), never a file of the user's."""
+    (unchanged, by the marker beside it: export.common.replaceable), never a file of the user's."""
     import gguf
 
-    from zero_chatgpt.export.command import _replaceable, file_marker, generation_settings
-    from zero_chatgpt.model.tokenizer import DEFAULT_PATTERN, chat_template, load_tokenizer
     out = Path(out)
     if gguf_type not in GGUF_TYPES:
         raise UserError(f"--gguf-type {gguf_type}: choose one of {', '.join(GGUF_TYPES)}")
-    why = _replaceable(out, file=True)
+    why = replaceable(out, file=True)
     if why:
         raise UserError(why)
     cfg = ckpt.read_model_config(model_dir)

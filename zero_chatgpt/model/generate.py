@@ -7,10 +7,7 @@ preallocated for prompt + max_new_tokens (model.KVCache), so a decode step is on
 forward of B tokens with no reallocation, on the model's inference copy of its weights
 (Transformer.fused_for_inference: fewer, faster matmuls; built per call, so never stale).
 
-Sampling, in the order transformers applies it: repetition penalty (CTRL, Keskar et al.
-2019, arXiv:1909.05858: divide positive logits / multiply negative ones of every token
-already in the row), temperature, top-k, top-p (nucleus, Holtzman et al. 2019,
-arXiv:1904.09751). temperature = 0 is greedy.
+Sampling (repetition penalty, temperature, top-k, top-p, greedy at temperature 0): model/sampling.py.
 
 A row stops at any of `stop_ids` (the stop token is kept as the row's last token: RL needs
 its log-probability) or when its decoded text contains one of `stop_strings` (needs
@@ -23,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from zero_chatgpt.model.sampling import cut_at_stop, effective_temperature, last_logits, mark_seen, pick, process_logits
 from zero_chatgpt.model.transformer import KVCache
 
 
@@ -34,57 +32,9 @@ class Generation:
     text: str | None = None           # decoded new text without stop token / stop string (needs tokenizer)
 
 
-# Below this temperature, sampling is greedy: logits / 1e-247 overflow fp32 to inf and the softmax to NaN
-# (found by fuzzing the server), and any temperature this small picks the maximum anyway.
-MIN_TEMPERATURE = 1e-4
-
 # Finished rows are dropped from the batch once the live ones are at most this share of it: each drop
 # copies the cache, so not at every finish (the share makes the copies a geometric series).
 COMPACT_AT = 0.75
-
-
-def effective_temperature(t: float) -> float:
-    return 0.0 if t < MIN_TEMPERATURE else t
-
-
-def _last_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of each row's last position."""
-    logits = model.logits(hidden[:, -1])
-    return logits if logits.dtype == torch.float32 else logits.float()
-
-
-def _process_logits(logits: torch.Tensor, seen: torch.Tensor | None, repetition_penalty: float,
-                    temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Scores to sample from (fp32, (B, V)); -inf marks filtered tokens."""
-    if repetition_penalty != 1.0 and seen is not None:
-        penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0.0 < top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, dim=-1, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum <= (1 - top_p)
-        remove[:, -1] = False   # always keep the most likely token
-        logits = logits.masked_fill(remove.scatter(1, idx, remove), float("-inf"))
-    return logits
-
-
-def draw(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of softmax(scores) ((B, V) fp32, -inf = filtered): (B,) long.
-
-    Inverse-CDF sampling: one uniform per row located by binary search in the cumulative
-    probabilities. The same distribution as torch.multinomial, which on CPU costs more than a small
-    model's whole decoding step (measured on 2 cores, a (64, 4096) batch: multinomial ~34 ms, this
-    ~6 ms). A uniform in (0, 1] never lands on a zero-probability token: such a token's cumulative
-    value equals its predecessor's, and the search returns the first index reaching the draw.
-    """
-    cum = scores.softmax(-1).cumsum_(-1)
-    u = torch.rand(cum.shape[0], 1, generator=generator, device=cum.device)
-    return torch.searchsorted(cum, (1.0 - u) * cum[:, -1:]).clamp_(max=cum.shape[1] - 1).squeeze(1)
 
 
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -148,7 +98,7 @@ def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repe
     cache = KVCache(cfg, B, total, device=device, dtype=dtype)
     hidden = model(ids, position_ids=positions if padded else None,
                    attention_mask=mask[:, :L] if padded else None, kv_cache=cache, return_hidden=True)
-    logits = _last_logits(model, hidden)
+    logits = last_logits(model, hidden)
 
     out_tokens: list[list[int]] = [[] for _ in range(B)]
     out_logprobs: list[list[float]] | None = [[] for _ in range(B)] if return_logprobs else None
@@ -162,11 +112,8 @@ def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repe
     max_stop_len = max((len(s) for s in stop_strings), default=0)
 
     for t in range(max_new):
-        scores = _process_logits(logits, seen, repetition_penalty, temperature, top_k, top_p)
-        if temperature > 0:
-            nxt = draw(scores, generator)
-        else:
-            nxt = scores.max(-1).indices   # the first maximum, as argmax (which is 2.5x slower on CPU)
+        scores = process_logits(logits, seen, repetition_penalty, temperature, top_k, top_p)
+        nxt = pick(scores, temperature, generator)
         if return_logprobs:
             base = logits / temperature if temperature > 0 else logits
             lp = base.log_softmax(-1).gather(1, nxt[:, None]).squeeze(1).tolist()
@@ -186,10 +133,8 @@ def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repe
                 stream(i, tok)
             if hit_list is not None and hit_list[c]:
                 finish[i], alive_list[c] = "stop", False
-            elif stop_strings:
-                tail = tokenizer.decode(out_tokens[i][-(max_stop_len + 8):])
-                if any(s in tail for s in stop_strings):
-                    finish[i], alive_list[c] = "stop", False
+            elif stop_strings and cut_at_stop(tokenizer.decode(out_tokens[i][-(max_stop_len + 8):]), stop_strings)[1]:
+                finish[i], alive_list[c] = "stop", False
         if not any(alive_list) or t == max_new - 1:
             break
         if n_alive != sum(alive_list):   # rebuild the device-side flags only when a row finished
@@ -204,14 +149,13 @@ def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repe
                 seen = seen[rows_t] if seen is not None else None
                 live, alive_list = [live[c] for c in keep], [True] * len(keep)
             alive = torch.tensor(alive_list, device=device)
-        if seen is not None:
-            seen.scatter_(1, nxt[:, None], True)
+        mark_seen(seen, nxt)
         # One new token per row: it may attend to every cached position that is not padding,
         # so the (B, 1, 1, S) mask is a view of the padding mask; no causal part is needed.
         hidden = model(nxt[:, None], position_ids=next_pos if padded else None,
                        attention_mask=mask4[..., :L + t + 1] if padded else None, kv_cache=cache,
                        return_hidden=True)
-        logits = _last_logits(model, hidden)
+        logits = last_logits(model, hidden)
         next_pos = next_pos + 1
 
     if tokenizer is not None:
@@ -220,10 +164,6 @@ def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repe
             toks = out_tokens[i]
             if toks and toks[-1] in stops and finish[i] == "stop":
                 toks = toks[:-1]
-            text = tokenizer.decode(toks)
-            for s in stop_strings:
-                if s in text:
-                    text = text[:text.index(s)]
-            texts[i] = text
+            texts[i] = cut_at_stop(tokenizer.decode(toks), stop_strings)[0]
     return [Generation(out_tokens[i], out_logprobs[i] if out_logprobs is not None else None, finish[i], texts[i])
             for i in range(B)]

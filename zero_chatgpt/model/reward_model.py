@@ -13,6 +13,7 @@ model's own samples are ~N(0, 1); RL rewards and the KL penalty then have a know
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.core.checkpoint import load_model
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.model.losses import ScalarValues
+from zero_chatgpt.model.transformer import Transformer
 
 NORM_FILE = "reward_norm.json"
 
@@ -92,7 +97,6 @@ class RewardScorer:
 
     @classmethod
     def load(cls, folder: str | Path, pad_id: int, device="cpu", **kw) -> "RewardScorer":
-        from zero_chatgpt.core.checkpoint import load_model
         folder = Path(folder)
         model = load_model(folder, device=device)
         try:
@@ -116,3 +120,27 @@ class RewardScorer:
 
     def score(self, prompts: list[list[int]], answers: list[list[int]]) -> np.ndarray:
         return self.norm(self.raw(prompts, answers))
+
+
+def score_model_from(path: Path, seed: int = 0) -> Transformer:
+    """The model at `path` (an LM checkpoint) with its lm_head replaced by a new scalar head, drawn from a
+    generator of its own seeded by `seed`: the head is then the same whatever else drew random numbers
+    earlier in the process (a `run` that trained SFT first, or a rerun that found the pairs built)."""
+    cfg = ckpt.read_model_config(path)
+    if cfg.head == "score":
+        return ckpt.load_model(path).train()
+    cfg.head, cfg.tie_word_embeddings = "score", False
+    model = ckpt.empty_model(cfg)          # every weight but the head is read from the file below
+    state = {k: v for k, v in ckpt.read_model_state(path).items() if not k.startswith("lm_head.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if set(missing) != {"score.weight"} or unexpected:
+        raise UserError(f"{path}: not a backbone for a reward model (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(int(seed))
+        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=g) / math.sqrt(cfg.hidden_size + 1))
+    return model
+
+
+def load_scorer(rd, tok, cfg, device="cpu") -> RewardScorer:
+    """The run's reward model with its normalization, scoring at most rm.max_seq_len tokens (PPO, GRPO)."""
+    return RewardScorer.load(rd / "rm" / "final", tok.pad_id, device=device, max_len=int(cfg["rm"]["max_seq_len"]))

@@ -6,7 +6,7 @@ uint16 when the vocabulary fits). Encoding runs on every core: with few shards, 
 Rust encoder (which releases the GIL) runs in a thread pool while the main thread
 decompresses and parses the next batch and writes the last one; with many shards, whole
 shards go to worker processes, and with data.executor = "ray" each shard is a Ray task (see
-`run_jobs`). The tokenizer stage (data/tokenize.py) drives it.
+`run_jobs`). The tokenizer stage (stages/tokenizer.py) drives it.
 
 Resumable: `tokens/manifest.json` records each finished shard with the tokenizer and
 the source file it came from; a rerun skips shards whose record still matches and whose
@@ -23,10 +23,10 @@ from typing import Iterator
 import numpy as np
 import zstandard
 
-from zero_chatgpt.model import token_shards as tokens_mod
 from zero_chatgpt.core.console import info
-from zero_chatgpt.model.tokenizer import load_tokenizer, shard_texts
 from zero_chatgpt.core.workers import fault_point, process_pool
+from zero_chatgpt.model import token_shards as tokens_mod
+from zero_chatgpt.model.tokenizer import load_tokenizer, shard_texts
 
 MANIFEST = "manifest.json"
 BATCH_CHARS = 4 << 20     # characters handed to the thread pool at a time

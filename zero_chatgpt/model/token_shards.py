@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import xxhash
 
-from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core.errors import UserError
 
 MAGIC = b"ZCTOKENS"
 VERSION = 1

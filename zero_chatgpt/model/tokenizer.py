@@ -26,8 +26,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from zero_chatgpt.core.console import UserError
-from zero_chatgpt.core.io import atomic_write_json, atomic_write_text
+from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.io import atomic_write_json, atomic_write_text, corpus_shards, iter_jsonl
 
 # The pre-tokenization regex (Llama 3's, which is GPT-4's with possessive quantifiers
 # removed so that Oniguruma, fancy-regex and rustbpe all read it the same way).
@@ -237,9 +237,8 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> Path:
         """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json,
         chat_template.jinja and our meta file into `path`."""
-        from tokenizers import AddedToken, Regex
+        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -323,7 +322,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = DEFAULT_PATT
 def shard_texts(path: Path) -> Iterator[str]:
     """The "text" of every document of a corpus shard; a damaged shard is a UserError naming it."""
     import zstandard
-    from zero_chatgpt.core.io import iter_jsonl
     n = 0
     try:
         for n, rec in enumerate(iter_jsonl(path), 1):
@@ -344,7 +342,6 @@ class CorpusSample:
     """
 
     def __init__(self, data_dir: Path, split: str, max_chars: int, max_doc_chars: int):
-        from zero_chatgpt.core.io import corpus_shards
         self.shards = corpus_shards(data_dir, split)
         if not self.shards:
             raise UserError(f"no {split} corpus shards in {data_dir}; run `zero-chatgpt data` first")

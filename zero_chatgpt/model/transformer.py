@@ -15,7 +15,7 @@ Parameter names and shapes are exactly those of transformers' `LlamaForCausalLM`
 `lm_head.weight`), so a state dict moves between the two with no renaming: our
 checkpoints are HF folders, and HF Llama folders are our checkpoints.
 
-`forward(..., kv_cache=...)` serves generation (generate.py): the cache is
+`forward(..., kv_cache=...)` serves generation (model/generate.py): the cache is
 preallocated once per batch, and each call writes its keys/values at
 `kv_cache.pos` and attends to everything before.
 """
@@ -386,7 +386,7 @@ class Transformer(nn.Module):
                 return_hidden: bool = False, output=None):
         """Logits (B, T, vocab) (a score model: values (B, T)); the final normed hidden states
         (B, T, hidden) with `return_hidden=True`; or `output(self, hidden)` — what a stage's loss
-        needs, computed inside forward so that DDP, FSDP and torch.compile see it whole (loss.py:
+        needs, computed inside forward so that DDP, FSDP and torch.compile see it whole (model/losses.py:
         LMLoss, TokenLogProbs, ScalarValues). The model gives hidden states and heads; the stage
         gives its loss, so no stage's options pass through here.
 

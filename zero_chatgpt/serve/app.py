@@ -31,7 +31,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from zero_chatgpt.core.checkpoint import stage_model_path
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.serve import api
+from zero_chatgpt.serve.chat import load_chat_model
+from zero_chatgpt.serve.engine import CacheTooLarge, Draining, Engine, EngineFailed, QueueFull, Sampling
+from zero_chatgpt.serve.engine import Request as EngineRequest
 from zero_chatgpt.serve.gate import Gate, error_response
 from zero_chatgpt.serve.server import check_api_key, check_exposure, is_loopback, say, serve
 
@@ -98,7 +103,6 @@ def _param(loc) -> str | None:
 
 def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults = Defaults(), limits: Limits = Limits(),
                api_key: str | None = None) -> FastAPI:
-    from zero_chatgpt.serve.engine import Draining, EngineFailed, QueueFull, Request as EngineRequest, Sampling
     if api_key is not None and not api_key:
         raise ValueError("api_key '' would leave /v1 open: pass None for no key")
     app = FastAPI(title="zero-chatgpt", version="1", summary=f"OpenAI-compatible chat API over {model_id}",
@@ -292,15 +296,11 @@ async def _stream(engine, req, events, cid, now, model_id, fingerprint, include_
 
 
 def run_command(ctx) -> None:
-    from zero_chatgpt.core.console import UserError
 
     rd, a = ctx.run_dir, ctx.args
     host, key = a.get("host") or "127.0.0.1", a.get("api_key")
     check_api_key(key)               # before torch and the model load: a refusal answers at once
     check_exposure(host, key, bool(a.get("insecure")))
-    from zero_chatgpt.serve.chat import load_chat_model
-    from zero_chatgpt.core.checkpoint import stage_model_path
-    from zero_chatgpt.serve.engine import CacheTooLarge, Engine
 
     stage, model, tok = load_chat_model(ctx)
     c = ctx.cfg["chat"]

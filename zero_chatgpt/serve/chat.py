@@ -19,15 +19,19 @@ from __future__ import annotations
 import codecs
 import sys
 
+from zero_chatgpt.core.checkpoint import load_model, stage_model_path
 from zero_chatgpt.core.config import RULES
-from zero_chatgpt.core.console import UserError, info
+from zero_chatgpt.core.console import info
+from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.rundir import pick_model
+from zero_chatgpt.model.generate import generate
+from zero_chatgpt.model.tokenizer import load_tokenizer
 
 HELP = "commands: /reset, /system TEXT, /temp X, /help, /quit"
 
 
 def pick_stage(run_dir, stage: str | None) -> str:
     """The stage whose model to chat with (see rundir.pick_model), saying why later ones were passed over."""
-    from zero_chatgpt.core.rundir import pick_model
     name, _, notes = pick_model(run_dir, stage, chat=True)
     for n in notes:
         info(n)
@@ -84,7 +88,6 @@ class ChatSession:
             info("(the conversation got longer than the context: oldest turn forgotten)")
 
     def reply(self, user_text: str, out) -> str:
-        from zero_chatgpt.model.generate import generate
         self.history.append({"role": "user", "content": user_text})
         printer = TokenPrinter(self.tok, out)
         g = generate(self.model, [self.prompt_ids()], max_new_tokens=self.max_new_tokens,
@@ -149,8 +152,6 @@ def load_chat_model(ctx):
     what `chat` and `serve` talk with."""
     import torch
 
-    from zero_chatgpt.core.checkpoint import load_model, stage_model_path
-    from zero_chatgpt.model.tokenizer import load_tokenizer
 
     rd = ctx.run_dir
     stage = pick_stage(rd, ctx.args.get("stage"))
@@ -161,7 +162,6 @@ def load_chat_model(ctx):
 
 
 def run_command(ctx) -> None:
-    from zero_chatgpt.core.checkpoint import stage_model_path
 
     if sys.stdin is None or sys.stdin.closed:
         # started with stdin closed (`<&-`, some service managers): there is nothing to read messages from

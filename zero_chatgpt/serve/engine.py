@@ -15,7 +15,7 @@ Kwon et al. 2023, arXiv:2309.06180, which pages the cache as well):
   per-row length mask; a row that finishes is free at the next step, and a waiting request takes it.
 
 Greedy rows without a repetition penalty take one argmax over the batch; the others sample through the
-generator's `_process_logits` (repetition penalty, temperature, top-k, top-p), per sequence with its
+sampler's `process_logits` (model/sampling.py: repetition penalty, temperature, top-k, top-p), per sequence with its
 own torch.Generator, so `seed` reproduces an answer (greedy skips top-k / top-p, which never remove
 the most likely token).
 
@@ -33,7 +33,8 @@ from typing import Callable
 
 import torch
 
-from zero_chatgpt.model.generate import _last_logits, _process_logits, draw, effective_temperature
+from zero_chatgpt.model.sampling import effective_temperature, last_logits, process_logits
+from zero_chatgpt.model.sampling import cut_at_stop, mark_seen, pick
 from zero_chatgpt.model.transformer import KVCache
 
 
@@ -382,7 +383,7 @@ class Engine:
                             attention_mask=mask, kv_cache=cache, return_hidden=True)
         cache.pos = 0                     # SlotCache tracks lengths per row, not one position
         cache.lens[busy] += 1
-        logits = _last_logits(self.model, hidden)
+        logits = last_logits(self.model, hidden)
         self.steps += 1
         self.max_batch = max(self.max_batch, len(seqs))
         seqs = [s for s in seqs if not s.req.cancelled]
@@ -406,15 +407,12 @@ class Engine:
 
     def _sample(self, seq: _Seq, logits: torch.Tensor) -> int:
         sp = seq.req.sampling
-        if seq.greedy:      # top-k and top-p keep the most likely token: the argmax is the same without them
-            tok = int(_process_logits(logits, seq.seen, sp.repetition_penalty, 0.0, 0, 1.0).max(-1).indices)
-        else:
-            scores = _process_logits(logits, seq.seen, sp.repetition_penalty, effective_temperature(sp.temperature),
-                                     sp.top_k, sp.top_p)
-            tok = int(draw(scores, seq.gen))
-        if seq.seen is not None:
-            seq.seen[0, tok] = True
-        return tok
+        t = effective_temperature(sp.temperature)
+        # greedy: top-k and top-p keep the most likely token, so the argmax is the same without them
+        scores = process_logits(logits, seq.seen, sp.repetition_penalty, t, sp.top_k if t else 0, sp.top_p if t else 1.0)
+        tok = pick(scores, t, seq.gen)
+        mark_seen(seq.seen, tok)
+        return int(tok)
 
     def _accept(self, seq: _Seq, tok: int) -> None:
         """Take one sampled token: send the text that is safe to send, finish the sequence when it stops."""
@@ -427,11 +425,9 @@ class Engine:
         elif len(seq.tokens) >= req.sampling.max_tokens or len(req.prompt) + len(seq.tokens) >= self.max_len:
             reason = "length"
         body = seq.tokens[:-1] if reason == "stop" else seq.tokens
-        text = self.tok.decode(body)
-        for s in req.sampling.stop:
-            at = text.find(s)
-            if at >= 0:
-                text, reason = text[:at], "stop"
+        text, hit = cut_at_stop(self.tok.decode(body), req.sampling.stop)
+        if hit:
+            reason = "stop"
         if reason is None:
             # Hold back an incomplete UTF-8 character (decoded as U+FFFD until its last byte comes)
             # and any tail that may be the start of a stop string: a client must never see either.

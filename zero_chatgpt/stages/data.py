@@ -31,17 +31,18 @@ from typing import Iterator
 
 import numpy as np
 
-from zero_chatgpt.core.console import UserError, info, progress, table
-from zero_chatgpt.data import builtin
-from zero_chatgpt.data.clean import REASONS, Cleaner, CleanConfig
-from zero_chatgpt.data.dedup import MinHasher, exact_hash
-from zero_chatgpt.data.dedup_parts import deduplicate
-from zero_chatgpt.data.sources import BadRecords, iter_records, parse_source
+from zero_chatgpt.core.console import info, progress, table
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import JsonlZstWriter, atomic_write_json, iter_jsonl
 from zero_chatgpt.core.rundir import Context, begin, inputs_or_recorded, source_fingerprints
-from zero_chatgpt.core.workers import command_alive, fault_point, process_pool
-
-DEDUP_REASONS = ("exact_dup", "near_dup")
+from zero_chatgpt.core.workers import command_alive, fault_point
+from zero_chatgpt.data import builtin
+from zero_chatgpt.data.clean import DEDUP_REASONS, REASONS, CleanConfig, Cleaner, funnel_rows
+from zero_chatgpt.data.dedup import MinHasher, exact_hash
+from zero_chatgpt.data.dedup_parts import deduplicate
+from zero_chatgpt.data.executors import executor_for
+from zero_chatgpt.data.sources import iter_records, parse_source
+from zero_chatgpt.data.streams import BadRecords
 
 
 def _workers(cfg: dict) -> int:
@@ -75,15 +76,6 @@ def _part_paths(work: Path, i: int) -> dict[str, Path]:
 def _hasher(cfg: dict) -> MinHasher:
     return MinHasher(cfg["minhash_perm"], cfg["shingle_chars"], cfg["lsh_bands"], cfg["minhash_seed"],
                      cfg["near_threshold"])
-
-
-def executor_for(cfg: dict, nworkers: int):
-    """Where the data stage's tasks run (cfg: the data section): a process pool of `nworkers` here, or
-    Ray tasks. The tokenizer stage encodes the corpus shards on the same executor under Ray."""
-    if cfg["executor"] == "ray":
-        from zero_chatgpt.data.ray_executor import ray_executor
-        return ray_executor(str(cfg["ray_address"]), nworkers)
-    return process_pool(nworkers)
 
 
 def clean_part(cfg: dict, work: Path, i: int, records: list[dict], command_pid: int) -> dict:
@@ -301,29 +293,6 @@ def _clean_dedup_write(ctx: Context, cfg: dict, out_dir: Path, work: Path, run, 
     run.complete({"docs_out": docs_out, "chars_out": stats["chars_out"]})
     shutil.rmtree(work, ignore_errors=True)  # the parts are a second copy of the corpus: free the disk
     return stats
-
-
-def funnel_rows(stats: dict) -> list[list]:
-    """The funnel of a stats.json as [step, docs (negative: dropped), docs left, note] rows: the console
-    summary here and the report card show the same rows."""
-    rows = [["read", stats["docs_in"], "", f"{stats['chars_in']:,} chars"]]
-    left = stats["docs_in"]
-
-    def row(name: str, n: int, note: str = "") -> None:
-        nonlocal left
-        left -= n
-        rows.append([name, -n if n else 0, left, note])
-
-    row("bad records", stats["bad_records"]["count"])
-    for reason, n in stats["dropped"].items():
-        if reason not in DEDUP_REASONS:
-            row(f"filter: {reason}", n)
-    dd = stats["dedup"]
-    row("exact duplicates", stats["dropped"]["exact_dup"])
-    row("near duplicates", stats["dropped"]["near_dup"], f"{dd.get('clusters', 0):,} duplicate clusters")
-    rows.append(["kept", stats["docs_out"], "",
-                 f"train {stats['train_docs']:,} / val {stats['val_docs']:,}, {stats['chars_out']:,} chars"])
-    return rows
 
 
 def _print_funnel(stats: dict) -> None:

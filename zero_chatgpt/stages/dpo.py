@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.config import rl_seed
 from zero_chatgpt.core.console import info
-from zero_chatgpt.data import preference as pref
 from zero_chatgpt.core.rundir import begin
+from zero_chatgpt.data import preference as pref
+from zero_chatgpt.model.losses import IGNORE
+from zero_chatgpt.model.tokenizer import load_tokenizer
 from zero_chatgpt.train import alignment, loop
 from zero_chatgpt.train.pairs import PairBatches, collate, encode_pairs, sequence_logprobs
 
@@ -63,7 +65,6 @@ class DPOBatches(PairBatches):
 
 
 def run_stage(ctx) -> None:
-    from zero_chatgpt.model.tokenizer import load_tokenizer
     cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["dpo"]
     d = loop.setup_distributed(cfg["run"]["device"])
     # its gold prompts are eval's gold part: the share that is gold decides them (and keeps them out of the report)
@@ -90,7 +91,7 @@ def run_stage(ctx) -> None:
         loss, metrics = dpo_loss(logp, batch["ref_logp"], beta)
         if sft_w:
             half = logp.shape[0] // 2
-            n_tok = (batch["labels"][:half] != -100).sum(-1).clamp(min=1)
+            n_tok = (batch["labels"][:half] != IGNORE).sum(-1).clamp(min=1)
             nll = (-logp[:half] / n_tok).mean()
             loss = loss + sft_w * nll
             metrics["chosen_nll"] = nll.detach()

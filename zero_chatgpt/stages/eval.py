@@ -18,7 +18,7 @@ For each stage (pretrain, sft, and the RL stages once trained) it writes RUN_DIR
   pinyin_exact     pinyin questions: the answer's pinyin is the dictionary's, tones included
                    (`pinyin_key`); pinyin_toneless: the same with tone marks ignored
   pinyin_syllable_acc  pinyin questions: the share of the reference's syllables the answer has right, position
-                   by position, tones included, over max(len(reference), len(answer)) (eval_pinyin.py)
+                   by position, tones included, over max(len(reference), len(answer)) (eval/pinyin.py)
   chain_valid      idiom-chaining answers that are a dictionary idiom starting with the right character
   eos_rate         answers that end with eos within the token limit
   repetition_rate  answers in which some 4-gram occurs 3 or more times
@@ -29,7 +29,7 @@ For each stage (pretrain, sft, and the RL stages once trained) it writes RUN_DIR
                    which the SFT model was not tuned on: a KL there says little about the chat policy)
   everyday_in_kind chat stages: the share of 45 everyday user turns (greeting, who, can, thanks, goodbye) in
                    phrasings SFT never saw that the stage answers in kind; `everyday`: k/n per category, the
-                   answers (eval_everyday.py)
+                   answers (eval/everyday.py)
   win_rate_vs_sft  the share of prompts where the reward model (RUN_DIR/rm/final, only while the rm stage
                    is current) scores the stage's answer above SFT's, ties half; absent for sft and
                    without a current reward model
@@ -56,488 +56,25 @@ each stage's differences to SFT with their 95 % intervals: a difference whose in
 from __future__ import annotations
 
 import json
-import re
-import unicodedata
-from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
 
+from zero_chatgpt.core.checkpoint import load_model, stage_model_path
+from zero_chatgpt.core.console import info, table
+from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.io import atomic_write_text
+from zero_chatgpt.core.registry import model_stages
+from zero_chatgpt.core.rundir import begin, read_marker, stale_reason, sub_key
+from zero_chatgpt.data.builtin import load_idioms
+from zero_chatgpt.data.chat_data import SCORED_KINDS, read_split
 from zero_chatgpt.eval import everyday
-# pinyin scoring lives in eval_pinyin.py; its names stay importable from here (grpo.py, the tests)
-from zero_chatgpt.eval.pinyin import TONE_MARKS, pinyin_exact, pinyin_key, pinyin_syllable_acc, pinyin_syllables
-
-# ---------------------------------------------------------------- metrics
-#
-# Units: each CJK character is a unit, a run of letters/digits (pinyin syllables, English words, numbers)
-# is one unit, punctuation and spaces are dropped — the "mixed segmentation" of the CMRC 2018 evaluation
-# script (Cui et al., 2019), so a pinyin answer is scored by syllables, not by Latin letters.
-
-def _is_cjk(ch: str) -> bool:
-    # Ideographs (and kana) are letters ("Lo") at or above U+2E80; CJK punctuation (U+3000…) is not.
-    return ord(ch) >= 0x2E80 and unicodedata.category(ch) == "Lo"
-
-
-def _is_word(ch: str) -> bool:
-    return ch.isalnum() and not _is_cjk(ch)
-
-
-def units(text: str, keep_punct: bool = False) -> list[str]:
-    """CJK characters one by one, letter/digit runs as words; punctuation only when `keep_punct`."""
-    text = unicodedata.normalize("NFKC", text or "")
-    out: list[str] = []
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if _is_cjk(ch):
-            out.append(ch)
-            i += 1
-        elif _is_word(ch) or unicodedata.category(ch) == "Mn" and out and i > 0 and _is_word(text[i - 1]):
-            j = i + 1
-            while j < n and (_is_word(text[j]) or unicodedata.category(text[j]) == "Mn"):
-                j += 1
-            out.append(text[i:j].lower())
-            i = j
-        else:
-            if keep_punct and not ch.isspace():
-                out.append(ch)
-            i += 1
-    return out
-
-
-def char_f1(pred: str, ref: str) -> float:
-    """Character-level F1 (bag of units): 2PR/(P+R) with P = overlap/|pred|, R = overlap/|ref|."""
-    p, r = units(pred), units(ref)
-    if not p or not r:
-        return float(p == r)
-    overlap = sum((Counter(p) & Counter(r)).values())
-    if overlap == 0:
-        return 0.0
-    prec, rec = overlap / len(p), overlap / len(r)
-    return 2 * prec * rec / (prec + rec)
-
-
-def _lcs(a: Sequence, b: Sequence) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(pred: str, ref: str) -> float:
-    """ROUGE-L F1 on characters (units): longest common subsequence, 2PR/(P+R) (Lin, 2004)."""
-    p, r = units(pred), units(ref)
-    if not p or not r:
-        return float(p == r)
-    lcs = _lcs(p, r)
-    if lcs == 0:
-        return 0.0
-    prec, rec = lcs / len(p), lcs / len(r)
-    return 2 * prec * rec / (prec + rec)
-
-
-def eos_rate(finish_reasons: Iterable[str]) -> float:
-    """Share of answers that ended with an eos/stop token ("stop") rather than at the token limit ("length")."""
-    f = list(finish_reasons)
-    return sum(1 for x in f if x == "stop") / len(f) if f else 0.0
-
-
-def is_repetitive(text: str, n: int = 4, min_count: int = 3) -> bool:
-    """True when some n-gram of units (punctuation kept) occurs `min_count` or more times."""
-    u = units(text, keep_punct=True)
-    c = Counter(tuple(u[i:i + n]) for i in range(len(u) - n + 1))
-    return bool(c) and max(c.values()) >= min_count
-
-
-def repetition_rate(texts: Iterable[str], n: int = 4, min_count: int = 3) -> float:
-    """Share of answers in which some 4-gram occurs 3 or more times."""
-    t = list(texts)
-    return sum(is_repetitive(x, n, min_count) for x in t) / len(t) if t else 0.0
-
-
-def chain_valid(answer: str, first_char: str, idioms: set[str], asked: str = "") -> bool:
-    """An idiom-chaining answer is right when it is a dictionary idiom (not the one asked) starting with first_char."""
-    a = re.sub(r"[\s。！？，、“”「」《》.!?,\"']", "", answer or "")
-    return a in idioms and a.startswith(first_char) and a != asked
-
-
-def restates_idiom(answer: str, idiom: str) -> bool:
-    """The answer names the idiom it was asked about (NFKC, spaces ignored): a person's answer to "what does
-    X mean" says "X means ...", which SFT's data teaches (chat_data.answer_text); a bare explanation, or one
-    of another idiom, does not."""
-    norm = lambda t: "".join(unicodedata.normalize("NFKC", t or "").split())  # noqa: E731
-    return bool(idiom) and norm(idiom) in norm(answer)
-
-
-# ---------------------------------------------------------------- refusals
-#
-# A refusal declines or pleads ignorance instead of answering. The patterns are anchored where a refusal
-# says it (an apology or "I don't know" opens the answer; "as an AI", "cannot answer/provide" anywhere)
-# and were checked against every reference answer of the built-in dictionary (~97k texts: explanations,
-# origins, example sentences written in the first person), none of which they match.
-REFUSAL_PATTERNS = (
-    r"^我?(?:很|非常|十分|实在)?(?:抱歉|对不起|不好意思)",
-    r"^(?:我|这个问题我)(?:真的|确实|暂时|目前|并|也)?(?:不知道|不清楚|不太清楚|不确定|不太确定|不了解|回答不了|答不上来"
-    r"|无法回答|不能回答|没法回答|无法提供|不能提供|无法确定)",
-    r"作为(?:一个|一名|一款)?(?:ai|人工智能|语言模型|机器人|智能助手|聊天机器人)",
-    r"(?:无法|不能|没法|没有办法)(?:回答|提供|帮助你|帮你|协助你|满足你|满足您|为你|为您)",
-    r"(?:超出|超过)了?我的(?:能力|知识)",
-    r"^(?:不知道|不清楚|不晓得)[。.!！]?$",
-)
-_REFUSAL = [re.compile(p, re.IGNORECASE) for p in REFUSAL_PATTERNS]
-
-
-def is_refusal(text: str) -> bool:
-    """True when the answer refuses or pleads ignorance (REFUSAL_PATTERNS, after NFKC and leading punctuation)."""
-    t = unicodedata.normalize("NFKC", text or "").strip().lstrip("“”\"'「」『』(（)）,，.。!！:：").strip()
-    return any(rx.search(t) for rx in _REFUSAL)
-
-
-# ---------------------------------------------------------------- paired differences
-
-def paired_bootstrap(x: Sequence[float], y: Sequence[float], resamples: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> dict | None:
-    """{"diff": mean(x - y), "ci95": [lo, hi], "n"} for paired values (same prompts, same order): the
-    percentile bootstrap of the mean difference, resampling prompts with replacement `resamples` times
-    (numpy, vectorized, seeded: the same data and seed give the same interval). None without pairs;
-    no "ci95" with resamples = 0."""
-    import numpy as np
-
-    d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
-    n = len(d)
-    if n == 0:
-        return None
-    out = {"diff": float(d.mean()), "n": int(n)}
-    if resamples <= 0:
-        return out
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    step = max(1, 4_000_000 // n)                     # at most ~32 MB of indices at a time
-    for s in range(0, resamples, step):
-        k = min(step, resamples - s)
-        means[s:s + k] = d[rng.integers(0, n, size=(k, n))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    out["ci95"] = [float(lo), float(hi)]
-    return out
-
-
-def format_diff(d: dict | None) -> str:
-    """'+0.012 [−0.004, +0.027]' (3 decimals; 1 for differences of 10 or more); '*' when 0 is outside."""
-    if not d:
-        return "-"
-    big = max(abs(d["diff"]), *(abs(v) for v in d.get("ci95", [0.0]))) >= 10
-
-    def f(v: float) -> str:             # U+2212 minus: the table aligns these cells like text, all alike
-        return (f"{v:+.1f}" if big else f"{v:+.3f}").replace("-", "\u2212")
-    if "ci95" not in d:
-        return f(d["diff"])
-    lo, hi = d["ci95"]
-    return f"{f(d['diff'])} [{f(lo)}, {f(hi)}]" + (" *" if lo > 0 or hi < 0 else "")
-
-
-# ---------------------------------------------------------------- prompts and answers
-
-GOLD_SALT = b"zero-chatgpt eval gold part:"
-
-
-def prompt_group(rec: dict) -> str:
-    """What keeps prompts together in one part: the idiom (all its questions), else the question."""
-    return rec.get("meta", {}).get("idiom") or question_of(rec)
-
-
-def is_gold(rec: dict, gold_fraction: float) -> bool:
-    """Whether a record is in the gold part: a stable hash of its group (independent of the run seed and
-    of the hash that chose the eval idioms, so the parts are an unbiased split of them)."""
-    import xxhash
-    return xxhash.xxh64_intdigest(GOLD_SALT + prompt_group(rec).encode()) / 2.0 ** 64 < gold_fraction
-
-
-def split_eval(records: list[dict], gold_fraction: float) -> tuple[list[dict], list[dict]]:
-    """(gold, test): the two disjoint parts of the eval records, by idiom."""
-    gold, test = [], []
-    for r in records:
-        (gold if is_gold(r, gold_fraction) else test).append(r)
-    return gold, test
-
-
-def _root(run_dir) -> Path:
-    """The folder of a RunDir or a path (a Path has a .root too: "/")."""
-    import os
-    return Path(run_dir) if isinstance(run_dir, (str, os.PathLike)) else Path(run_dir.root)
-
-
-def _gold_fraction_of(run_dir) -> float:
-    from zero_chatgpt.core import config
-    cfg = config.defaults()
-    path = _root(run_dir) / config.CONFIG_FILE
-    if path.exists():
-        cfg = config.merge(cfg, config._read_toml(path), config.defaults(), str(path))
-    return float(cfg["eval"]["gold_fraction"])
-
-
-def gold_prompts(run_dir, n: int, seed: int, gold_fraction: float | None = None) -> list[dict]:
-    """Up to n records of the eval split's gold part (the kinds taken in turn, as `select_prompts`), for an
-    RL stage to select its checkpoints on; `zero-chatgpt eval` never reports them. gold_fraction: the run's
-    eval.gold_fraction (pass cfg["eval"]["gold_fraction"]; None reads it from RUN_DIR/config.toml)."""
-    from zero_chatgpt.data.chat_data import read_split
-    root = _root(run_dir)
-    frac = _gold_fraction_of(root) if gold_fraction is None else float(gold_fraction)
-    gold, _ = split_eval(read_split(root / "sft_data", "eval"), frac)
-    return select_prompts(gold, n, seed)
-
-
-def report_prompts(run_dir, n: int, seed: int, gold_fraction: float) -> list[dict]:
-    """Up to n records of the test part: what `zero-chatgpt eval` reports."""
-    from zero_chatgpt.data.chat_data import read_split
-    root = _root(run_dir)
-    _, test = split_eval(read_split(root / "sft_data", "eval"), gold_fraction)
-    return select_prompts(test, n, seed)
-
-
-def prompt_id(rec: dict) -> str:
-    """A stable id of a prompt (its messages and reference), to pair two stages' answers."""
-    import xxhash
-    return xxhash.xxh64_hexdigest(json.dumps([rec["messages"], rec.get("reference", "")], ensure_ascii=False,
-                                             sort_keys=True).encode())[:12]
-
-
-def select_prompts(records: list[dict], n: int, seed: int) -> list[dict]:
-    """Up to n eval records, the kinds taken in turn (each kind in a seeded order), so every kind is represented."""
-    import random
-
-    by_kind: dict[str, list[dict]] = {}
-    for r in records:
-        by_kind.setdefault(r.get("meta", {}).get("kind", "chat"), []).append(r)
-    rng = random.Random(seed)
-    for k in sorted(by_kind):
-        rng.shuffle(by_kind[k])
-    out: list[dict] = []
-    kinds = sorted(by_kind)
-    i = 0
-    while len(out) < n and any(by_kind.values()):
-        k = kinds[i % len(kinds)]
-        if by_kind[k]:
-            out.append(by_kind[k].pop())
-        i += 1
-    return out
-
-
-def question_of(rec: dict) -> str:
-    return next(m["content"] for m in reversed(rec["messages"]) if m["role"] == "user")
-
-
-def plain_prompt(rec: dict) -> str:
-    """The question as plain text for a model that has never seen the chat template (pretrain)."""
-    return f"问：{question_of(rec)}\n答："
-
-
-def encode_prompts(tok, records: list[dict], *, chat: bool, limit: int) -> tuple[list[list[int]], int]:
-    """The prompt ids of each record (chat template or `plain_prompt`), cut to their last `limit` tokens,
-    and how many were cut."""
-    prompts, cut = [], 0
-    for r in records:
-        ids = tok.encode_chat(r["messages"], add_generation_prompt=True)[0] if chat else tok.encode(plain_prompt(r))
-        if len(ids) > limit:      # keep the end: the question and the generation prompt
-            ids, cut = ids[-limit:], cut + 1
-        prompts.append(ids)
-    return prompts, cut
-
-
-def answer_prompts(model, tok, records: list[dict], *, chat: bool, max_new_tokens: int, batch_size: int,
-                   repetition_penalty: float = 1.0, desc: str = "answer"):
-    """Greedy answers (Generation objects, in record order) and how many prompts were cut to fit the context.
-    With repetition_penalty != 1 the argmax is taken over CTRL-penalized scores (still deterministic).
-
-    Chat stages get the chat template with the generation prompt and stop at <|im_end|>/<|endoftext|>;
-    pretrain gets `plain_prompt` and also stops at the end of the line (its natural end of an answer).
-    """
-    from zero_chatgpt.core.console import progress
-    from zero_chatgpt.model.generate import generate
-    from zero_chatgpt.train.rollout import prompt_limit
-
-    prompts, cut = encode_prompts(tok, records, chat=chat, limit=prompt_limit(model, max_new_tokens))
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # similar lengths: little left padding
-    gens = [None] * len(prompts)
-    bar = progress(total=len(prompts), desc=desc, unit="answer")
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        outs = generate(model, [prompts[i] for i in idx], max_new_tokens=max_new_tokens, temperature=0.0,
-                        repetition_penalty=repetition_penalty, stop_ids=tok.stop_ids,
-                        stop_strings=() if chat else ("\n",), tokenizer=tok)
-        for i, g in zip(idx, outs):
-            gens[i] = g
-        bar.update(len(idx))
-    bar.close()
-    return gens, cut
-
-
-def kl_along(model, ref_model, prompts: list[list[int]], answers: list[list[int]], batch_size: int = 32,
-             pad_id: int = 0) -> list[float | None]:
-    """Per prompt, the mean over the answer's tokens of KL(model || ref_model) at the positions that predict
-    them, exact over the vocabulary: sum_v p(v) (log p(v) - log q(v)). One forward of each model over
-    prompt + answer (right-padded, so padding never reaches a real position). None for an empty answer."""
-    import torch
-
-    device = next(model.parameters()).device
-    chunk = max(1, (1 << 24) // model.config.vocab_size)      # ~64 MB of fp32 logits per tensor
-    seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
-    order = sorted((i for i in range(len(seqs)) if answers[i]), key=lambda i: len(seqs[i]))
-    out: list[float | None] = [None] * len(seqs)
-    with torch.inference_mode(), model.fused_for_inference(), ref_model.fused_for_inference():
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            T = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
-            rows, cols = [], []
-            for r, i in enumerate(idx):
-                ids[r, :len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
-                start = len(prompts[i]) - 1               # the position that predicts the first answer token
-                rows += [r] * len(answers[i])
-                cols += range(start, start + len(answers[i]))
-            ids = ids.to(device)
-            rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-            hp = model(ids, return_hidden=True)[rows_t, cols_t]
-            hq = ref_model(ids, return_hidden=True)[rows_t, cols_t]
-            kl = torch.empty(len(rows), dtype=torch.float64, device=device)
-            for c in range(0, len(rows), chunk):           # bounded memory: chunk x vocab logits at a time
-                lp = model.logits(hp[c:c + chunk]).float().log_softmax(-1)
-                lq = ref_model.logits(hq[c:c + chunk]).float().log_softmax(-1)
-                kl[c:c + chunk] = (lp.exp() * (lp - lq)).sum(-1).clamp(min=0.0).double()
-            sums = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows_t, kl)
-            for r, i in enumerate(idx):
-                out[i] = float(sums[r]) / len(answers[i])
-    return out
-
-
-def rm_scores(scorer, tok, records: list[dict], answers: list[str], ended: list[bool]):
-    """The reward model's normalized scores of answers to the records' prompts (as the chat model sees them)."""
-    from zero_chatgpt.model.reward_model import answer_ids, prompt_ids
-    return scorer.score([prompt_ids(tok, r["messages"]) for r in records],
-                        [answer_ids(tok, a, e) for a, e in zip(answers, ended)])
-
-
-def win_rates(mine, theirs, answers: list[str], ended: list[bool], ref_answers: list[str],
-              ref_ended: list[bool]) -> list[float]:
-    """Per prompt: 1 when the reward model scores the answer (`mine`) above the reference answer (SFT's,
-    `theirs`) to the same prompt, 0 below, 0.5 for a tie (an identical answer is a tie without a score)."""
-    return [0.5 if (a, e) == (ra, re_) or x == y else float(x > y)
-            for a, e, ra, re_, x, y in zip(answers, ended, ref_answers, ref_ended, mine, theirs)]
-
-
-# ---------------------------------------------------------------- scoring
-
-# The metrics of a stage: per prompt (stored under per_prompt), averaged overall and per kind, compared to
-# SFT prompt by prompt. Each is averaged over the prompts of its domain where it is defined (not None).
-METRICS = ("char_f1", "rouge_l", "restates_idiom", "pinyin_exact", "pinyin_syllable_acc", "pinyin_toneless",
-           "chain_valid", "eos_rate", "repetition_rate", "refusal_rate", "mean_length", "mean_tokens", "kl_to_sft",
-           "win_rate_vs_sft")
-RESTATE_KINDS = ("meaning", "origin", "example")    # the kinds whose answer names its idiom (chat_data.answer_text)
-# what SFT's own value is, where it is a constant: the reference of a paired difference
-SFT_CONSTANT = {"kl_to_sft": 0.0, "win_rate_vs_sft": 0.5}
-
-
-def _in_domain(metric: str, kind: str) -> bool:
-    """char_f1 / rouge_l count overall on the kinds with one right answer; the rest where defined."""
-    from zero_chatgpt.data.chat_data import SCORED_KINDS
-    return metric not in ("char_f1", "rouge_l") or kind in SCORED_KINDS or kind == "chat"
-
-
-def _sig(x: float) -> float:
-    return float(f"{x:.4g}")
-
-
-def per_prompt_values(records: list[dict], answers: list[str], ended_with_eos: list[bool],
-                      idioms: set[str] | None, n_tokens: list[int] | None = None) -> dict[str, list]:
-    """Every metric's value on each prompt (None where it is not defined), 4 significant digits."""
-    out: dict[str, list] = {m: [] for m in METRICS if m not in ("kl_to_sft", "win_rate_vs_sft")}
-    for i, (r, a) in enumerate(zip(records, answers)):
-        kind, ref = r.get("meta", {}).get("kind", "chat"), r.get("reference", "")
-        out["char_f1"].append(_sig(char_f1(a, ref)))
-        out["rouge_l"].append(_sig(rouge_l(a, ref)))
-        idiom = r.get("meta", {}).get("idiom")
-        out["restates_idiom"].append(int(restates_idiom(a, idiom)) if kind in RESTATE_KINDS and idiom else None)
-        out["pinyin_exact"].append(int(pinyin_exact(a, ref)) if kind == "pinyin" else None)
-        acc = pinyin_syllable_acc(a, ref) if kind == "pinyin" else None
-        out["pinyin_syllable_acc"].append(None if acc is None else _sig(acc))
-        out["pinyin_toneless"].append(int(pinyin_exact(a, ref, tones=False)) if kind == "pinyin" else None)
-        out["chain_valid"].append(int(chain_valid(a, r["meta"]["first_char"], idioms, r["meta"].get("idiom", "")))
-                                  if kind == "chain" and idioms is not None else None)
-        out["eos_rate"].append(int(bool(ended_with_eos[i])))
-        out["repetition_rate"].append(int(is_repetitive(a)))
-        out["refusal_rate"].append(int(is_refusal(a)))
-        out["mean_length"].append(len(a))
-        out["mean_tokens"].append(int(n_tokens[i]) if n_tokens is not None else None)
-    return out
-
-
-def aggregate(kinds: list[str], values: dict[str, list]) -> dict:
-    """Overall means (each metric over its domain) and per-kind means of per-prompt values."""
-    def mean(xs):                       # 6 significant digits: the per-prompt values have 4
-        return float(f"{sum(xs) / len(xs):.6g}") if xs else None
-
-    out: dict = {}
-    for m in METRICS:
-        if m in values:
-            v = mean([x for x, k in zip(values[m], kinds) if x is not None and _in_domain(m, k)])
-            if v is not None:
-                out[m] = v
-    by_kind: dict[str, dict] = {}
-    for k in sorted(set(kinds)):
-        d = {}
-        for m in METRICS:
-            if m in values:
-                v = mean([x for x, kk in zip(values[m], kinds) if kk == k and x is not None])
-                if v is not None:
-                    d[m] = v
-        by_kind[k] = d | {"n": kinds.count(k)}
-    out["by_kind"] = by_kind
-    return out
-
-
-def score(records: list[dict], answers: list[str], ended_with_eos: list[bool], idioms: set[str] | None,
-          n_tokens: list[int] | None = None) -> dict:
-    """The metrics over one stage's answers: overall (each over its domain), per kind."""
-    from zero_chatgpt.data.chat_data import SCORED_KINDS
-    kinds = [r.get("meta", {}).get("kind", "chat") for r in records]
-    out = aggregate(kinds, per_prompt_values(records, answers, ended_with_eos, idioms, n_tokens))
-    for m in ("char_f1", "rouge_l", "eos_rate", "repetition_rate"):
-        out.setdefault(m, 0.0)
-    out["n_prompts"] = len(records)
-    out["n_scored"] = sum(k in SCORED_KINDS or k == "chat" for k in kinds)
-    return out
-
-
-def compare(kinds: list[str], ids: list[str], values: dict[str, list], ref: dict, resamples: int,
-            seed: int) -> dict:
-    """vs_sft: per metric, the paired difference to the reference stage's per_prompt values and its interval,
-    over the prompts (matched by id) in the metric's domain where both values are defined."""
-    ref_pp = ref.get("per_prompt", {})
-    where = {pid: j for j, pid in enumerate(ref_pp.get("ids", []))}
-    out = {}
-    for m in METRICS:
-        if m not in values:
-            continue
-        mine, theirs = [], []
-        for i, (pid, k) in enumerate(zip(ids, kinds)):
-            j = where.get(pid)
-            x = values[m][i]
-            y = SFT_CONSTANT[m] if m in SFT_CONSTANT else (ref_pp[m][j] if j is not None and m in ref_pp else None)
-            if j is None or x is None or y is None or not _in_domain(m, k):
-                continue
-            mine.append(x)
-            theirs.append(y)
-        d = paired_bootstrap(mine, theirs, resamples, seed)
-        if d is not None:
-            d["diff"] = float(f"{d['diff']:.6g}")
-            if "ci95" in d:
-                d["ci95"] = [float(f"{v:.6g}") for v in d["ci95"]]
-            out[m] = d
-    return out
-
+from zero_chatgpt.eval.metrics import METRICS, aggregate, compare, format_diff, kl_along, per_prompt_values, rm_scores, score, sig4, win_rates
+from zero_chatgpt.eval.prompts import answer_prompts, encode_prompts, prompt_id, question_of, select_prompts, split_eval
+from zero_chatgpt.model.reward_model import RewardScorer
+from zero_chatgpt.model.tokenizer import load_tokenizer
+from zero_chatgpt.train.rollout import prompt_limit
+from zero_chatgpt.train.sft_data import encode_records, ensure_sft_data, masked_val_loss
+
+# ---------------------------------------------------------------- the stage
 
 def question_baseline(records: list[dict]) -> dict:
     """The scores of answering every question with the question itself (a floor SFT must beat)."""
@@ -546,12 +83,8 @@ def question_baseline(records: list[dict]) -> dict:
     return {"baseline_question_char_f1": s["char_f1"], "baseline_question_rouge_l": s["rouge_l"]}
 
 
-# ---------------------------------------------------------------- the stage
-
 def trained_stages(run_dir) -> tuple[list[str], list[str]]:
     """(model stages that are complete and current, notes on the others that have a folder), pipeline order."""
-    from zero_chatgpt.core.rundir import stale_reason
-    from zero_chatgpt.core.registry import model_stages
     have, notes = [], []
     for st in model_stages():
         why = stale_reason(run_dir, st.name)
@@ -576,7 +109,6 @@ def _compact_json(obj, indent: int = 0) -> str:
 
 
 def write_result(path: Path, res: dict) -> None:
-    from zero_chatgpt.core.io import atomic_write_text
     atomic_write_text(path, _compact_json(res) + "\n")
 
 
@@ -588,10 +120,6 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     (the reward model's scores of SFT's answers, computed once)."""
     import time
 
-    from zero_chatgpt.core.checkpoint import load_model, stage_model_path
-    from zero_chatgpt.core.console import info
-    from zero_chatgpt.train.rollout import prompt_limit
-    from zero_chatgpt.stages.sft import masked_val_loss
 
     e = ctx.cfg["eval"]
     t0 = time.perf_counter()
@@ -638,7 +166,7 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
             prompts, _ = encode_prompts(tok, eval_recs, chat=True, limit=prompt_limit(model, e["max_new_tokens"]))
             kl = kl_along(model, sft_model, prompts, [g.tokens for g in gens], batch_size=e["batch_size"],
                           pad_id=tok.pad_id)
-            values["kl_to_sft"] = [None if x is None else _sig(x) for x in kl]
+            values["kl_to_sft"] = [None if x is None else sig4(x) for x in kl]
         else:
             info(f"eval {stage}: no kl_to_sft (its vocabulary differs from the SFT model's)")
         del sft_model
@@ -659,7 +187,6 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     res.update(aggregate(kinds, values))
     for m in ("char_f1", "rouge_l", "eos_rate", "repetition_rate"):
         res.setdefault(m, 0.0)
-    from zero_chatgpt.data.chat_data import SCORED_KINDS
     res["n_prompts"] = len(eval_recs)
     res["n_scored"] = sum(k in SCORED_KINDS or k == "chat" for k in kinds)
     res["decoding"] = {"greedy": True, "repetition_penalty": penalty, "max_new_tokens": e["max_new_tokens"]}
@@ -749,7 +276,6 @@ TABLE_METRICS = ("val_loss", "chat_val_loss", "char_f1", "rouge_l", "restates_id
 
 def print_tables(results: dict[str, dict], base: dict, n_prompts: int, how: str, where) -> None:
     """Every stage side by side; then each stage's paired differences to SFT with their 95 % intervals."""
-    from zero_chatgpt.core.console import table
 
     rows = [[c] + [results[s].get(c, "-") for s in results] for c in TABLE_METRICS
             if any(c in r for r in results.values())]
@@ -771,13 +297,6 @@ def print_tables(results: dict[str, dict], base: dict, n_prompts: int, how: str,
 
 
 def run_stage(ctx) -> None:
-    from zero_chatgpt.core.console import UserError, info
-
-    from zero_chatgpt.data.chat_data import read_split
-    from zero_chatgpt.core.rundir import begin, read_marker, stale_reason, sub_key
-    from zero_chatgpt.core.registry import model_stages
-    from zero_chatgpt.model.tokenizer import load_tokenizer
-    from zero_chatgpt.stages.sft import encode_records
 
     rd, e = ctx.run_dir, ctx.cfg["eval"]
     want = ctx.args.get("stage")
@@ -803,7 +322,6 @@ def run_stage(ctx) -> None:
     run = begin(ctx, "eval", reads=tuple(stages) + (("rm",) if use_rm else ()),
                 extra={"eval.metrics": " ".join(METRICS), "eval.everyday": everyday.asked_key()})
     if not (rd.sft_data / "eval.jsonl").exists():
-        from zero_chatgpt.stages.sft import ensure_sft_data
         ensure_sft_data(ctx)                                  # the held-out prompts, even before SFT ran
     tok = load_tokenizer(rd.tokenizer)
     seed = int(ctx.cfg["run"]["seed"])
@@ -815,7 +333,6 @@ def run_stage(ctx) -> None:
     builtin = all(r.get("meta", {}).get("source") == "builtin" for r in eval_recs)
     idioms = None
     if builtin:
-        from zero_chatgpt.data.builtin import load_idioms
         idioms = {d["word"] for d in load_idioms()}
     val_recs = read_split(rd.sft_data, "val")[:e["val_samples"]]
     base = question_baseline(eval_recs)
@@ -843,7 +360,6 @@ def run_stage(ctx) -> None:
             max_len = int(ctx.cfg["sft"]["max_seq_len"])
             val = encode_records(tok, val_recs, max_len, desc="encode val")
         if st != "sft" and use_rm and scorer is None:
-            from zero_chatgpt.model.reward_model import RewardScorer
             scorer = RewardScorer.load(rd / "rm" / "final", tok.pad_id, batch_size=e["batch_size"])
         res = evaluate_stage(ctx, st, tok, eval_recs, val, idioms, ref=results.get("sft") if st != "sft" else None,
                              scorer=scorer, cache=cache)

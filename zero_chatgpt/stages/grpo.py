@@ -18,7 +18,7 @@ grpo.prompts_per_rollout RL prompts; every answer's reward is
     minus grpo.missing_eos_penalty for an answer that never ended and grpo.loop_penalty for one that loops;
 
 the advantage of each answer is its reward minus its prompt's group mean, divided by the group's std,
-the rollout's std or nothing (grpo.scale_rewards, rl.group_advantages), on every token of it. The loss
+the rollout's std or nothing (grpo.scale_rewards, rl_math.group_advantages), on every token of it. The loss
 is the clipped ratio loss plus grpo.kl_coef x the k3 estimate of KL(pi || pi_ref) per token (the paper's unbiased, always positive form). A rollout whose KL to SFT
 exceeds grpo.kl_budget ends the run; final/ is the step with the best held-out gold char_f1. With
 grpo.ptx_coef > 0 every step also trains on a few SFT conversations (InstructGPT's PPO-ptx mix), which
@@ -29,13 +29,16 @@ from __future__ import annotations
 import torch
 
 from zero_chatgpt.core import checkpoint as ckpt
-from zero_chatgpt.core.console import UserError, info
+from zero_chatgpt.core.console import info
+from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.data.builtin import load_idioms
+from zero_chatgpt.data.chat_data import SCORED_KINDS
+from zero_chatgpt.eval.metrics import chain_valid, char_f1
+from zero_chatgpt.eval.pinyin import pinyin_exact
 from zero_chatgpt.model.losses import IGNORE, TokenLogProbs
-from zero_chatgpt.model.reward_model import RewardScorer
-from zero_chatgpt.stages.rm import load_scorer
+from zero_chatgpt.model.reward_model import RewardScorer, load_scorer
 from zero_chatgpt.train import alignment, loop
-from zero_chatgpt.train.onpolicy import RolloutBatches
-from zero_chatgpt.stages.ppo import policy_setup, rollout_settings, sequence_rewards
+from zero_chatgpt.train.onpolicy import RolloutBatches, policy_setup, rollout_settings, sequence_rewards
 from zero_chatgpt.train.rl_math import clipped_policy_loss, group_advantages, masked_mean
 
 RULE_KINDS = ("pinyin", "chain")
@@ -50,8 +53,6 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def rule_rewards(records: list[dict], tok, idioms: set[str] | None, rules: bool = True, reference: bool = False):
     """rule_fn(prompt indices, answers) -> rewards: with `rules`, pinyin_exact / chain_valid where defined;
     with `reference`, plus char_f1 against the record's reference on the kinds with one right answer."""
-    from zero_chatgpt.data.chat_data import SCORED_KINDS
-    from zero_chatgpt.stages.eval import chain_valid, char_f1, pinyin_exact
 
     def fn(idx: list[int], answers: list[list[int]]) -> list[float]:
         out = []
@@ -128,7 +129,6 @@ def run_stage(ctx) -> None:
     reward = c["reward"]
     parts = reward.split("+")
     if "rm" not in parts:          # without the reward model: only the kinds some reward is defined on
-        from zero_chatgpt.data.chat_data import SCORED_KINDS
         kinds = set(RULE_KINDS if "rules" in parts else ()) | set(SCORED_KINDS if "reference" in parts else ())
         keep = [i for i, r in enumerate(records) if r.get("meta", {}).get("kind") in kinds]
         if not keep:
@@ -141,7 +141,6 @@ def run_stage(ctx) -> None:
     if "rules" in parts or "reference" in parts:
         idioms = None
         if all(r.get("meta", {}).get("source") == "builtin" for r in records):
-            from zero_chatgpt.data.builtin import load_idioms
             idioms = {x["word"] for x in load_idioms()}
         base = rule_rewards(records, tok, idioms, rules="rules" in parts, reference="reference" in parts)
         w = float(c["rules_weight"])

@@ -22,12 +22,15 @@ import numpy as np
 import torch
 
 from zero_chatgpt.core import checkpoint as ckpt
-from zero_chatgpt.model import token_shards as tokens_mod
-from zero_chatgpt.core.console import UserError, info
+from zero_chatgpt.core.console import info
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_json
-from zero_chatgpt.model.losses import LMLoss, lm_loss
-from zero_chatgpt.model.transformer import Transformer, model_config_from
 from zero_chatgpt.core.rundir import Context, begin, folder_fingerprint, inputs_or_recorded
+from zero_chatgpt.model import token_shards as tokens_mod
+from zero_chatgpt.model.generate import generate
+from zero_chatgpt.model.losses import LMLoss, lm_loss
+from zero_chatgpt.model.tokenizer import load_tokenizer
+from zero_chatgpt.model.transformer import Transformer, model_config_from
 from zero_chatgpt.train import loop
 
 
@@ -115,7 +118,6 @@ SAMPLE_PROMPTS = ["中国", "今天", "北京", "经济", "这部电影", "一�
 
 
 def write_samples(model: Transformer, tokenizer, n: int, max_new: int, seed: int) -> list[dict]:
-    from zero_chatgpt.model.generate import generate
     prompts = SAMPLE_PROMPTS[:n]
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     gens = generate(model, [tokenizer.encode(p) for p in prompts], max_new_tokens=max_new, temperature=0.8,
@@ -133,7 +135,6 @@ def grad_accum_for(section: dict, world: int) -> int:
 
 
 def run_stage(ctx: Context) -> None:
-    from zero_chatgpt.model.tokenizer import load_tokenizer
 
     cfg, rd = ctx.cfg, ctx.run_dir
     sec, mcfg = cfg["pretrain"], cfg["model"]

@@ -2,13 +2,13 @@
 
   report.md      the card in Markdown, its plots linked from plots/
   report.html    the same card in one self-contained page: CSS inline, plots as data: URIs, no script,
-                 nothing fetched; it opens from file:// on any machine (report_doc.py)
-  plots/*.png    the plots (plots.py: matplotlib's Agg canvas, ASCII text only)
-  timings.json   written by every command that runs a stage (timings.py); read here
+                 nothing fetched; it opens from file:// on any machine (report/document.py)
+  plots/*.png    the plots (report/plots.py: matplotlib's Agg canvas, ASCII text only)
+  timings.json   written by every command that runs a stage (core/timings.py); read here
 
 The card reads what the stages wrote and recomputes no metric: data/stats.json (the funnel), the
 tokenizer's record, logs/<stage>.jsonl (loss curves), eval/<stage>_train.json (reward, gold char_f1 and
-KL of the RL stages), eval/rm.json, eval/<stage>.json (evaluate.py's metrics on the same held-out prompts,
+KL of the RL stages), eval/rm.json, eval/<stage>.json (the eval stage's metrics on the same held-out prompts,
 its paired differences to SFT with their bootstrap intervals, the answers), timings.json and the config.
 A part that is not there is said to be "not run", with the command that makes it: the card works on a
 run directory at any point of the recipe.
@@ -22,12 +22,21 @@ import json
 import platform
 from pathlib import Path
 
-from zero_chatgpt.report import plots
-from zero_chatgpt.report import document as doc
+from zero_chatgpt import __version__
+from zero_chatgpt.core import config as config_mod
 from zero_chatgpt.core import timings
-from zero_chatgpt.core.console import SMALL_N, share
+from zero_chatgpt.core.console import SMALL_N, info, share, table
+from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.io import atomic_write_bytes, atomic_write_text
+from zero_chatgpt.core.registry import PIPELINE, model_stages
+from zero_chatgpt.core.rundir import MARKER, begin, fingerprint_files, read_marker, stale_reason, sub_key
+from zero_chatgpt.data.clean import funnel_rows
+from zero_chatgpt.eval.everyday import table_rows
+from zero_chatgpt.eval.metrics import format_diff
+from zero_chatgpt.report import document as doc
+from zero_chatgpt.report import plots
 
-# the metrics of the side-by-side table, as evaluate.py names them
+# the metrics of the side-by-side table, as eval/metrics.py names them
 EVAL_ROWS = ("char_f1", "rouge_l", "restates_idiom", "pinyin_exact", "pinyin_syllable_acc", "chain_valid", "eos_rate",
              "repetition_rate", "refusal_rate", "everyday_in_kind", "win_rate_vs_sft", "kl_to_sft")
 RATES = [m for m in EVAL_ROWS if m != "kl_to_sft"]        # in [0, 1]: one bar chart, one forest plot
@@ -83,8 +92,6 @@ class Run:
     """What the stages left in the run directory, read once."""
 
     def __init__(self, ctx):
-        from zero_chatgpt.core.rundir import read_marker, stale_reason
-        from zero_chatgpt.core.registry import PIPELINE
         self.ctx, self.rd = ctx, ctx.run_dir
         self.where = str(self.rd.root)
         self.names = [st.name for st in PIPELINE if st.name != "report"]
@@ -97,7 +104,6 @@ class Run:
         self.rl = {s: _json(self.rd.eval / f"{s}_train.json") or curves.get(s) for s in RL_STAGES}
         self.rm = _json(self.rd.eval / "rm.json")
         self.evals = {}
-        from zero_chatgpt.core.registry import model_stages
         for st in model_stages():
             res = _json(self.rd.eval / f"{st.name}.json")
             if isinstance(res, dict):
@@ -140,7 +146,6 @@ def headline(r: Run, name: str) -> str:
         return f"accuracy {share(r.rm['accuracy'], r.rm.get('val_pairs'))}" + \
             (f", gold agreement {share(ga, r.rm.get('gold_pairs'))}" if ga is not None else "")
     if name in RL_STAGES and name in r.evals and "char_f1" in r.evals[name]:
-        from zero_chatgpt.stages.eval import format_diff
         d = r.evals[name].get("vs_sft", {}).get("char_f1")
         return f"char_f1 {r.evals[name]['char_f1']:.3f}" + (f" ({format_diff(d)} vs sft)" if d else "")
     if name == "eval" and r.evaluated():
@@ -166,7 +171,6 @@ def chars_per_token(split: dict) -> float | None:
 
 def overview(r: Run) -> list:
     cfg = r.ctx.cfg
-    from zero_chatgpt import __version__
     rows = [[n, r.status(n), safe_headline(r, n), r.seconds(n)] for n in r.names]
     return [doc.h(1, "zero-chatgpt report card"),
             doc.p(f"Run directory {r.where} (preset {cfg['run'].get('preset', '?')}), made by zero-chatgpt "
@@ -179,7 +183,6 @@ def data_section(r: Run) -> list:
     s = r.stats
     if not s:
         return out + [doc.note(r.run_hint("data"))]
-    from zero_chatgpt.stages.data import funnel_rows
     rows = funnel_rows(s)
     out.append(doc.p(f"{s['docs_in']:,} documents ({s['chars_in']:,} characters) in, {s['docs_out']:,} "
                      f"({s['chars_out']:,} characters) out: {s['train_docs']:,} train, {s['val_docs']:,} val."))
@@ -249,7 +252,7 @@ def curves_section(r: Run) -> list:
     if rows:
         out.append(doc.table(["stage", "steps", "first loss", "last loss", "last evaluation", "tokens"], rows))
     pre = r.evals.get("pretrain", {})
-    # evaluate.py keeps the pretrain stage's own samples as pretrain_samples beside its answers
+    # the eval stage keeps the pretrain stage's own samples as pretrain_samples beside its answers
     samples = pre.get("pretrain_samples") or (pre.get("samples") if "char_f1" not in pre else None)
     if samples:
         out.append(doc.table(["prompt", "the pretrained model continues"],
@@ -319,10 +322,8 @@ def rm_section(r: Run) -> list:
 
 
 def models_section(r: Run) -> list:
-    from zero_chatgpt.stages.eval import format_diff
     out = [doc.h(2, "The model after every stage")]
     have = r.evaluated()
-    from zero_chatgpt.core.registry import model_stages
     for s in [st.name for st in model_stages() if st.name not in have]:
         out.append(doc.note(f"{s}: " + (r.run_hint(s) if r.status(s) == "not run" else
                                         f"trained, not evaluated: `zero-chatgpt eval --run-dir {r.where}`")))
@@ -347,13 +348,12 @@ def models_section(r: Run) -> list:
                      + (f" with repetition penalty {dec['repetition_penalty']:g}"
                         if dec.get("repetition_penalty", 1.0) != 1.0 else "")
                      + f", at most {dec.get('max_new_tokens', '?')} new tokens."))
-    # everyday_in_kind rests on 45 questions, 9 a category: its rows carry their k/n (eval_everyday.table_rows)
-    from zero_chatgpt.eval.everyday import table_rows
+    # everyday_in_kind rests on 45 questions, 9 a category: its rows carry their k/n (eval/everyday.py: table_rows)
     rows = [[m] + [x.get(m) for x in res.values()] for m in ("chat_val_loss", *EVAL_ROWS, "mean_length")
             if m != "everyday_in_kind" and any(m in x for x in res.values())]
     rows += table_rows(res)
-    out.append(doc.table(["metric", *have], rows, "evaluate.py's figures (eval/<stage>.json); everyday: "
-                         "everyday user turns in phrasings SFT never saw, answered in kind (eval_everyday.py)"))
+    out.append(doc.table(["metric", *have], rows, "the eval stage's figures (eval/<stage>.json); everyday: "
+                         "everyday user turns in phrasings SFT never saw, answered in kind (eval/everyday.py)"))
     if first.get("baseline_question_char_f1") is not None:
         out.append(doc.p(f"A floor: answering every question with the question itself scores char_f1 "
                          f"{first['baseline_question_char_f1']:.3f}, rouge_l "
@@ -414,7 +414,6 @@ def _answer_of(res: dict, pid) -> dict | None:
 
 
 def run_section(r: Run) -> list:
-    from zero_chatgpt.core import config as config_mod
     out = [doc.h(2, "Run")]
     t = r.timings
     stages = t.get("stages", {})
@@ -450,10 +449,6 @@ def run_section(r: Run) -> list:
 def _inputs_key(ctx) -> str:
     """What the card is drawn from: the files it reads, every stage's record, the timings (without the
     card's own entry), the config and this version."""
-    from zero_chatgpt import __version__
-    from zero_chatgpt.core import config as config_mod
-    from zero_chatgpt.core.rundir import MARKER, fingerprint_files, sub_key
-    from zero_chatgpt.core.registry import PIPELINE
     root = Path(ctx.run_dir.root)
     files = [root / "data" / "stats.json", *sorted(root.glob("eval/*.json")), *sorted(root.glob("logs/*.jsonl")),
              *[root / st.out / MARKER for st in PIPELINE if st.name != "report"]]
@@ -470,7 +465,6 @@ SECTIONS = {"Data": data_section, "Tokenizer": tokenizer_section, "Training curv
 
 
 def build(ctx) -> tuple[list, Run]:
-    from zero_chatgpt.core.console import info
     r = Run(ctx)
     if r.bad_log_lines:
         info(f"report: {bad_lines_note(r.bad_log_lines)}")
@@ -490,7 +484,6 @@ def build(ctx) -> tuple[list, Run]:
 
 def write(rd, blocks: list, title: str) -> Path:
     """report.md, report.html and plots/*.png (plots of an earlier card that this one lacks are removed)."""
-    from zero_chatgpt.core.io import atomic_write_bytes, atomic_write_text
     out = Path(rd.report)
     pdir = out / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
@@ -508,9 +501,6 @@ def write(rd, blocks: list, title: str) -> Path:
 
 
 def run_stage(ctx) -> None:
-    from zero_chatgpt.core.console import UserError, info, table
-    from zero_chatgpt.core.rundir import begin, read_marker
-    from zero_chatgpt.core.registry import PIPELINE
     rd = ctx.run_dir
     built = [st.name for st in PIPELINE if st.name != "report" and read_marker(rd / st.out)]
     if not built:

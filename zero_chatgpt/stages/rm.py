@@ -3,7 +3,7 @@
 The recipe: build (or reuse) the preference pairs (data/preference.py: chosen = the reference,
 rejected = an SFT sample or a rule-made negative), start from the SFT model's backbone with a new
 scalar head (ModelConfig.head = "score", init std 1/sqrt(d+1) as TRL and OpenRLHF do), and minimize the
-Bradley-Terry loss on the score at each answer's last real token (rewards.py). Then:
+Bradley-Terry loss on the score at each answer's last real token (model/reward_model.py). Then:
 
 * normalization: a gain and bias so that the RM scores held-out SFT samples ~N(0, 1), stored beside
   the weights (rm/final/reward_norm.json) and used by every reader (rewards.RewardScorer);
@@ -15,7 +15,6 @@ Bradley-Terry loss on the score at each answer's last real token (rewards.py). T
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -24,36 +23,21 @@ import torch
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core import manifest
 from zero_chatgpt.core.config import rl_seed
-from zero_chatgpt.core.console import UserError, info, share, table
-from zero_chatgpt.data import preference as pref
+from zero_chatgpt.core.console import info, share, table
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_json
-from zero_chatgpt.model.transformer import Transformer
-from zero_chatgpt.model.reward_model import NORM_FILE, Normalization, RewardScorer, bradley_terry, prompt_ids, sequence_scores
 from zero_chatgpt.core.rundir import begin, inputs_or_recorded, read_marker, source_fingerprints, sub_key, write_sub_marker
+from zero_chatgpt.data import preference as pref
+from zero_chatgpt.data.chat_data import read_split
+from zero_chatgpt.data.streams import BadRecords
+from zero_chatgpt.eval.metrics import char_f1
+from zero_chatgpt.model.reward_model import NORM_FILE, Normalization, RewardScorer, answer_ids, bradley_terry, prompt_ids, score_model_from, sequence_scores
+from zero_chatgpt.model.tokenizer import load_tokenizer
 from zero_chatgpt.train import loop
 from zero_chatgpt.train.pairs import PairBatches, batched_indices, collate, encode_pairs
 from zero_chatgpt.train.rollout import ended, sample
 
 PAIR_DATA_KEYS = ("prompts", "negatives", "val_fraction", "gold_samples", "sources")
-
-
-def score_model_from(path: Path, seed: int = 0) -> Transformer:
-    """The model at `path` (an LM checkpoint) with its lm_head replaced by a new scalar head, drawn from a
-    generator of its own seeded by `seed`: the head is then the same whatever else drew random numbers
-    earlier in the process (a `run` that trained SFT first, or a rerun that found the pairs built)."""
-    cfg = ckpt.read_model_config(path)
-    if cfg.head == "score":
-        return ckpt.load_model(path).train()
-    cfg.head, cfg.tie_word_embeddings = "score", False
-    model = ckpt.empty_model(cfg)          # every weight but the head is read from the file below
-    state = {k: v for k, v in ckpt.read_model_state(path).items() if not k.startswith("lm_head.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if set(missing) != {"score.weight"} or unexpected:
-        raise UserError(f"{path}: not a backbone for a reward model (missing {missing[:4]}, unexpected {unexpected[:4]})")
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(int(seed))
-        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=g) / math.sqrt(cfg.hidden_size + 1))
-    return model
 
 
 def rm_loss(model, batch):
@@ -80,8 +64,6 @@ def pair_scores(model, data, pad_id: int, batch_pairs: int = 64) -> tuple[np.nda
 
 def ensure_pairs(ctx, tok, sft_path: Path) -> dict:
     """RUN_DIR/rm_data/{train,val}.jsonl and gold.jsonl (SFT samples of val prompts), unless current."""
-    from zero_chatgpt.data.chat_data import read_split
-    from zero_chatgpt.data.sources import BadRecords
     cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["rm"]
     out = rd / "rm_data"
     key = sub_key({"rm": {k: c[k] for k in PAIR_DATA_KEYS if k != "sources"},
@@ -136,8 +118,6 @@ def ensure_pairs(ctx, tok, sft_path: Path) -> dict:
 
 def evaluate_rm(model, tok, val_pairs: list[dict], gold: list[dict], max_len: int) -> tuple[dict, Normalization]:
     """eval/rm.json's figures and the normalization fitted on held-out SFT samples."""
-    from zero_chatgpt.stages.eval import char_f1
-    from zero_chatgpt.model.reward_model import answer_ids
     enc = encode_pairs(tok, val_pairs, max_len, desc="rm eval: pairs")
     rc, rr = pair_scores(model, enc, tok.pad_id)
     neg = np.array(enc.negatives)
@@ -179,7 +159,6 @@ def add_to_checkpoint(folder: Path, name: str, data: dict) -> None:
 # ---------------------------------------------------------------- the stage
 
 def run_stage(ctx) -> None:
-    from zero_chatgpt.model.tokenizer import load_tokenizer
     cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["rm"]
     d = loop.setup_distributed(cfg["run"]["device"])
     inputs = inputs_or_recorded(ctx, "rm", ["rm.sources"],
@@ -235,6 +214,3 @@ def run_stage(ctx) -> None:
                                       "normalization")})
 
 
-def load_scorer(rd, tok, cfg, device="cpu") -> RewardScorer:
-    """The run's reward model with its normalization, scoring at most rm.max_seq_len tokens (PPO, GRPO)."""
-    return RewardScorer.load(rd / "rm" / "final", tok.pad_id, device=device, max_len=int(cfg["rm"]["max_seq_len"]))

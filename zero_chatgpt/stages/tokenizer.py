@@ -12,11 +12,13 @@ import json
 import time
 from pathlib import Path
 
-from zero_chatgpt.model import token_shards as tokens_mod
-from zero_chatgpt.core.console import UserError, info, progress, table
-from zero_chatgpt.model.shard_encoding import MANIFEST, count_lines, file_sha, run_jobs, token_path
+from zero_chatgpt.core.console import info, progress, table
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_json, corpus_shards
 from zero_chatgpt.core.rundir import Context, begin
+from zero_chatgpt.data.executors import executor_for
+from zero_chatgpt.model import token_shards as tokens_mod
+from zero_chatgpt.model.shard_encoding import MANIFEST, count_lines, file_sha, run_jobs, token_path
 from zero_chatgpt.model.tokenizer import DEFAULT_PATTERN, load_tokenizer, sample_texts, special_tokens, train_bpe
 
 TRAINED = ".trained.json"
@@ -69,7 +71,6 @@ def _executor(ctx: Context, tok):
     data = ctx.cfg["data"]
     if data["executor"] != "ray":
         return None
-    from zero_chatgpt.stages.data import executor_for
     return executor_for(data, tok.num_threads)
 
 

@@ -17,21 +17,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.console import table
 from zero_chatgpt.core.io import atomic_write_json
+from zero_chatgpt.data.chat_data import read_split
+from zero_chatgpt.eval.metrics import aggregate, paired_bootstrap, per_prompt_values
+from zero_chatgpt.eval.prompts import answer_prompts, gold_prompts
+from zero_chatgpt.model.losses import lm_loss
 from zero_chatgpt.train import loop
+from zero_chatgpt.train.sft_data import collate, encode_records
 
 CURVES_FILE = "rl_curves.json"
 
 
 def rl_prompt_records(rd) -> list[dict]:
     """The RL part of the prompt pool (idioms disjoint from the reward model's; all of a pool without parts)."""
-    from zero_chatgpt.data.chat_data import read_split
     return [r for r in read_split(rd.sft_data, "rl") if r.get("meta", {}).get("rl_part", "rl") == "rl"]
 
 
 def gold_records(cfg, rd) -> list[dict]:
-    from zero_chatgpt.stages.eval import gold_prompts
     return gold_prompts(rd, cfg["rl"]["gold_prompts"], int(cfg["run"]["seed"]), gold_fraction=cfg["eval"]["gold_fraction"])
 
 
@@ -45,7 +49,6 @@ def gold_eval(tok, records: list[dict], max_new_tokens: int, batch_size: int = 6
     few noisy gold scores is biased upward (the winner's curse), and a step 0.005 better on 200 prompts is
     often worse on the held-out ones. The start's scores are computed once, from its own folder, so a resumed
     run gets the same ones."""
-    from zero_chatgpt.stages.eval import aggregate, answer_prompts, paired_bootstrap, per_prompt_values
     base: list = []
     kinds = [r.get("meta", {}).get("kind", "chat") for r in records]
 
@@ -62,7 +65,6 @@ def gold_eval(tok, records: list[dict], max_new_tokens: int, batch_size: int = 6
         out = {"gold_char_f1": s.get("char_f1", 0.0), "gold_eos_rate": s.get("eos_rate", 0.0)}
         if start is not None:
             if not base:
-                from zero_chatgpt.core import checkpoint as ckpt
                 device = next(model.parameters()).device
                 base.extend(char_f1s(ckpt.load_model(start, device=device))[0])
             d = paired_bootstrap(mine, base, resamples=2000, seed=seed)
@@ -79,7 +81,6 @@ class WithSFTMix:
         self.inner, self.data, self.pad_id, self.rows, self.seed = inner, data, pad_id, rows, seed
 
     def __call__(self, step: int, micro: int, rank: int, world: int) -> dict:
-        from zero_chatgpt.stages.sft import collate
         rng = np.random.default_rng([self.seed, 41, step, micro, rank])
         pick = rng.choice(len(self.data), size=min(self.rows, len(self.data)), replace=False)
         return {**self.inner(step, micro, rank, world), "ptx": collate(self.data, pick.tolist(), self.pad_id)}
@@ -90,14 +91,11 @@ class WithSFTMix:
 
 def sft_mix_data(ctx, tok, limit: int = 4096):
     """Encoded SFT training conversations for WithSFTMix (the first `limit` of the train split)."""
-    from zero_chatgpt.data.chat_data import read_split
-    from zero_chatgpt.stages.sft import encode_records
     recs = read_split(ctx.run_dir.sft_data, "train")[:limit]
     return encode_records(tok, recs, int(ctx.cfg["sft"]["max_seq_len"]), desc="encode sft mix")
 
 
 def sft_mix_loss(model, ptx: dict) -> torch.Tensor:
-    from zero_chatgpt.model.losses import lm_loss
     loss, _ = lm_loss(model, ptx["input_ids"], ptx["labels"])
     return loss
 

@@ -17,7 +17,7 @@ A stage is a thin recipe that builds its model(s) and hands the loop three seams
   micro-batch by ``n`` across micro-batches *and ranks*, so the step optimizes the exact
   mean over every target of the global batch, whatever the padding (see ``_scale_grads``).
   ``model`` is the wrapped model (DDP / compiled): call it, do not reach into it; what the loss
-  needs comes back through ``model(ids, output=...)`` (loss.py: LMLoss, TokenLogProbs,
+  needs comes back through ``model(ids, output=...)`` (model/losses.py: LMLoss, TokenLogProbs,
   ScalarValues). With ``extra_models`` (e.g. a PPO critic), ``loss_fn`` gets a dict
   ``{"model": primary, name: ...}`` of wrapped models instead; one backward fills every
   model's gradients, and each has its own optimizer, learning rate and clipping.
@@ -63,7 +63,8 @@ import torch
 import torch.distributed as dist
 
 from zero_chatgpt.core import checkpoint as ckpt
-from zero_chatgpt.core.console import UserError, info, progress, table
+from zero_chatgpt.core.console import info, progress, table
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.runtime import Dist, cpu_group, gather_to_all, peak_flops, resolve_precision, setup_distributed
 
 BatchSource = Callable[[int, int, int, int], Any]

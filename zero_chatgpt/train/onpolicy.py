@@ -20,14 +20,23 @@ seeded by (seed, rollout, rank), so it draws what an uninterrupted run would hav
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from zero_chatgpt.core.console import UserError
+from zero_chatgpt.core import checkpoint as ckpt
+from zero_chatgpt.core.config import rl_seed
+from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.rundir import begin
+from zero_chatgpt.eval.metrics import is_repetitive
+from zero_chatgpt.eval.prompts import encode_prompts
 from zero_chatgpt.model.losses import IGNORE, TokenLogProbs
+from zero_chatgpt.model.reward_model import RewardScorer
+from zero_chatgpt.model.tokenizer import load_tokenizer
+from zero_chatgpt.train import alignment, loop
 from zero_chatgpt.train.rl_math import masked_mean
 from zero_chatgpt.train.rollout import prompt_limit, sample
 
@@ -208,3 +217,76 @@ class RolloutBatches:
         self.index, self.buf, self.stats = int(d["index"]), dict(d["buf"]), dict(d["stats"])
         self.history, self.stopped = list(d["history"]), d.get("stopped")
         self.scoring.load_state_dict(d["scoring"])
+
+
+def ended_mask(answers: list[list[int]], tok) -> torch.Tensor:
+    return torch.tensor([bool(a) and a[-1] in tok.stop_ids for a in answers], dtype=torch.float32)
+
+
+def sequence_rewards(scorer: RewardScorer | None, rule_fn, prompts, answers, idx, tok, missing_eos_penalty: float,
+                     loop_penalty: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """(N,) each answer's reward: the normalized RM score (if a scorer), + rule rewards (if rule_fn),
+    - missing_eos_penalty for an answer that never ended, - loop_penalty for one that loops (a 4-gram three
+    times or more: eval/metrics.py: is_repetitive, eval's repetition_rate); with the parts for the logs."""
+    ended = ended_mask(answers, tok)
+    total = torch.zeros(len(answers))
+    stats = {}
+    if scorer is not None:
+        rm = torch.from_numpy(scorer.score(prompts, answers)).float()
+        total += rm
+        stats["rm_score"] = float(rm.mean())
+    if rule_fn is not None:
+        rules = torch.tensor(rule_fn(idx, answers), dtype=torch.float32)
+        total += rules
+        stats["rule_reward"] = float(rules.mean())
+    total -= missing_eos_penalty * (1 - ended)
+    if loop_penalty:
+        loops = torch.tensor([float(is_repetitive(tok.decode([t for t in a if t not in tok.stop_ids])))
+                              for a in answers])
+        total -= loop_penalty * loops
+        stats["loop_rate"] = float(loops.mean())
+    stats["reward"] = float(total.mean())
+    return total, stats
+
+
+def rollout_settings(cfg, c: dict, samples_per_prompt: int = 1) -> RolloutSettings:
+    return RolloutSettings(prompts=int(c["prompts_per_rollout"]), samples_per_prompt=samples_per_prompt,
+                           epochs=int(c["epochs"]), minibatches=int(c["minibatches"]),
+                           temperature=float(cfg["rl"]["temperature"]), max_new_tokens=int(cfg["rl"]["max_new_tokens"]),
+                           seed=rl_seed(cfg), gen_batch_size=int(c["gen_batch_size"]),
+                           kl_budget=float(c["kl_budget"]))
+
+
+@dataclass
+class PolicyRun:
+    """What PPO and GRPO start alike."""
+    d: loop.Dist
+    run: object                  # rundir.StageRun
+    tok: object
+    sft_path: Path
+    records: list[dict]          # the RL prompts' records
+    pool: list[list[int]]        # their prompt ids
+    settings: loop.LoopSettings
+    precision: str               # what the loop resolves settings.precision to (rollout log-probs use it)
+
+
+def policy_setup(ctx, name: str) -> PolicyRun | None:
+    """The distributed setup, the stage's begin, the tokenizer, the SFT path, the RL prompts, the loop
+    settings. None when the stage is current."""
+    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg[name]
+    d = loop.setup_distributed(cfg["run"]["device"])
+    run = begin(ctx, name, extra={"eval.gold_fraction": cfg["eval"]["gold_fraction"]})
+    if run.skip:
+        return None
+    if c["fsdp"]:
+        raise UserError(f"{name}.fsdp: RL samples from the model it trains, which needs its whole weights on every "
+                        f"process; use DDP (fsdp = false)")
+    tok = load_tokenizer(rd.tokenizer)
+    sft_path = Path(c["init_from"]) if c["init_from"] else ckpt.stage_model_path(rd, "sft")
+    records = alignment.rl_prompt_records(rd)
+    pool, _ = encode_prompts(tok, records, chat=True, limit=10 ** 9)
+    settings = loop.LoopSettings.from_section(c, grad_accum=1, seed=rl_seed(cfg), init_from="",
+                                              schedule_steps=run.schedule_steps, select_metric="gold_char_f1",
+                                              select_gate="gold_gain_lo", eval_at_start=True, select_from_start=True)
+    return PolicyRun(d, run, tok, sft_path, records, pool, settings,
+                     loop.resolve_precision(settings.precision, d.device))

@@ -5,7 +5,7 @@ A batch holds B pairs as 2B right-padded rows, the chosen answers first, then th
 forward scores both (DPO's "chosen and rejected in one forward"):
     ids     (2B, T)  prompt + answer ids
     last    (2B,)    the position of each row's last real token (what a reward model reads)
-    labels  (2B, T)  labels[:, t] = ids[:, t+1] where that token belongs to the answer, else -100
+    labels  (2B, T)  labels[:, t] = ids[:, t+1] where that token belongs to the answer, else IGNORE (-100)
                      (what a sequence log-probability sums over)
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from zero_chatgpt.core.console import UserError, progress
+from zero_chatgpt.core.console import progress
+from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.model.losses import IGNORE, TokenLogProbs
 from zero_chatgpt.model.reward_model import answer_ids, prompt_ids
 

@@ -1,4 +1,5 @@
-"""The data stage's tasks as Ray tasks: `--set data.executor=ray [--set data.ray_address=...]`.
+"""Where the data and tokenizer stages' tasks run: a local process pool, or Ray tasks with
+`--set data.executor=ray [--set data.ray_address=...]` (`executor_for` picks).
 
 An executor here is anything with `submit(fn, *args) -> concurrent.futures.Future`: the local
 one is workers.process_pool; this one runs each call as a Ray task (`max_retries=3`: a worker
@@ -12,7 +13,9 @@ import os
 from concurrent.futures import Future
 from typing import Iterator
 
-from zero_chatgpt.core.console import UserError, info
+from zero_chatgpt.core.console import info
+from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.workers import process_pool
 
 
 def _ray():
@@ -59,3 +62,11 @@ def ray_executor(address: str, nworkers: int) -> Iterator[RayExecutor]:
     finally:
         if started:
             ray.shutdown()
+
+
+def executor_for(cfg: dict, nworkers: int):
+    """Where the data stage's tasks run (cfg: the data section): a process pool of `nworkers` here, or
+    Ray tasks. The tokenizer stage encodes the corpus shards on the same executor under Ray."""
+    if cfg["executor"] == "ray":
+        return ray_executor(str(cfg["ray_address"]), nworkers)
+    return process_pool(nworkers)
