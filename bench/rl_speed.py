@@ -52,7 +52,7 @@ def share(answers) -> list[float]:
 
 def setup(a, tmp: Path):
     from zero_chatgpt.data.builtin import load_idioms
-    from zero_chatgpt.export.command import export_hf
+    from zero_chatgpt.export.hf import export_hf
     from zero_chatgpt.model.tokenizer import load_tokenizer, train_bpe
     idioms = [d for d in load_idioms() if d.get("explanation")][:4000]
     if a.run_dir:

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from zero_chatgpt.core import config  # noqa: E402
 from zero_chatgpt.model.losses import lm_loss  # noqa: E402
 from zero_chatgpt.model.transformer import Transformer, model_config_from  # noqa: E402
-from zero_chatgpt.train.loop import LoopSettings, build_optimizer, resolve_precision  # noqa: E402
+from zero_chatgpt.train.loop import LoopSettings, build_optimizer  # noqa: E402
+from zero_chatgpt.core.runtime import resolve_precision  # noqa: E402
 
 
 def rss_mb() -> float:
