@@ -143,20 +143,20 @@ def test_kl_along_is_exact_zero_for_the_same_model_and_positive_for_a_perturbed_
     sft = ckpt.load_model(run / "sft" / "final")
     other = ckpt.load_model(run / "sft" / "final")
     recs = prompts.select_prompts(chat_data.read_split(run / "sft_data", "eval"), 6, seed=0)
-    prompts, _ = prompts.encode_prompts(tok, recs, chat=True, limit=100)
-    answers = [g.tokens for g in generate(sft, prompts, max_new_tokens=5, temperature=0.0, stop_ids=tok.stop_ids)]
-    assert metrics.kl_along(sft, other, prompts, answers, batch_size=4, pad_id=tok.pad_id) == [0.0] * 6
+    pids, _ = prompts.encode_prompts(tok, recs, chat=True, limit=100)
+    answers = [g.tokens for g in generate(sft, pids, max_new_tokens=5, temperature=0.0, stop_ids=tok.stop_ids)]
+    assert metrics.kl_along(sft, other, pids, answers, batch_size=4, pad_id=tok.pad_id) == [0.0] * 6
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    kl = metrics.kl_along(other, sft, prompts, answers, batch_size=4, pad_id=tok.pad_id)
+    kl = metrics.kl_along(other, sft, pids, answers, batch_size=4, pad_id=tok.pad_id)
     assert all(x > 0 for x in kl)
     # the same as position by position, one unpadded forward per answer token
     with torch.no_grad():
         for i in (0, 5):
-            seq = torch.tensor([prompts[i] + answers[i]])
+            seq = torch.tensor([pids[i] + answers[i]])
             lp, lq = other(seq).log_softmax(-1)[0], sft(seq).log_softmax(-1)[0]
-            pos = range(len(prompts[i]) - 1, len(prompts[i]) + len(answers[i]) - 1)
+            pos = range(len(pids[i]) - 1, len(pids[i]) + len(answers[i]) - 1)
             want = sum(float((lp[t].exp() * (lp[t] - lq[t])).sum()) for t in pos) / len(answers[i])
             assert kl[i] == pytest.approx(want, rel=1e-4)
 

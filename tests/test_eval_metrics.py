@@ -92,9 +92,9 @@ def _numbered(spelled: str, v_for_u: bool = False) -> str:
     return " ".join(out)
 
 
-def _toneless(pinyin: str) -> str:
+def _toneless(spelled: str) -> str:
     import unicodedata
-    d = unicodedata.normalize("NFD", pinyin)
+    d = unicodedata.normalize("NFD", spelled)
     return unicodedata.normalize("NFC", "".join(c for c in d if c not in _TONE_DIGIT))
 
 

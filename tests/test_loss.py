@@ -80,3 +80,11 @@ def test_unlikelihood_lowers_the_probability_of_repeating():
     ul_neg, ul_pos = train(1.0)
     assert ul_neg < 0.7 * plain_neg, (ul_neg, plain_neg)
     assert ul_pos > 0.8 * plain_pos                           # the right tokens stay likely
+
+
+def test_answer_rows_label_each_answer_token_at_the_position_that_predicts_it():
+    from zero_chatgpt.model.losses import IGNORE, answer_rows, right_pad
+    ids, labels = answer_rows([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
+    assert labels.tolist() == [[IGNORE, IGNORE, 5, 6, IGNORE], [7, 8, 9, IGNORE, IGNORE]]
+    assert right_pad([[1], [2, 3, 4]], -1).tolist() == [[1, -1, -1], [2, 3, 4]]

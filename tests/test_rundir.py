@@ -305,3 +305,28 @@ def test_runs_of_the_previous_version_are_kept_not_replaced(tmp_path, capsys):
     new = tmp_path / "new"
     code, err = cli(capsys, "data", "--run-dir", new, "--source", f"jsonl:{corpus}", *tiny_args())
     assert code == 0 and (new / "data" / ".stage.json").exists(), err
+
+
+def test_deciding_what_a_stage_does_writes_nothing(run):
+    """rundir.decide only reads: skip, continue, rebuild and a refusal are decided with the folder untouched;
+    begin() is what acts on the decision."""
+    from zero_chatgpt.core.rundir import Context, decide
+    from zero_chatgpt.train.sft_data import sft_inputs
+
+    def ctx(*overrides, force=False):
+        return Context(run_dir=RunDir(run), cfg=config.resolve(run, None, list(overrides)), force=force)
+
+    inputs = sft_inputs(ctx())      # the sources' fingerprints (cached in the run directory), as the stage passes them
+
+    def sft(*overrides, force=False):
+        return decide(ctx(*overrides, force=force), "sft", extra=inputs)
+
+    before = tree(run)
+    assert sft().action == "skip"
+    steps = int(config.resolve(run, None, [])["sft"]["max_steps"])
+    more = sft(f"sft.max_steps={steps + 2}")
+    assert more.action == "continue" and "sft.max_steps" in more.note
+    assert sft(force=True).action == "rebuild"
+    with pytest.raises(UserError, match="trained from other inputs"):
+        sft("sft.lr=0.123")
+    assert tree(run) == before

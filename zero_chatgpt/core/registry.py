@@ -22,6 +22,7 @@ class Stage:
     trained: bool = False        # trains weights: checkpoints in out/, never deleted without --force
     model: str = ""              # "lm": a causal LM at out/final; "rm": a reward model there
     chat: bool = False           # its model is a chat model (the default for chat/serve)
+    aligns: bool = False         # aligns the SFT model (RLHF): compared with SFT step by step and in the report
     distributed: bool = False    # under torchrun every rank runs it; otherwise rank 0 does, the others wait
     func: str = "run_stage"
 
@@ -56,13 +57,13 @@ PIPELINE: tuple[Stage, ...] = (
           out="rm", reads=("sft",), sections=("run", "rl", "rm"), trained=True, model="rm", distributed=True),
     Stage("ppo", "zero_chatgpt.stages.ppo", "align the SFT model with PPO against the reward model",
           out="ppo", reads=("sft", "rm"), sections=("run", "rl", "ppo"), trained=True, model="lm", chat=True,
-          distributed=True),
+          aligns=True, distributed=True),
     Stage("dpo", "zero_chatgpt.stages.dpo", "align the SFT model with DPO on preference pairs",
           out="dpo", reads=("sft", "rm"), sections=("run", "rl", "dpo"), trained=True, model="lm", chat=True,
-          distributed=True),
+          aligns=True, distributed=True),
     Stage("grpo", "zero_chatgpt.stages.grpo", "align the SFT model with GRPO (group-normalized rewards, no critic)",
           out="grpo", reads=("sft", "rm"), sections=("run", "rl", "grpo"), trained=True, model="lm", chat=True,
-          distributed=True),
+          aligns=True, distributed=True),
     Stage("eval", "zero_chatgpt.stages.eval", "evaluate every trained model on the same held-out prompts",
           out="eval", sections=("eval",)),
     Stage("report", "zero_chatgpt.stages.report", "write RUN_DIR/report/report.md and report.html with plots",

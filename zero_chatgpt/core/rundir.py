@@ -346,10 +346,26 @@ def dependents(rd: RunDir, name: str) -> list[str]:
     return out
 
 
-def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[str, ...] | None = None) -> StageRun:
-    """Decide what stage `name` does now (see the module docstring); prints one line when it skips,
-    refuses with a UserError. Call it first in every stage function, on every rank."""
+@dataclass
+class Decision:
+    """What a stage does now and why, as `decide` found it; `begin` acts on it."""
+    action: str                  # start | skip | resume | continue | rebuild
+    note: str                    # why (the changed inputs, --force)
+    key: str
+    closure: dict
+    reads: tuple[str, ...]
+    schedule_steps: int
+    marker: dict                 # the stage folder's record as read
+    finished: dict               # the finished run's record, if its output is on disk
+    running: dict                # the record of a run that did not finish, if any
+    says: list[str] = field(default_factory=list)    # what to tell the user before acting
+
+
+def decide(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[str, ...] | None = None) -> Decision:
+    """What stage `name` does now (see the module docstring), from the run directory as it is: reads, never
+    writes, deletes or waits; refuses with a UserError."""
     st = STAGES[name]
+    says: list[str] = []
     rd = ctx.run_dir
     reads = tuple(st.reads if reads is None else reads)
     closure = closure_for(ctx, name, st.sections, extra, reads)
@@ -377,13 +393,13 @@ def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[st
         why = manifest.problem(out / "final") if st.model else None      # hashes: a flipped bit too
         action = "skip" if why is None else "resume"
         if why:
-            info(f"{name}: {out / 'final'} is damaged ({why}); rebuilding it from the last checkpoint")
+            says.append(f"{name}: {out / 'final'} is damaged ({why}); rebuilding it from the last checkpoint")
     elif running.get("key") == key:
         action = "resume"
     elif lost_final.get("key") == key:
         action = "resume"
         last = _newest_step(out)
-        info(f"{name}: {out / 'final'} is missing; " + (f"rebuilding it from {last.name} (no training when that is "
+        says.append(f"{name}: {out / 'final'} is missing; " + (f"rebuilding it from {last.name} (no training when that is "
              f"the last step)" if last else "no checkpoint is left either: training the stage again"))
     elif st.trained and work:
         old = (running or rec or lost_final or {}).get("closure")
@@ -415,6 +431,19 @@ def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[st
     elif (rec or running).get("closure") is not None:
         action, note = ("rebuild", describe_changes((rec or running)["closure"], closure)) if not st.trained \
             else ("start", "")
+    return Decision(action, note, key, closure, reads, sched, m, rec, running, says)
+
+
+def begin(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[str, ...] | None = None) -> StageRun:
+    """Decide what stage `name` does now (`decide`) and act on it: print why, delete what --force replaces,
+    record the run as running. Prints one line when it skips, refuses with a UserError. Call it first in
+    every stage function, on every rank."""
+    d = decide(ctx, name, extra=extra, reads=reads)
+    for line in d.says:
+        info(line)
+    st, out = STAGES[name], ctx.run_dir / STAGES[name].out
+    action, note, key, closure, reads, sched = d.action, d.note, d.key, d.closure, d.reads, d.schedule_steps
+    m, rec, running = d.marker, d.finished, d.running
     run = StageRun(ctx, st, out, key, closure, reads, action, note, schedule_steps=sched)
     ctx.outcomes[name] = {"action": action, "seconds": 0.0}
     if action == "skip":

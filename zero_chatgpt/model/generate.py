@@ -32,6 +32,12 @@ class Generation:
     text: str | None = None           # decoded new text without stop token / stop string (needs tokenizer)
 
 
+def answer_ended(tokens: Sequence[int], stop_ids) -> bool:
+    """Whether an answer ended by itself: its last token is a stop token (the generator keeps it). The one
+    definition of "the answer ended" (eos_rate, RL's missing-eos penalty, the reward model's input)."""
+    return bool(tokens) and tokens[-1] in stop_ids
+
+
 # Finished rows are dropped from the batch once the live ones are at most this share of it: each drop
 # copies the cache, so not at every finish (the share makes the copies a geometric series).
 COMPACT_AT = 0.75

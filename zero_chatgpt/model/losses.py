@@ -21,7 +21,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE = -100
+IGNORE = -100     # a label that is no target (padding, prompt, user turns): every loss skips it
+
+
+def right_pad(rows, fill: int) -> torch.Tensor:
+    """(B, T) long: each row left-aligned, the rest `fill`; T = the longest row. Every batch here is
+    right-padded: under causal attention a real position never sees the padding after it."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), fill, dtype=torch.long)
+    for r, row in enumerate(rows):
+        out[r, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def answer_rows(prompts, answers, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompt + answer ids and their labels: each answer token at the position that predicts
+    it, IGNORE elsewhere (RL rollouts, preference pairs)."""
+    ids = right_pad([list(p) + list(a) for p, a in zip(prompts, answers)], pad_id)
+    labels = torch.full_like(ids, IGNORE)
+    for r, (p, a) in enumerate(zip(prompts, answers)):
+        labels[r, len(p) - 1:len(p) + len(a) - 1] = ids[r, len(p):len(p) + len(a)]
+    return ids, labels
 
 
 def unlikelihood_candidates(labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.checkpoint import load_model
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.model.losses import ScalarValues
+from zero_chatgpt.model.losses import ScalarValues, right_pad
 from zero_chatgpt.model.transformer import Transformer
 
 NORM_FILE = "reward_norm.json"
@@ -45,12 +45,8 @@ def pad_sequences(seqs: list[list[int]], pad_id: int, max_len: int | None = None
     keep their last max_len tokens (the answer end is what is scored)."""
     if max_len is not None:
         seqs = [s[-max_len:] for s in seqs]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
     last = torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long)
-    return ids, last
+    return right_pad(seqs, pad_id), last
 
 
 def last_index(attention_mask: torch.Tensor) -> torch.Tensor:

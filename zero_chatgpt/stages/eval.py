@@ -67,8 +67,20 @@ from zero_chatgpt.core.rundir import begin, read_marker, stale_reason, sub_key
 from zero_chatgpt.data.builtin import load_idioms
 from zero_chatgpt.data.chat_data import SCORED_KINDS, read_split
 from zero_chatgpt.eval import everyday
-from zero_chatgpt.eval.metrics import METRICS, aggregate, compare, format_diff, kl_along, per_prompt_values, rm_scores, score, sig4, win_rates
+from zero_chatgpt.eval.metrics import (
+    METRICS,
+    aggregate,
+    compare,
+    format_diff,
+    kl_along,
+    per_prompt_values,
+    rm_scores,
+    score,
+    sig4,
+    win_rates,
+)
 from zero_chatgpt.eval.prompts import answer_prompts, encode_prompts, prompt_id, question_of, select_prompts, split_eval
+from zero_chatgpt.model.generate import answer_ended
 from zero_chatgpt.model.reward_model import RewardScorer
 from zero_chatgpt.model.tokenizer import load_tokenizer
 from zero_chatgpt.train.rollout import prompt_limit
@@ -145,15 +157,15 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
                                    batch_size=e["batch_size"], repetition_penalty=rp,
                                    desc=f"eval {stage}" + (f" (penalty {rp:g})" if penalty != 1.0 else ""))
         answers = [g.text for g in gens]
-        eos = [bool(g.tokens) and g.tokens[-1] in stops for g in gens]
-        n_tok = [len(g.tokens) - int(bool(g.tokens) and g.tokens[-1] in stops) for g in gens]
+        eos = [answer_ended(g.tokens, stops) for g in gens]
+        n_tok = [len(g.tokens) - int(e) for g, e in zip(gens, eos)]
         if rp == penalty:
             values = per_prompt_values(eval_recs, answers, eos, idioms, n_tok)
         else:
             s = score(eval_recs, answers, eos, idioms)
             res["plain_greedy"] = {k: s[k] for k in ("char_f1", "rouge_l", "eos_rate", "repetition_rate")}
     answers = [g.text for g in gens]
-    ended = [g.finish_reason == "stop" for g in gens]
+    ended = [answer_ended(g.tokens, stops) for g in gens]
     if chat:                                           # pretrain has no chat template to greet through
         res.update(everyday.ask(model, tok, e, idioms, desc=f"everyday {stage}"))
     t_answer = time.perf_counter() - t0

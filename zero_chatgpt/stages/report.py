@@ -40,8 +40,8 @@ from zero_chatgpt.report import plots
 EVAL_ROWS = ("char_f1", "rouge_l", "restates_idiom", "pinyin_exact", "pinyin_syllable_acc", "chain_valid", "eos_rate",
              "repetition_rate", "refusal_rate", "everyday_in_kind", "win_rate_vs_sft", "kl_to_sft")
 RATES = [m for m in EVAL_ROWS if m != "kl_to_sft"]        # in [0, 1]: one bar chart, one forest plot
-CURVE_STAGES = ("pretrain", "sft", "rm")
-RL_STAGES = ("ppo", "dpo", "grpo")
+CURVE_STAGES = tuple(s.name for s in PIPELINE if s.trained and not s.aligns)    # pretrain, sft, rm
+RL_STAGES = tuple(s.name for s in PIPELINE if s.aligns)                         # ppo, dpo, grpo
 SAMPLE_QUESTIONS = 6
 
 

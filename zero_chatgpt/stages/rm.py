@@ -26,16 +26,33 @@ from zero_chatgpt.core.config import rl_seed
 from zero_chatgpt.core.console import info, share, table
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_json
-from zero_chatgpt.core.rundir import begin, inputs_or_recorded, read_marker, source_fingerprints, sub_key, write_sub_marker
+from zero_chatgpt.core.rundir import (
+    begin,
+    inputs_or_recorded,
+    read_marker,
+    source_fingerprints,
+    sub_key,
+    write_sub_marker,
+)
 from zero_chatgpt.data import preference as pref
 from zero_chatgpt.data.chat_data import read_split
 from zero_chatgpt.data.streams import BadRecords
 from zero_chatgpt.eval.metrics import char_f1
-from zero_chatgpt.model.reward_model import NORM_FILE, Normalization, RewardScorer, answer_ids, bradley_terry, prompt_ids, score_model_from, sequence_scores
+from zero_chatgpt.model.generate import answer_ended
+from zero_chatgpt.model.reward_model import (
+    NORM_FILE,
+    Normalization,
+    RewardScorer,
+    answer_ids,
+    bradley_terry,
+    prompt_ids,
+    score_model_from,
+    sequence_scores,
+)
 from zero_chatgpt.model.tokenizer import load_tokenizer
 from zero_chatgpt.train import loop
 from zero_chatgpt.train.pairs import PairBatches, batched_indices, collate, encode_pairs
-from zero_chatgpt.train.rollout import ended, sample
+from zero_chatgpt.train.rollout import sample
 
 PAIR_DATA_KEYS = ("prompts", "negatives", "val_fraction", "gold_samples", "sources")
 
@@ -91,7 +108,7 @@ def ensure_pairs(ctx, tok, sft_path: Path) -> dict:
                             f"rm.prompts or sft.rl_fraction")
         gens = sample(sft, tok, [prompt_ids(tok, r["messages"]) for r in tr + va], temperature=cfg["rl"]["temperature"],
                       max_new_tokens=cfg["rl"]["max_new_tokens"], seed=seed, desc="rm data: SFT samples")
-        samples = [(g.text, ended(g, tok)) for g in gens]
+        samples = [(g.text, answer_ended(g.tokens, tok.stop_ids)) for g in gens]
         train = pref.build_pairs(tr, samples[:len(tr)], c["negatives"], seed)
         val = pref.build_pairs(va, samples[len(tr):], c["negatives"], seed + 1)
     # gold agreement: several samples of each held-out prompt, judged by char_f1 against the reference
@@ -103,7 +120,7 @@ def ensure_pairs(ctx, tok, sft_path: Path) -> dict:
                       max_new_tokens=cfg["rl"]["max_new_tokens"], seed=seed + 100 + j, desc=f"rm data: gold samples {j + 1}")
         for p, g in zip(vp, gens):
             gold.append({"messages": p["messages"], "reference": p["reference"], "kind": p["kind"],
-                         "idiom": p["idiom"], "sample": j, "text": g.text, "ended": ended(g, tok)})
+                         "idiom": p["idiom"], "sample": j, "text": g.text, "ended": answer_ended(g.tokens, tok.stop_ids)})
     pref.write_pairs(out / "train.jsonl", train)
     pref.write_pairs(out / "val.jsonl", val)
     pref.write_pairs(out / "gold.jsonl", gold)

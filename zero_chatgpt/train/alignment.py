@@ -23,6 +23,7 @@ from zero_chatgpt.core.io import atomic_write_json
 from zero_chatgpt.data.chat_data import read_split
 from zero_chatgpt.eval.metrics import aggregate, paired_bootstrap, per_prompt_values
 from zero_chatgpt.eval.prompts import answer_prompts, gold_prompts
+from zero_chatgpt.model.generate import answer_ended
 from zero_chatgpt.model.losses import lm_loss
 from zero_chatgpt.train import loop
 from zero_chatgpt.train.sft_data import collate, encode_records
@@ -56,7 +57,7 @@ def gold_eval(tok, records: list[dict], max_new_tokens: int, batch_size: int = 6
         gens, _ = answer_prompts(model, tok, records, chat=True, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  desc="gold")
         values = per_prompt_values(records, [g.text for g in gens],
-                                   [bool(g.tokens) and g.tokens[-1] in tok.stop_ids for g in gens], None)
+                                   [answer_ended(g.tokens, tok.stop_ids) for g in gens], None)
         s = aggregate(kinds, values)
         return [v if v is not None else 0.0 for v in values["char_f1"]], s
 

@@ -33,7 +33,8 @@ from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.rundir import begin
 from zero_chatgpt.eval.metrics import is_repetitive
 from zero_chatgpt.eval.prompts import encode_prompts
-from zero_chatgpt.model.losses import IGNORE, TokenLogProbs
+from zero_chatgpt.model.generate import answer_ended
+from zero_chatgpt.model.losses import IGNORE, TokenLogProbs, answer_rows
 from zero_chatgpt.model.reward_model import RewardScorer
 from zero_chatgpt.model.tokenizer import load_tokenizer
 from zero_chatgpt.train import alignment, loop
@@ -69,19 +70,6 @@ class Scoring(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, d: dict) -> None: ...
-
-
-def pad_rows(prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded prompt + answer ids and labels (the answer tokens at the positions that predict
-    them, IGNORE elsewhere), one width for the whole rollout."""
-    rows = [list(p) + list(a) for p, a in zip(prompts, answers)]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    for r, (row, p) in enumerate(zip(rows, prompts)):
-        ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
-        labels[r, len(p) - 1:len(row) - 1] = ids[r, len(p):len(row)]
-    return ids, labels
 
 
 def last_answer_index(labels: torch.Tensor) -> torch.Tensor:
@@ -161,14 +149,14 @@ class RolloutBatches:
         gens = sample(self.policy, tok, prompts, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
                       seed=(s.seed * 1000003 + r) * 64 + self.rank, batch_size=s.gen_batch_size, show_progress=False)
         answers = [g.tokens if g.tokens else [tok.im_end_id] for g in gens]
-        ids, labels = pad_rows(prompts, answers, tok.pad_id)
+        ids, labels = answer_rows(prompts, answers, tok.pad_id)
         self.index, self.buf = r, {"ids": ids, "labels": labels}
         T = s.temperature
         logp, ent = self.forward_rows(self.policy, lambda lab: TokenLogProbs(lab, T, entropy=True))
         self.buf["old_logp"] = logp
         self.buf["ref_logp"] = self.forward_rows(self.ref, lambda lab: TokenLogProbs(lab, T))
         mask = (labels != IGNORE).float()
-        ended = torch.tensor([bool(a) and a[-1] in tok.stop_ids for a in answers], dtype=torch.float32)
+        ended = ended_mask(answers, tok)
         kl = ((logp - self.buf["ref_logp"]) * mask).sum(1)
         local = {"kl": float(kl.mean()), "kl_per_token": float(masked_mean(logp - self.buf["ref_logp"], mask)),
                  "entropy": float(masked_mean(ent, mask)), "answer_tokens": float(mask.sum(1).mean()),
@@ -220,7 +208,7 @@ class RolloutBatches:
 
 
 def ended_mask(answers: list[list[int]], tok) -> torch.Tensor:
-    return torch.tensor([bool(a) and a[-1] in tok.stop_ids for a in answers], dtype=torch.float32)
+    return torch.tensor([answer_ended(a, tok.stop_ids) for a in answers], dtype=torch.float32)
 
 
 def sequence_rewards(scorer: RewardScorer | None, rule_fn, prompts, answers, idx, tok, missing_eos_penalty: float,

@@ -17,7 +17,7 @@ import torch
 
 from zero_chatgpt.core.console import progress
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.model.losses import IGNORE, TokenLogProbs
+from zero_chatgpt.model.losses import TokenLogProbs, answer_rows
 from zero_chatgpt.model.reward_model import answer_ids, prompt_ids
 
 
@@ -54,18 +54,10 @@ def encode_pairs(tok, pairs: list[dict], max_len: int, desc: str = "encode pairs
 
 
 def collate(data: EncodedPairs, idx, pad_id: int) -> dict:
-    rows, starts = [], []
-    for side in (data.chosen, data.rejected):
-        for i in idx:
-            rows.append(data.prompts[i] + side[i])
-            starts.append(len(data.prompts[i]))
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    for r, (row, s) in enumerate(zip(rows, starts)):
-        ids[r, :len(row)] = torch.tensor(row)
-        labels[r, s - 1:len(row) - 1] = ids[r, s:len(row)]
-    last = torch.tensor([len(r) - 1 for r in rows])
+    prompts = [data.prompts[i] for i in idx] * 2
+    answers = [data.chosen[i] for i in idx] + [data.rejected[i] for i in idx]
+    ids, labels = answer_rows(prompts, answers, pad_id)
+    last = torch.tensor([len(p) + len(a) - 1 for p, a in zip(prompts, answers)])
     return {"ids": ids, "last": last, "labels": labels}
 
 

@@ -39,6 +39,3 @@ def prompt_limit(model, max_new_tokens: int) -> int:
     """The most prompt tokens that leave max_new_tokens of room in the model's context."""
     return max(8, model.config.max_position_embeddings - max_new_tokens)
 
-
-def ended(gen: Generation, tok) -> bool:
-    return bool(gen.tokens) and gen.tokens[-1] in tok.stop_ids

@@ -25,9 +25,16 @@ import torch
 
 from zero_chatgpt.core.console import progress
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.core.rundir import folder_fingerprint, inputs_or_recorded, read_marker, source_fingerprints, sub_key, write_sub_marker
+from zero_chatgpt.core.rundir import (
+    folder_fingerprint,
+    inputs_or_recorded,
+    read_marker,
+    source_fingerprints,
+    sub_key,
+    write_sub_marker,
+)
 from zero_chatgpt.data import chat_data
-from zero_chatgpt.model.losses import IGNORE, lm_loss, unlikelihood_candidates
+from zero_chatgpt.model.losses import IGNORE, lm_loss, right_pad, unlikelihood_candidates
 
 
 def truncate(ids: list[int], mask: list[int], max_len: int) -> tuple[list[int], list[int], bool]:
@@ -107,13 +114,7 @@ def encode_records(tok, records: list[dict], max_len: int, desc: str = "encode")
 def collate(data: SFTSet, indices, pad_id: int) -> dict:
     """Right-padded (input_ids, labels) for the given samples; pads are ignored targets."""
     pairs = [to_example(*(a.tolist() for a in data.sample(i))) for i in indices]
-    T = max(len(p[0]) for p in pairs)
-    inp = torch.full((len(pairs), T), pad_id, dtype=torch.long)
-    lab = torch.full((len(pairs), T), IGNORE, dtype=torch.long)
-    for r, (x, y) in enumerate(pairs):
-        inp[r, :len(x)] = torch.tensor(x)
-        lab[r, :len(y)] = torch.tensor(y)
-    return {"input_ids": inp, "labels": lab}
+    return {"input_ids": right_pad([x for x, _ in pairs], pad_id), "labels": right_pad([y for _, y in pairs], IGNORE)}
 
 
 def plan_epoch(lengths: np.ndarray, micro_batch_tokens: int, seed: int, epoch: int,
