@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -164,7 +165,7 @@ def run_stage(ctx: Context, st: Stage) -> str:
     if "torch" in sys.modules:
         # every stage starts from the run's seed, so nothing it draws depends on what ran before it in this
         # process (under `run`, a resumed pipeline skips stages a fresh one trains)
-        import torch
+        import torch  # lazy: ~1.5 s to import; `zero-chatgpt --help` and read-only commands start without it
         torch.manual_seed(int(ctx.cfg["run"]["seed"]))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # lazy: runtime imports torch (~1.5 s); `zero-chatgpt --help` and the read-only commands start without it
@@ -197,7 +198,6 @@ def run_pipeline(ctx: Context, until: str | None) -> None:
 
 def _say_where_next(ctx: Context) -> None:
     """The last lines of `run`: where the report is, and how to talk to the model."""
-    import shlex
 
     rd = ctx.run_dir
     where = shlex.quote(str(rd.root))

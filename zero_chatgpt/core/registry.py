@@ -8,6 +8,7 @@ and one module with a `run_stage(ctx)` function; it needs no other plumbing.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 
 
@@ -90,7 +91,6 @@ def model_stages(chat_only: bool = False) -> list[Stage]:
 
 def is_built(stage: Stage) -> bool:
     """Whether this version has the stage's module (without importing it)."""
-    import importlib.util
     try:
         return importlib.util.find_spec(stage.module) is not None
     except ModuleNotFoundError:

@@ -510,7 +510,7 @@ def _barrier(st: Stage) -> None:
     """Under torchrun, the ranks of a distributed stage meet (rank 0 decided and wrote); a stage that is
     not distributed runs on rank 0 alone (cli.run_stage), so there is nobody to meet."""
     if st.distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and "torch" in sys.modules:
-        import torch.distributed as dist
+        import torch.distributed as dist  # lazy: ~3 s to import; the CLI imports this module and starts without it
         if dist.is_initialized():
             dist.barrier()
 

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 from zero_chatgpt import __version__
@@ -85,7 +86,6 @@ def record(rd, name: str, outcome: dict) -> dict:
 
 def versions() -> dict:
     """python, torch, zero-chatgpt (torch by its installed metadata: importing it costs seconds)."""
-    from importlib import metadata
 
     try:
         torch_version = metadata.version("torch")

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import xxhash
+
 from zero_chatgpt.core.errors import UserError
 
 
@@ -233,7 +235,6 @@ def idiom_world(n: int = 0) -> list[dict]:
     if n <= 0 or n >= len(idioms):
         return idioms
     if n not in _WORLD:
-        import xxhash
         counts = _occurrences()
         ranked = sorted(idioms, key=lambda d: (-counts.get(d["word"], 0), xxhash.xxh64_intdigest(d["word"].encode())))
         keep = {d["word"] for d in ranked[:n]}

@@ -31,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+import opencc
 
 from zero_chatgpt.core.errors import UserError
 
@@ -286,7 +287,6 @@ class Cleaner:
         self.cfg = cfg
         self._t2s = None
         if cfg.t2s:
-            import opencc
             self._t2s = opencc.OpenCC("t2s")
         self.pii = Counter()
 

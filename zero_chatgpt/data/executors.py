@@ -20,7 +20,7 @@ from zero_chatgpt.core.workers import process_pool
 
 def _ray():
     try:
-        import ray
+        import ray  # lazy: an optional extra (zero-chatgpt[ray])
     except ImportError:
         raise UserError("data.executor = 'ray' needs Ray: pip install 'zero-chatgpt[ray]'") from None
     return ray

@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 
 from zero_chatgpt.core.io import atomic_write_text
-from zero_chatgpt.data.chat_data import stable_uniform, answer_text
+from zero_chatgpt.data.chat_data import answer_text, stable_uniform
 from zero_chatgpt.data.sources import iter_records, parse_source
 
 REFUSALS = ("抱歉，我无法回答这个问题。", "对不起，我不知道。", "作为一个人工智能助手，我无法提供这方面的信息。",

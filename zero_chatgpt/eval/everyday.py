@@ -28,6 +28,8 @@ import json
 import re
 import unicodedata
 
+import xxhash
+
 from zero_chatgpt.data.chat_data import NAME
 from zero_chatgpt.eval.metrics import paired_bootstrap
 from zero_chatgpt.eval.prompts import answer_prompts
@@ -107,7 +109,6 @@ def everyday_records() -> list[dict]:
 
 def asked_key() -> str:
     """What an everyday result depends on besides the model: the questions and the judge's version."""
-    import xxhash
     return xxhash.xxh64_hexdigest(json.dumps([EVERYDAY, JUDGE_VERSION], ensure_ascii=False).encode())
 
 

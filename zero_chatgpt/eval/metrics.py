@@ -9,6 +9,9 @@ import unicodedata
 from collections import Counter
 from typing import Iterable, Sequence
 
+import numpy as np
+import torch
+
 from zero_chatgpt.data.chat_data import SCORED_KINDS
 from zero_chatgpt.eval.pinyin import pinyin_exact, pinyin_syllable_acc
 from zero_chatgpt.model.reward_model import answer_ids, prompt_ids
@@ -151,7 +154,6 @@ def paired_bootstrap(x: Sequence[float], y: Sequence[float], resamples: int = 20
     percentile bootstrap of the mean difference, resampling prompts with replacement `resamples` times
     (numpy, vectorized, seeded: the same data and seed give the same interval). None without pairs;
     no "ci95" with resamples = 0."""
-    import numpy as np
 
     d = np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64)
     n = len(d)
@@ -190,7 +192,6 @@ def kl_along(model, ref_model, prompts: list[list[int]], answers: list[list[int]
     """Per prompt, the mean over the answer's tokens of KL(model || ref_model) at the positions that predict
     them, exact over the vocabulary: sum_v p(v) (log p(v) - log q(v)). One forward of each model over
     prompt + answer (right-padded, so padding never reaches a real position). None for an empty answer."""
-    import torch
 
     device = next(model.parameters()).device
     chunk = max(1, (1 << 24) // model.config.vocab_size)      # ~64 MB of fp32 logits per tensor

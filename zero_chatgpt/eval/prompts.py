@@ -8,7 +8,11 @@ so a checkpoint chosen for its gold score is not also judged on it."""
 from __future__ import annotations
 
 import json
+import os
+import random
 from pathlib import Path
+
+import xxhash
 
 from zero_chatgpt.core import config
 from zero_chatgpt.core.console import progress
@@ -27,7 +31,6 @@ def prompt_group(rec: dict) -> str:
 def is_gold(rec: dict, gold_fraction: float) -> bool:
     """Whether a record is in the gold part: a stable hash of its group (independent of the run seed and
     of the hash that chose the eval idioms, so the parts are an unbiased split of them)."""
-    import xxhash
     return xxhash.xxh64_intdigest(GOLD_SALT + prompt_group(rec).encode()) / 2.0 ** 64 < gold_fraction
 
 
@@ -41,7 +44,6 @@ def split_eval(records: list[dict], gold_fraction: float) -> tuple[list[dict], l
 
 def _root(run_dir) -> Path:
     """The folder of a RunDir or a path (a Path has a .root too: "/")."""
-    import os
     return Path(run_dir) if isinstance(run_dir, (str, os.PathLike)) else Path(run_dir.root)
 
 
@@ -72,14 +74,12 @@ def report_prompts(run_dir, n: int, seed: int, gold_fraction: float) -> list[dic
 
 def prompt_id(rec: dict) -> str:
     """A stable id of a prompt (its messages and reference), to pair two stages' answers."""
-    import xxhash
     return xxhash.xxh64_hexdigest(json.dumps([rec["messages"], rec.get("reference", "")], ensure_ascii=False,
                                              sort_keys=True).encode())[:12]
 
 
 def select_prompts(records: list[dict], n: int, seed: int) -> list[dict]:
     """Up to n eval records, the kinds taken in turn (each kind in a seeded order), so every kind is represented."""
-    import random
 
     by_kind: dict[str, list[dict]] = {}
     for r in records:

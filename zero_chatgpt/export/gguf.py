@@ -25,6 +25,7 @@ import json
 import os
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from zero_chatgpt.core import checkpoint as ckpt
@@ -66,7 +67,6 @@ def gguf_vocab(tokenizer_dir: Path, n_vocab: int) -> tuple[list[str], list[int],
     the HF export ships): the byte-level strings of the BPE vocabulary, every added token a control
     token (llama.cpp then never makes one out of plain text, and does not print it), merges as "a b".
     Rows the model has beyond the tokenizer (a larger init_from model) become unused [PADn] entries."""
-    import gguf
     file = Path(tokenizer_dir) / "tokenizer.json"
     spec = json.loads(file.read_text(encoding="utf-8"))
     tokens: list[str | None] = [None] * n_vocab
@@ -91,7 +91,6 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, out: Path, *, name: str, g
 
     Built beside `out` and renamed into place; `out` is replaced only when absent or an earlier export
     (unchanged, by the marker beside it: export.common.replaceable), never a file of the user's."""
-    import gguf
 
     out = Path(out)
     if gguf_type not in GGUF_TYPES:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator
 
@@ -143,8 +144,6 @@ def run_jobs(jobs: list, tok, tokenizer_dir: Path, bar, executor=None) -> Iterat
     one process reads and a thread pool encodes every shard in turn, so a big shard still
     uses every core.
     """
-    from concurrent.futures import as_completed
-    from concurrent.futures.process import BrokenProcessPool
     n = tok.num_threads
     local = executor is None
     if local and n > 1 and len(jobs) >= 2 * n:

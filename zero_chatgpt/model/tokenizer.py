@@ -22,9 +22,17 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+import rustbpe
+import tiktoken
+import xxhash
+import zstandard
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_json, atomic_write_text, corpus_shards, iter_jsonl
@@ -125,7 +133,6 @@ class Tokenizer:
 
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str, specials: Sequence[str],
                  default_system_prompt: str = "", num_threads: int = 0):
-        import tiktoken
         self.pattern = pattern
         self.mergeable_ranks = mergeable_ranks
         self.n_learned = len(mergeable_ranks)
@@ -161,7 +168,6 @@ class Tokenizer:
 
     @cached_property
     def _pool(self):
-        from concurrent.futures import ThreadPoolExecutor
         return ThreadPoolExecutor(self.num_threads, thread_name_prefix="tokenizer")
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -237,8 +243,6 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> Path:
         """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json,
         chat_template.jinja and our meta file into `path`."""
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -307,7 +311,6 @@ def load_tokenizer(path: str | os.PathLike, num_threads: int = 0) -> Tokenizer:
 def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = DEFAULT_PATTERN, n_reserved: int = 4,
               default_system_prompt: str = "") -> Tokenizer:
     """Train a byte-level BPE whose total size (bytes + merges + specials) is `vocab_size`."""
-    import rustbpe
     specials = special_tokens(n_reserved)
     n_learned = vocab_size - len(specials)
     if n_learned < 256:
@@ -321,7 +324,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = DEFAULT_PATT
 
 def shard_texts(path: Path) -> Iterator[str]:
     """The "text" of every document of a corpus shard; a damaged shard is a UserError naming it."""
-    import zstandard
     n = 0
     try:
         for n, rec in enumerate(iter_jsonl(path), 1):
@@ -362,7 +364,6 @@ class CorpusSample:
         self.expected_chars = int(min(max_chars, est))
 
     def __iter__(self) -> Iterator[str]:
-        import xxhash
         budget = self.max_chars
         for p in self.shards:
             for text in shard_texts(p):

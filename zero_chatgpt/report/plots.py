@@ -13,6 +13,9 @@ from __future__ import annotations
 import io
 import math
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 # one colour per stage, the same in every plot (matplotlib's tab10)
 STAGE_COLORS = {"pretrain": "#7f7f7f", "sft": "#1f77b4", "rm": "#8c564b", "ppo": "#d62728", "dpo": "#2ca02c",
                 "grpo": "#9467bd"}
@@ -25,8 +28,6 @@ def label(s) -> str:
 
 
 def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig

@@ -19,6 +19,8 @@ from __future__ import annotations
 import codecs
 import sys
 
+import torch
+
 from zero_chatgpt.core.checkpoint import load_model, stage_model_path
 from zero_chatgpt.core.config import RULES
 from zero_chatgpt.core.console import info
@@ -66,7 +68,6 @@ class ChatSession:
 
     def __init__(self, model, tok, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                  repetition_penalty: float, seed: int):
-        import torch
         self.model, self.tok = model, tok
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_k, self.top_p, self.rep = temperature, top_k, top_p, repetition_penalty
@@ -150,7 +151,6 @@ def repl(session: ChatSession, lines, out, interactive: bool) -> None:
 def load_chat_model(ctx):
     """(stage, model in eval mode on run.device, tokenizer) of the chat model `--stage` names or pick_stage picks:
     what `chat` and `serve` talk with."""
-    import torch
 
 
     rd = ctx.run_dir

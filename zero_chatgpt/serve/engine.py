@@ -33,8 +33,7 @@ from typing import Callable
 
 import torch
 
-from zero_chatgpt.model.sampling import effective_temperature, last_logits, process_logits
-from zero_chatgpt.model.sampling import cut_at_stop, mark_seen, pick
+from zero_chatgpt.model.sampling import cut_at_stop, effective_temperature, last_logits, mark_seen, pick, process_logits
 from zero_chatgpt.model.transformer import KVCache
 
 

@@ -8,6 +8,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+import uvicorn
+
 from zero_chatgpt.core.console import info
 from zero_chatgpt.core.errors import UserError
 
@@ -64,7 +66,6 @@ def serve(app: FastAPI, engine: Engine, host: str, port: int, drain_timeout: flo
     requests 503, running ones get drain_timeout seconds and are then cut (an error event, or a 503), and only
     when every response has gone out does uvicorn close the listening socket and stop. A second signal stops
     at once."""
-    import uvicorn
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):

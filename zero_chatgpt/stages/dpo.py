@@ -77,7 +77,7 @@ def run_stage(ctx) -> None:
     max_len = min(int(c["max_seq_len"]), ckpt.read_model_config(sft_path).max_position_embeddings)
     enc = encode_pairs(tok, pairs, max_len, desc="encode dpo pairs")
     micro = int(c["micro_batch_pairs"])
-    accum = max(1, int(c["batch_pairs"]) // (micro * d.world))
+    accum = loop.grad_accum(c["batch_pairs"], micro, d.world)
     seed = rl_seed(cfg)
     settings = loop.LoopSettings.from_section(c, grad_accum=accum, seed=seed, init_from="",
                                               schedule_steps=run.schedule_steps, select_metric="gold_char_f1",

@@ -56,7 +56,10 @@ each stage's differences to SFT with their 95 % intervals: a difference whose in
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+
+import torch
 
 from zero_chatgpt.core.checkpoint import load_model, stage_model_path
 from zero_chatgpt.core.console import info, table
@@ -130,7 +133,6 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     ref: SFT's result (with per_prompt) to compare with, for a stage other than sft; scorer: the reward model
     (rewards.RewardScorer) for win_rate_vs_sft, or None; cache: a dict kept across the stages of one eval
     (the reward model's scores of SFT's answers, computed once)."""
-    import time
 
 
     e = ctx.cfg["eval"]
@@ -233,7 +235,6 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
 
 
 def _same_weights(a, b) -> bool:
-    import torch
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 

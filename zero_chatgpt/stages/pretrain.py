@@ -131,7 +131,7 @@ def grad_accum_for(section: dict, world: int) -> int:
     if section["batch_tokens"] % per_pass:
         raise UserError(f"pretrain.batch_tokens {section['batch_tokens']} is not a multiple of micro_batch_size x "
                         f"seq_len x ranks = {per_pass}; change pretrain.batch_tokens or micro_batch_size")
-    return max(1, section["batch_tokens"] // per_pass)
+    return loop.grad_accum(section["batch_tokens"], section["micro_batch_size"] * section["seq_len"], world)
 
 
 def run_stage(ctx: Context) -> None:

@@ -195,7 +195,7 @@ def run_stage(ctx) -> None:
     enc = encode_pairs(tok, train_pairs, max_len, desc="encode rm pairs")
     enc_val = encode_pairs(tok, val_pairs[:512], max_len, desc="encode rm val pairs")
     micro = int(c["micro_batch_pairs"])
-    accum = max(1, int(c["batch_pairs"]) // (micro * d.world))
+    accum = loop.grad_accum(c["batch_pairs"], micro, d.world)
     settings = loop.LoopSettings.from_section(c, grad_accum=accum, seed=rl_seed(cfg), init_from="",
                                               schedule_steps=run.schedule_steps)
     batches = PairBatches(enc, tok.pad_id, micro, accum, rl_seed(cfg))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +31,15 @@ from zero_chatgpt.data.chat_data import read_split
 from zero_chatgpt.model.tokenizer import load_tokenizer
 from zero_chatgpt.model.transformer import Transformer
 from zero_chatgpt.train import loop
-from zero_chatgpt.train.sft_data import LengthGroupedBatches, encode_records, ensure_sft_data, masked_val_loss, pad_fraction, sft_inputs, sft_loss
+from zero_chatgpt.train.sft_data import (
+    LengthGroupedBatches,
+    encode_records,
+    ensure_sft_data,
+    masked_val_loss,
+    pad_fraction,
+    sft_inputs,
+    sft_loss,
+)
 
 # ---------------------------------------------------------------- encoding + truncation
 
@@ -53,7 +62,6 @@ def init_path(ctx) -> Path:
 
 
 def run_stage(ctx) -> None:
-    import time
 
 
     t0 = time.perf_counter()
@@ -86,7 +94,7 @@ def run_stage(ctx) -> None:
     val = encode_records(tok, read_split(rd.sft_data, "val")[:s["val_samples"]], max_len, desc="encode sft val")
 
     micro = int(s["micro_batch_tokens"])
-    grad_accum = max(1, int(s["batch_tokens"]) // (micro * d.world))
+    grad_accum = loop.grad_accum(s["batch_tokens"], micro, d.world)
     settings = loop.LoopSettings.from_section(s, grad_accum=grad_accum, seed=int(cfg["run"]["seed"]),
                                               init_from=str(src), schedule_steps=run.schedule_steps)
     ul = float(s["unlikelihood"])

@@ -9,6 +9,7 @@ Its two steps resume separately: a kill while encoding keeps the trained tokeniz
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -25,7 +26,6 @@ TRAINED = ".trained.json"
 
 
 def _peak_rss_mb() -> float:
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -59,8 +59,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.tensorboard import SummaryWriter
 
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.console import info, progress, table
@@ -71,6 +76,12 @@ BatchSource = Callable[[int, int, int, int], Any]
 LossFn = Callable[[torch.nn.Module, Any], tuple]
 EvalFn = Callable[[torch.nn.Module], dict]
 
+
+
+def grad_accum(batch: int, per_micro: int, world: int) -> int:
+    """Micro-batches per rank in one optimizer step, for a global batch of `batch` units (tokens, pairs) and
+    `per_micro` units per micro-batch on each of `world` ranks; at least 1."""
+    return max(1, int(batch) // (int(per_micro) * world))
 
 @dataclass
 class LoopSettings:
@@ -288,7 +299,6 @@ class Logger:
         self.fh = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(Path(log_dir) / "tb" / stage), purge_step=start_step)
             except Exception as e:   # tensorboard missing or broken: the jsonl log still has everything
                 info(f"tensorboard logging off ({type(e).__name__}: {e})")
@@ -368,14 +378,12 @@ class TrainState:
 def _full_state(m: Member):
     """Full (unsharded) model and optimizer state dicts on CPU."""
     if m.settings.fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         return get_state_dict(m.raw, m.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return m.raw.state_dict(), (m.optimizer.state_dict() if m.optimizer is not None else None)
 
 
 def _load_optimizer_state(m: Member, optim_state) -> None:
     if m.settings.fsdp and dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(m.raw, m.optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
         return
     m.optimizer.load_state_dict(optim_state)
@@ -398,7 +406,6 @@ def plain(obj, where: str = "trainer state"):
     """`obj` with numpy arrays and scalars turned into tensors and Python numbers, so that
     torch.load(weights_only=True) reads it back; anything else that is not plain data is an error
     here, at save time, rather than an unloadable checkpoint later."""
-    import numpy as np
     if isinstance(obj, torch.Tensor) or obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, np.ndarray):
@@ -469,7 +476,6 @@ def _wrap(members: list[Member], state: dict | None, batches, d: Dist) -> None:
             if d.world == 1:
                 info("fsdp=true with one process: plain training")
             else:
-                from torch.distributed.fsdp import fully_shard
                 for layer in m.raw.model.layers:
                     fully_shard(layer)
                 fully_shard(m.raw)
@@ -477,7 +483,6 @@ def _wrap(members: list[Member], state: dict | None, batches, d: Dist) -> None:
             m.raw.compile()
         m.wrapped = m.raw
         if d.world > 1 and not s.fsdp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
             m.wrapped = DDP(m.raw, device_ids=[device.index] if device.type == "cuda" else None)
         m.optimizer = build_optimizer(m.raw, s, device)
     if state is None:
