@@ -30,31 +30,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from zero_chatgpt.core import config  # noqa: E402
+from zero_chatgpt.core.runtime import gpu_peak_bf16  # noqa: E402
 from zero_chatgpt.model.generate import generate  # noqa: E402
 from zero_chatgpt.model.losses import lm_loss  # noqa: E402
 from zero_chatgpt.model.transformer import Transformer, model_config_from  # noqa: E402
 from zero_chatgpt.train.loop import LoopSettings, build_optimizer  # noqa: E402
 
-# dense (no sparsity) bf16 tensor-core peak FLOP/s, from the vendors' data sheets; the first
-# name contained in torch.cuda.get_device_name() wins, so the more specific names come first
-PEAK_BF16 = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
-    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("A10G", 70e12),
-    ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
-]
-
-
-def peak_flops(device_name: str) -> float | None:
-    for name, flops in PEAK_BF16:
-        if name.lower() in device_name.lower():
-            return flops
-    return None
+# the peak table and the FLOPs formula are the loop's own (core/runtime.py, ModelConfig.flops_per_token)
+peak_flops = gpu_peak_bf16
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
-    n = sum(p.numel() for name, p in Transformer(cfg).to("meta").named_parameters() if "embed" not in name)
-    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    return cfg.flops_per_token(seq_len)
 
 
 def device_name(dev: torch.device) -> str:

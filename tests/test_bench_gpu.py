@@ -31,6 +31,7 @@ def test_peak_table_and_flops_per_token():
     assert gpu.peak_flops("NVIDIA H100 PCIe") == 756e12
     assert gpu.peak_flops("NVIDIA H200") == 989e12
     assert gpu.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu.peak_flops("NVIDIA A40") == 150e12
     assert gpu.peak_flops("Some New Accelerator") is None
     from zero_chatgpt.core import config
     from zero_chatgpt.model.transformer import model_config_from
@@ -38,4 +39,5 @@ def test_peak_table_and_flops_per_token():
     d, i, layers, vocab = 512, 2752, 24, 32006
     # per layer: q k v o (16 heads, no grouping), gate/up/down, two RMSNorms; then the final norm and lm_head
     n = layers * (4 * d * d + 3 * d * i + 2 * d) + d + vocab * d
-    assert gpu.flops_per_token(cfg, 1024) == 6 * n + 12 * layers * d * 1024
+    # attention: 12 x layers x d x T, halved under the causal mask (the loop's MFU counts the same)
+    assert gpu.flops_per_token(cfg, 1024) == 6 * n + 12 * layers * d * 1024 / 2

@@ -140,16 +140,30 @@ def cpu_has_bf16_dot() -> bool:
 _PEAK_CACHE: dict = {}
 
 
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s, from the vendors' data sheets: the one table behind the
+# loop's MFU, bench/gpu.py and `zero-chatgpt plan`. The first name contained in the device's name wins, so the
+# more specific names come first.
+GPU_PEAK_BF16 = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
+    ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("A10G", 70e12),
+    ("A10", 125e12), ("A40", 150e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12),
+    ("4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+)
+
+
+def gpu_peak_bf16(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU by (part of) its name, e.g. "NVIDIA H100 80GB HBM3" or "A40"; None if unknown."""
+    return next((f for n, f in GPU_PEAK_BF16 if n.lower() in device_name.lower()), None)
+
+
 def peak_flops(device: torch.device, precision: str) -> float:
-    """Peak FLOP/s for the MFU estimate: datasheet dense figures for known GPUs; on CPU the
-    theoretical vector peak (cpu_peak_flops)."""
+    """Peak FLOP/s for the MFU estimate: datasheet dense figures for known GPUs (an unknown one counts as
+    100 TFLOP/s); on CPU the theoretical vector peak (cpu_peak_flops)."""
     key = (device.type, precision)
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        table_ = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A40": 150e12, "L40": 181e12, "4090": 165e12}
-        peak = next((v for k, v in table_.items() if k in name), 100e12)
+        peak = gpu_peak_bf16(torch.cuda.get_device_name(device)) or 100e12
         if precision == "fp32":
             peak /= 2   # TF32 tensor cores
     else:

@@ -296,7 +296,6 @@ async def _stream(engine, req, events, cid, now, model_id, fingerprint, include_
 
 
 def run_command(ctx) -> None:
-
     rd, a = ctx.run_dir, ctx.args
     host, key = a.get("host") or "127.0.0.1", a.get("api_key")
     check_api_key(key)               # before torch and the model load: a refusal answers at once

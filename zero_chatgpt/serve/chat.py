@@ -162,7 +162,6 @@ def load_chat_model(ctx):
 
 
 def run_command(ctx) -> None:
-
     if sys.stdin is None or sys.stdin.closed:
         # started with stdin closed (`<&-`, some service managers): there is nothing to read messages from
         raise UserError("chat reads your messages from standard input, which is closed here: run it in a terminal, "

@@ -21,11 +21,9 @@ import torch.nn.functional as F
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.config import rl_seed
 from zero_chatgpt.core.console import info
-from zero_chatgpt.core.rundir import begin
 from zero_chatgpt.data import preference as pref
 from zero_chatgpt.model.losses import IGNORE
-from zero_chatgpt.model.tokenizer import load_tokenizer
-from zero_chatgpt.train import alignment, loop
+from zero_chatgpt.train import alignment, loop, recipe
 from zero_chatgpt.train.pairs import PairBatches, collate, encode_pairs, sequence_logprobs
 
 
@@ -65,13 +63,11 @@ class DPOBatches(PairBatches):
 
 
 def run_stage(ctx) -> None:
-    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["dpo"]
-    d = loop.setup_distributed(cfg["run"]["device"])
     # its gold prompts are eval's gold part: the share that is gold decides them (and keeps them out of the report)
-    run = begin(ctx, "dpo", extra={"eval.gold_fraction": cfg["eval"]["gold_fraction"]})
-    if run.skip:
+    s = recipe.start(ctx, "dpo", extra={"eval.gold_fraction": ctx.cfg["eval"]["gold_fraction"]})
+    if s is None:
         return
-    tok = load_tokenizer(rd.tokenizer)
+    cfg, rd, c, d, tok = s.cfg, s.rd, s.c, s.d, s.tok
     sft_path = Path(c["init_from"]) if c["init_from"] else ckpt.stage_model_path(rd, "sft")
     pairs = pref.read_pairs(rd / "rm_data" / "train.jsonl")
     max_len = min(int(c["max_seq_len"]), ckpt.read_model_config(sft_path).max_position_embeddings)
@@ -79,9 +75,8 @@ def run_stage(ctx) -> None:
     micro = int(c["micro_batch_pairs"])
     accum = loop.grad_accum(c["batch_pairs"], micro, d.world)
     seed = rl_seed(cfg)
-    settings = loop.LoopSettings.from_section(c, grad_accum=accum, seed=seed, init_from="",
-                                              schedule_steps=run.schedule_steps, select_metric="gold_char_f1",
-                                              select_gate="gold_gain_lo", eval_at_start=True, select_from_start=True)
+    settings = s.settings(grad_accum=accum, seed=seed, init_from="", select_metric="gold_char_f1",
+                          select_gate="gold_gain_lo", eval_at_start=True, select_from_start=True)
     batches = DPOBatches(enc, tok.pad_id, micro, accum, seed, ref_model=ckpt.load_model(sft_path, device=d.device))
     gold = alignment.gold_records(cfg, rd)
     beta, sft_w = float(c["beta"]), float(c["sft_loss"])
@@ -103,11 +98,10 @@ def run_stage(ctx) -> None:
     model = ckpt.load_model(sft_path).train()
     gold_fn = alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"], start=sft_path,
                                   seed=int(cfg["run"]["seed"]))
-    result = loop.train(settings, model=model, stage="dpo", stage_dir=rd / "dpo", log_dir=rd.logs, batches=batches,
-                        loss_fn=loss_fn, eval_fn=gold_fn, dist_info=d,
-                        meta={"stage_key": run.key, "init_from": str(sft_path)})
-    if not d.main:
+    result = s.train(settings, model=model, batches=batches, loss_fn=loss_fn, eval_fn=gold_fn,
+                     meta={"init_from": str(sft_path)})
+    if not s.main:
         return
     alignment.write_curves(rd, "dpo", result, alignment.train_curve(rd, "dpo", ("reward_margin", "reward_accuracy")),
                            {"pairs": len(enc)})
-    alignment.finish(run, rd, "dpo", result, [["pairs", len(enc)], ["beta", beta]])
+    alignment.finish(s.run, rd, "dpo", result, [["pairs", len(enc)], ["beta", beta]])

@@ -310,7 +310,6 @@ def print_tables(results: dict[str, dict], base: dict, n_prompts: int, how: str,
 
 
 def run_stage(ctx) -> None:
-
     rd, e = ctx.run_dir, ctx.cfg["eval"]
     want = ctx.args.get("stage")
     have, notes = trained_stages(rd)

@@ -37,7 +37,7 @@ from zero_chatgpt.eval.metrics import chain_valid, char_f1
 from zero_chatgpt.eval.pinyin import pinyin_exact
 from zero_chatgpt.model.losses import IGNORE, TokenLogProbs
 from zero_chatgpt.model.reward_model import RewardScorer, load_scorer
-from zero_chatgpt.train import alignment, loop
+from zero_chatgpt.train import alignment
 from zero_chatgpt.train.onpolicy import RolloutBatches, policy_setup, rollout_settings, sequence_rewards
 from zero_chatgpt.train.rl_math import clipped_policy_loss, group_advantages, masked_mean
 
@@ -160,9 +160,8 @@ def run_stage(ctx) -> None:
          f"prompts' char_f1 every {settings.eval_every} steps becomes final")
     gold_fn = alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"], start=sft_path,
                                   seed=int(cfg["run"]["seed"]))
-    result = loop.train(settings, model=actor, stage="grpo", stage_dir=rd / "grpo", log_dir=rd.logs, batches=batches,
-                        loss_fn=loss_fn, eval_fn=gold_fn,
-                        dist_info=d, meta={"stage_key": run.key, "init_from": str(sft_path)})
+    result = p.start.train(settings, model=actor, batches=batches, loss_fn=loss_fn, eval_fn=gold_fn,
+                           meta={"init_from": str(sft_path)})
     if not d.main:
         return
     steps = [{k_: h.get(k_) for k_ in ("step", "rollout", "reward", "rm_score", "rule_reward", "kl", "entropy",

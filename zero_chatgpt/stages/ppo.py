@@ -29,7 +29,7 @@ from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.console import info
 from zero_chatgpt.model.losses import IGNORE, ScalarValues, TokenLogProbs
 from zero_chatgpt.model.reward_model import RewardScorer, load_scorer
-from zero_chatgpt.train import alignment, loop
+from zero_chatgpt.train import alignment
 from zero_chatgpt.train.onpolicy import (
     RolloutBatches,
     last_answer_index,
@@ -128,10 +128,9 @@ def run_stage(ctx) -> None:
          f"prompts' char_f1 every {settings.eval_every} steps becomes final")
     gold_fn = alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"], start=sft_path,
                                   seed=int(cfg["run"]["seed"]))
-    result = loop.train(settings, model=actor, stage="ppo", stage_dir=rd / "ppo", log_dir=rd.logs, batches=batches,
-                        loss_fn=loss_fn, eval_fn=gold_fn,
-                        dist_info=d, meta={"stage_key": run.key, "init_from": str(sft_path)},
-                        extra_models={"critic": (critic, {"lr": float(c["critic_lr"])})})
+    result = p.start.train(settings, model=actor, batches=batches, loss_fn=loss_fn, eval_fn=gold_fn,
+                           meta={"init_from": str(sft_path)},
+                           extra_models={"critic": (critic, {"lr": float(c["critic_lr"])})})
     if not d.main:
         return
     steps = [{k: h.get(k) for k in ("step", "rollout", "reward", "rm_score", "kl", "kl_coef", "entropy",

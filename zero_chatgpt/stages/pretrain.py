@@ -25,13 +25,12 @@ from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.console import info
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_json
-from zero_chatgpt.core.rundir import Context, begin, folder_fingerprint, inputs_or_recorded
+from zero_chatgpt.core.rundir import Context, folder_fingerprint, inputs_or_recorded
 from zero_chatgpt.model import token_shards as tokens_mod
 from zero_chatgpt.model.generate import generate
 from zero_chatgpt.model.losses import LMLoss, lm_loss
-from zero_chatgpt.model.tokenizer import load_tokenizer
 from zero_chatgpt.model.transformer import Transformer, model_config_from
-from zero_chatgpt.train import loop
+from zero_chatgpt.train import loop, recipe
 
 
 class PackedBlocks:
@@ -135,17 +134,13 @@ def grad_accum_for(section: dict, world: int) -> int:
 
 
 def run_stage(ctx: Context) -> None:
-
-    cfg, rd = ctx.cfg, ctx.run_dir
-    sec, mcfg = cfg["pretrain"], cfg["model"]
-    out = rd.stage_dir("pretrain")
+    init_from = ctx.cfg["pretrain"]["init_from"]
     extra = inputs_or_recorded(ctx, "pretrain", ["pretrain.init_from"], lambda: {
-        "pretrain.init_from": folder_fingerprint(Path(sec["init_from"]), rd.root)}) if sec["init_from"] else {}
-    d = loop.setup_distributed(cfg["run"]["device"])
-    run = begin(ctx, "pretrain", extra=extra)
-    if run.skip:
+        "pretrain.init_from": folder_fingerprint(Path(init_from), ctx.run_dir.root)}) if init_from else {}
+    s = recipe.start(ctx, "pretrain", extra=extra)
+    if s is None:
         return
-    tok = load_tokenizer(rd.tokenizer)
+    cfg, rd, sec, mcfg, d, tok, run, out = s.cfg, s.rd, s.c, s.cfg["model"], s.d, s.tok, s.run, s.out
     train_shards = tokens_mod.load_split(rd.tokens, "train")
     try:
         val_shards = tokens_mod.load_split(rd.tokens, "val")
@@ -169,18 +164,16 @@ def run_stage(ctx: Context) -> None:
     model = Transformer(mc)
 
     accum = grad_accum_for(sec, d.world)
-    settings = loop.LoopSettings.from_section(sec, grad_accum=accum, seed=cfg["run"]["seed"],
-                                              schedule_steps=run.schedule_steps)
+    settings = s.settings(grad_accum=accum, seed=cfg["run"]["seed"])
     batches = PackedBlocks(train_shards, sec["seq_len"], cfg["run"]["seed"], sec["micro_batch_size"], accum)
     evaluator = ValEval(val_shards, sec["seq_len"], sec["eval_tokens"], sec["micro_batch_size"], tok)
     step_tokens = sec["micro_batch_size"] * sec["seq_len"] * accum * d.world
     info(f"pretrain: {mc.num_params() / 1e6:.1f}M parameters, {batches.n_blocks * sec['seq_len'] / 1e6:.2f}M train "
          f"tokens, {settings.max_steps} steps x {step_tokens:,} tokens "
          f"({batches.epochs(settings.max_steps, d.world):.2f} epochs), {d.world} process(es) on {d.device}")
-    result = loop.train(settings, model=model, stage="pretrain", stage_dir=out, log_dir=rd.logs, batches=batches,
-                        loss_fn=lm_loss_fn, eval_fn=evaluator if evaluator.blocks else None, dist_info=d,
-                        tokens_per_step=step_tokens, flops_per_token=mc.flops_per_token(sec["seq_len"]),
-                        meta={"stage_key": run.key})
+    result = s.train(settings, model=model, batches=batches, loss_fn=lm_loss_fn,
+                     eval_fn=evaluator if evaluator.blocks else None, tokens_per_step=step_tokens,
+                     flops_per_token=mc.flops_per_token(sec["seq_len"]))
     if not d.main:
         return
     model = ckpt.load_model(out / "final", device=d.device)

@@ -27,7 +27,6 @@ from zero_chatgpt.core.console import info, share, table
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_json
 from zero_chatgpt.core.rundir import (
-    begin,
     inputs_or_recorded,
     read_marker,
     source_fingerprints,
@@ -49,8 +48,7 @@ from zero_chatgpt.model.reward_model import (
     score_model_from,
     sequence_scores,
 )
-from zero_chatgpt.model.tokenizer import load_tokenizer
-from zero_chatgpt.train import loop
+from zero_chatgpt.train import loop, recipe
 from zero_chatgpt.train.pairs import PairBatches, batched_indices, collate, encode_pairs
 from zero_chatgpt.train.rollout import sample
 
@@ -176,19 +174,14 @@ def add_to_checkpoint(folder: Path, name: str, data: dict) -> None:
 # ---------------------------------------------------------------- the stage
 
 def run_stage(ctx) -> None:
-    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["rm"]
-    d = loop.setup_distributed(cfg["run"]["device"])
-    inputs = inputs_or_recorded(ctx, "rm", ["rm.sources"],
-                                lambda: {"rm.sources": source_fingerprints(c["sources"], rd.root)})
-    run = begin(ctx, "rm", extra=inputs)
-    if run.skip:
+    inputs = inputs_or_recorded(ctx, "rm", ["rm.sources"], lambda: {
+        "rm.sources": source_fingerprints(ctx.cfg["rm"]["sources"], ctx.run_dir.root)})
+    s = recipe.start(ctx, "rm", extra=inputs)
+    if s is None:
         return
-    tok = load_tokenizer(rd.tokenizer)
+    cfg, rd, c, d, tok, run = s.cfg, s.rd, s.c, s.d, s.tok, s.run
     sft_path = Path(c["init_from"]) if c["init_from"] else ckpt.stage_model_path(rd, "sft")
-    if d.main:
-        ensure_pairs(ctx, tok, sft_path)
-    if d.world > 1:
-        torch.distributed.barrier()
+    s.on_main_then_wait(lambda: ensure_pairs(ctx, tok, sft_path))
     train_pairs = pref.read_pairs(rd / "rm_data" / "train.jsonl")
     val_pairs = pref.read_pairs(rd / "rm_data" / "val.jsonl")
     max_len = min(int(c["max_seq_len"]), ckpt.read_model_config(sft_path).max_position_embeddings)
@@ -196,8 +189,7 @@ def run_stage(ctx) -> None:
     enc_val = encode_pairs(tok, val_pairs[:512], max_len, desc="encode rm val pairs")
     micro = int(c["micro_batch_pairs"])
     accum = loop.grad_accum(c["batch_pairs"], micro, d.world)
-    settings = loop.LoopSettings.from_section(c, grad_accum=accum, seed=rl_seed(cfg), init_from="",
-                                              schedule_steps=run.schedule_steps)
+    settings = s.settings(grad_accum=accum, seed=rl_seed(cfg), init_from="")
     batches = PairBatches(enc, tok.pad_id, micro, accum, rl_seed(cfg))
     info(f"rm: {len(enc):,} train pairs ({len(val_pairs):,} held out), {settings.max_steps} steps x "
          f"{micro * accum * d.world} pairs ({settings.max_steps * micro * accum * d.world / len(enc):.2f} epochs)")
@@ -206,9 +198,9 @@ def run_stage(ctx) -> None:
         rc, rr = pair_scores(m, enc_val, tok.pad_id)
         return {"val_accuracy": float((rc > rr).mean())}
 
-    result = loop.train(settings, model=score_model_from(sft_path, rl_seed(cfg)), stage="rm", stage_dir=rd / "rm", log_dir=rd.logs,
-                        batches=batches, loss_fn=rm_loss, eval_fn=eval_fn, dist_info=d, meta={"stage_key": run.key})
-    if not d.main:
+    result = s.train(settings, model=score_model_from(sft_path, rl_seed(cfg)), batches=batches, loss_fn=rm_loss,
+                     eval_fn=eval_fn)
+    if not s.main:
         return
     model = ckpt.load_model(rd / "rm" / "final")
     gold = pref.read_pairs(rd / "rm_data" / "gold.jsonl")

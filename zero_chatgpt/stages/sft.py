@@ -20,17 +20,13 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.checkpoint import stage_model_path
 from zero_chatgpt.core.console import info, table
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.core.rundir import begin
 from zero_chatgpt.data.chat_data import read_split
-from zero_chatgpt.model.tokenizer import load_tokenizer
 from zero_chatgpt.model.transformer import Transformer
-from zero_chatgpt.train import loop
+from zero_chatgpt.train import loop, recipe
 from zero_chatgpt.train.sft_data import (
     LengthGroupedBatches,
     encode_records,
@@ -62,24 +58,15 @@ def init_path(ctx) -> Path:
 
 
 def run_stage(ctx) -> None:
-
-
     t0 = time.perf_counter()
-    cfg, rd, s = ctx.cfg, ctx.run_dir, ctx.cfg["sft"]
-    d = loop.setup_distributed(cfg["run"]["device"])
     inputs = sft_inputs(ctx)
-    run = begin(ctx, "sft", extra=inputs, reads=("tokenizer",) if s.get("init_from") else None)
-    if run.skip:
+    st = recipe.start(ctx, "sft", extra=inputs, reads=("tokenizer",) if ctx.cfg["sft"].get("init_from") else None)
+    if st is None:
         return
+    cfg, rd, s, d, tok, run = st.cfg, st.rd, st.c, st.d, st.tok, st.run
     src = init_path(ctx)
-    if d.main:                      # one process writes sft_data/; the others wait, then read it
-        ensure_sft_data(ctx, inputs)
-    if d.world > 1:
-        torch.distributed.barrier()
+    st.on_main_then_wait(lambda: ensure_sft_data(ctx, inputs))    # one process writes sft_data/
     stats = json.loads((rd.sft_data / "stats.json").read_text())
-    out = rd.stage_dir("sft")
-
-    tok = load_tokenizer(rd.tokenizer)
     model_cfg = ckpt.read_model_config(src)
     # A chat model ends its turn with <|im_end|>; keep <|endoftext|> too (HF generation stops at either).
     model_cfg.eos_token_id, model_cfg.pad_token_id = [tok.im_end_id, tok.eot_id], tok.pad_id
@@ -95,8 +82,7 @@ def run_stage(ctx) -> None:
 
     micro = int(s["micro_batch_tokens"])
     grad_accum = loop.grad_accum(s["batch_tokens"], micro, d.world)
-    settings = loop.LoopSettings.from_section(s, grad_accum=grad_accum, seed=int(cfg["run"]["seed"]),
-                                              init_from=str(src), schedule_steps=run.schedule_steps)
+    settings = st.settings(grad_accum=grad_accum, seed=int(cfg["run"]["seed"]), init_from=str(src))
     ul = float(s["unlikelihood"])
     batches = LengthGroupedBatches(train, tok.pad_id, micro, grad_accum, int(cfg["run"]["seed"]), unlikelihood=ul > 0)
     pad = pad_fraction(batches.lengths, batches.plan(0))
@@ -107,10 +93,9 @@ def run_stage(ctx) -> None:
 
     model = Transformer(model_cfg)
     eval_fn = (lambda m: {"val_loss": masked_val_loss(m, val, tok.pad_id, micro)}) if len(val) else None
-    result = loop.train(settings, model=model, stage="sft", stage_dir=out, log_dir=rd.logs, batches=batches,
-                        loss_fn=functools.partial(sft_loss, unlikelihood=ul), eval_fn=eval_fn, dist_info=d,
-                        tokens_per_step=int((train.lengths() - 1).sum() / len(batches.plan(0))) * grad_accum * d.world,
-                        meta={"init_from": str(src), "stage_key": run.key})
+    result = st.train(settings, model=model, batches=batches, loss_fn=functools.partial(sft_loss, unlikelihood=ul),
+                      eval_fn=eval_fn, meta={"init_from": str(src)},
+                      tokens_per_step=int((train.lengths() - 1).sum() / len(batches.plan(0))) * grad_accum * d.world)
     summary = {"records": stats["records"], "dropped_records": stats.get("dropped", {}),
                "conversations": len(train), "truncated": train.n_truncated, "dropped_no_target": train.n_dropped,
                "pad_fraction": pad, "epochs": settings.max_steps / max(steps_per_epoch, 1e-9),

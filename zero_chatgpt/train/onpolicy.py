@@ -30,14 +30,12 @@ import torch.distributed as dist
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.config import rl_seed
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.core.rundir import begin
 from zero_chatgpt.eval.metrics import is_repetitive
 from zero_chatgpt.eval.prompts import encode_prompts
 from zero_chatgpt.model.generate import answer_ended
 from zero_chatgpt.model.losses import IGNORE, TokenLogProbs, answer_rows
 from zero_chatgpt.model.reward_model import RewardScorer
-from zero_chatgpt.model.tokenizer import load_tokenizer
-from zero_chatgpt.train import alignment, loop
+from zero_chatgpt.train import alignment, loop, recipe
 from zero_chatgpt.train.rl_math import masked_mean
 from zero_chatgpt.train.rollout import prompt_limit, sample
 
@@ -248,6 +246,7 @@ def rollout_settings(cfg, c: dict, samples_per_prompt: int = 1) -> RolloutSettin
 @dataclass
 class PolicyRun:
     """What PPO and GRPO start alike."""
+    start: recipe.StageStart     # processes, run record, tokenizer; start.train runs the loop
     d: loop.Dist
     run: object                  # rundir.StageRun
     tok: object
@@ -259,22 +258,19 @@ class PolicyRun:
 
 
 def policy_setup(ctx, name: str) -> PolicyRun | None:
-    """The distributed setup, the stage's begin, the tokenizer, the SFT path, the RL prompts, the loop
-    settings. None when the stage is current."""
-    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg[name]
-    d = loop.setup_distributed(cfg["run"]["device"])
-    run = begin(ctx, name, extra={"eval.gold_fraction": cfg["eval"]["gold_fraction"]})
-    if run.skip:
+    """The trained stage's start (recipe.start), the SFT path, the RL prompts, the loop settings. None when
+    the stage is current."""
+    s = recipe.start(ctx, name, extra={"eval.gold_fraction": ctx.cfg["eval"]["gold_fraction"]})
+    if s is None:
         return None
+    cfg, rd, c, d, tok = s.cfg, s.rd, s.c, s.d, s.tok
     if c["fsdp"]:
         raise UserError(f"{name}.fsdp: RL samples from the model it trains, which needs its whole weights on every "
                         f"process; use DDP (fsdp = false)")
-    tok = load_tokenizer(rd.tokenizer)
     sft_path = Path(c["init_from"]) if c["init_from"] else ckpt.stage_model_path(rd, "sft")
     records = alignment.rl_prompt_records(rd)
     pool, _ = encode_prompts(tok, records, chat=True, limit=10 ** 9)
-    settings = loop.LoopSettings.from_section(c, grad_accum=1, seed=rl_seed(cfg), init_from="",
-                                              schedule_steps=run.schedule_steps, select_metric="gold_char_f1",
-                                              select_gate="gold_gain_lo", eval_at_start=True, select_from_start=True)
-    return PolicyRun(d, run, tok, sft_path, records, pool, settings,
+    settings = s.settings(grad_accum=1, seed=rl_seed(cfg), init_from="", select_metric="gold_char_f1",
+                          select_gate="gold_gain_lo", eval_at_start=True, select_from_start=True)
+    return PolicyRun(s, d, s.run, tok, sft_path, records, pool, settings,
                      loop.resolve_precision(settings.precision, d.device))
