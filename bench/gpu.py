@@ -8,9 +8,10 @@ it: bf16 autocast, `torch.compile`, the fused linear cross-entropy, the loop's A
 the package's generator at batch 1 and 32 (greedy, fixed length) and decodes a short sample.
 
 MFU = achieved model FLOP/s / the device's dense bf16 peak, with the model FLOPs per trained
-token = 6 N + 12 L d T (N = parameters without the embedding table, L layers, d hidden size,
-T sequence length: the matmuls plus attention, as PaLM's appendix B and nanochat count them).
-The peak comes from a small table by device name; on a CPU or an unknown device MFU is null.
+token = ModelConfig.flops_per_token: 6 N + 12 L d T / 2 (N = parameters without the embedding table,
+L layers, d hidden size, T sequence length: the matmuls plus causal attention, PaLM's appendix B), the
+training loop's own count. The peak comes from core/runtime.GPU_PEAK_BF16 by device name (the table
+`zero-chatgpt plan` uses); on a CPU or an unknown device MFU is null.
 
 `--quick` (for the CPU and the test): the `demo` model, short sequences, 3 steps, no compile.
 Last stdout line: JSON with mfu, tokens_per_s, device, peak_mem_mb, gen_tokens_per_s_b1,

@@ -128,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--body-timeout", type=_positive_float, default=10.0,
                            help="seconds a request's whole body may take to arrive; a slower one gets 408 and its "
                                 "connection is closed (default 10)")
+        if st.name == "plan":
+            p.add_argument("--gpus", type=_positive_int, default=1, help="GPUs in all (all nodes; default 1)")
+            p.add_argument("--gpu", default="H100",
+                           help="the card, as its name is written, e.g. H100, H200, A100, A40, 4090 (default H100): its "
+                                "bf16 peak and memory come from the table the training loop's MFU uses")
+            p.add_argument("--mfu", type=_checked(float, lambda v: 0 < v <= 1, "a number", "in (0, 1]"), default=0.4,
+                           help="the model FLOPs utilization to assume (default 0.4: a tuned dense model of this size "
+                                "reaches 0.35-0.5 on one node)")
+            p.add_argument("--json", action="store_true", help="print the whole estimate as one JSON line instead")
         if st.name == "export":
             p.add_argument("--format", choices=["hf", "gguf"], default="hf", help="hf: transformers folder; gguf")
             p.add_argument("--out", type=Path, required=True, help="output folder (hf) or file (gguf)")

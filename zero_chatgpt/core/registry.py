@@ -79,6 +79,8 @@ TOOLS: dict[str, Stage] = {t.name: t for t in (
     Stage("serve", "zero_chatgpt.serve.app", "serve an OpenAI-compatible API and a web chat page", out="",
           func="run_command"),
     Stage("export", "zero_chatgpt.export.command", "export a trained model (hf | gguf)", out="", func="run_command"),
+    Stage("plan", "zero_chatgpt.train.plan", "estimate what a run costs on GPUs (time, memory per GPU, disk) before "
+          "it runs", out="", func="run_command"),
 )}
 # Commands that only read the run directory: no lock, nothing written into it.
 READ_ONLY = frozenset(TOOLS)
