@@ -2,7 +2,8 @@
 preset, on inputs in the seed's own formats, at sizes this machine holds, measured and extrapolated to the
 seed's sizes before anyone rents a GPU.
 
-    .venv/bin/python bench/rehearse.py [--quick] [--sizes 4,12,36] [--sft-records 30000,90000,270000] [--keep DIR]
+    .venv/bin/python bench/rehearse.py [--quick] [--sizes 100,300,900] [--sft-records 100000,300000,1100000]
+                                       [--machines 8] [--keep DIR]
 
 Inputs, built from the built-in text (People's Daily 1998-01 and the idiom paragraphs; bench/data_scale.py's
 sentence pool) with variation, so deduplication keeps them: each document draws its own sentences at random,
@@ -127,7 +128,7 @@ class Writer:
         return "".join(self.rng.choice(self.pool) for _ in range(self.rng.randint(lo, hi)))
 
     def pretraining(self, folder: Path, chars: int) -> dict:
-        """wikipedia-cn (40 %), baidubaike (30 %), skypile (30 %) with 5 % exact copies each."""
+        """wikipedia-cn (40 %), baidubaike (40 %), skypile (20 %) with 5 % exact copies each."""
         folder.mkdir(parents=True, exist_ok=True)
         made = {"chars": 0, "docs": 0}
         kept: list[str] = []
@@ -154,11 +155,12 @@ class Writer:
             f.write("]")
         with open(folder / "baidubaike.json", "w", encoding="utf-8") as f:
             n = 0
-            while n < 0.3 * chars:
+            while n < 0.4 * chars:
                 title = self.rng.choice(self.pool)[:6]
-                secs = [{"title": self.rng.choice(self.pool)[:5], "content": take(2, 6)}
-                        for _ in range(self.rng.randint(1, 3))]
-                rec = {"title": title, "summary": take(1, 3), "sections": secs, "url": f"https://baike.example/{n}"}
+                secs = [{"title": self.rng.choice(self.pool)[:5], "content": take(1, 3)}
+                        for _ in range(self.rng.randint(1, 2))]
+                rec = {"title": title, "summary": take(1, 2), "sections": secs, "url": f"https://baike.example/{n}"}
+                made["baike_entries"] = made.get("baike_entries", 0) + 1
                 n += sum(len(s["content"]) for s in secs) + len(rec["summary"])
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         sky = folder / "skypile"
@@ -166,11 +168,12 @@ class Writer:
         for k in range(2):
             with open(sky / f"2023-{k:02d}.jsonl", "w", encoding="utf-8") as f:
                 n = 0
-                while n < 0.15 * chars:
+                while n < 0.1 * chars:
                     d = take(3, 15)
                     n += len(d)
                     f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
         made["bytes"] = int(disk_mb(folder) * 2 ** 20)
+        made["wikipedia_mb"] = round((folder / "wikipedia-cn.json").stat().st_size / 2 ** 20, 1)
         return made
 
     def sft(self, folder: Path, records: int) -> dict:
@@ -206,11 +209,14 @@ def data_stage(base: Path, sizes: list[float], w: Writer, model_sets: list[str],
             walls.append({"stage": "data", "size": mchars, "error": r["tail"][-600:]})
             continue
         stats = json.loads((rd / "data" / "stats.json").read_text())
-        rows[f"{mchars:g}M"] = {"input_mb": round(made["bytes"] / 2 ** 20, 1), "docs_in": stats["docs_in"],
+        # the stage's own seconds (interpreter start excluded), which the extrapolation scales
+        stage_s = float(json.loads((rd / "report" / "timings.json").read_text())["stages"]["data"]["seconds"])
+        rows[f"{mchars:g}M"] = {"input_mb": round(made["bytes"] / 2 ** 20, 1), "wikipedia_json_mb": made["wikipedia_mb"],
+                                "baike_entries": made.get("baike_entries", 0), "docs_in": stats["docs_in"],
                                 "docs_out": stats["docs_out"], "chars_in": stats["chars_in"],
-                                "seconds": r["seconds"], "peak_mem_mb": r["peak_mem_mb"],
+                                "seconds": r["seconds"], "stage_seconds": stage_s, "peak_mem_mb": r["peak_mem_mb"],
                                 "disk_mb": disk_mb(rd / "data"),
-                                "chars_per_s_per_core": round(stats["chars_in"] / r["seconds"] / os.cpu_count()),
+                                "chars_per_s_per_core": round(stats["chars_in"] / stage_s / os.cpu_count()),
                                 "exact_dup": stats["dropped"].get("exact_dup", 0),
                                 "near_dup": stats["dropped"].get("near_dup", 0)}
         print(f"data {mchars:g}M chars: {r['seconds']} s, peak {r['peak_mem_mb']} MB, "
@@ -219,6 +225,8 @@ def data_stage(base: Path, sizes: list[float], w: Writer, model_sets: list[str],
 
 
 def tokenizer_stage(rd: Path, model_sets: list[str], walls: list, vocab: int) -> dict:
+    """Ours (the stage: training on tokenizer.train_chars sampled characters, then encoding everything), and HF
+    `tokenizers`' BPE trainer on the same number of characters (the first documents of the same shards)."""
     r = zc("tokenizer", "--run-dir", rd, sets=model_sets)
     if r["rc"] != 0:
         walls.append({"stage": "tokenizer", "error": r["tail"][-600:]})
@@ -232,16 +240,21 @@ def tokenizer_stage(rd: Path, model_sets: list[str], walls: list, vocab: int) ->
            "tokens": tokens, "chars_per_token": round(chars / max(1, tokens), 3), "train_chars": trained.get("train_chars"),
            "train_seconds": train_s,
            "encode_tokens_per_s": round(tokens / max(1e-9, r["seconds"] - train_s))}
-    # HF tokenizers' BPE trainer on the same cleaned text (what the seed used), in its own process
+    # HF tokenizers' BPE trainer (what the seed used) on as many characters of the same text, in its own process
     code = f"""
 import json, sys, time, zstandard, io
 from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 def texts():
+    left = {int(trained.get("train_chars") or 0) or 10 ** 12}
     for p in sorted(Path({str(rd / 'data')!r}).glob('train-*.jsonl.zst')):
         with open(p, 'rb') as f:
             for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding='utf-8'):
-                yield json.loads(line)['text']
+                t = json.loads(line)['text']
+                yield t
+                left -= len(t)
+                if left <= 0:
+                    return
 tok = Tokenizer(models.BPE())
 tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
 tok.decoder = decoders.ByteLevel()
@@ -262,9 +275,17 @@ def pretrain_stage(base: Path, rd: Path, small_rd: Path | None, model_sets: list
               "pretrain.warmup_steps=1", "pretrain.checkpoint_every=1", *model_sets]
     if not quick:
         common.append("pretrain.eval_tokens=2048")
+    mem = {}
+    if small_rd is not None:        # the batch source memory-maps the shards: memory must not follow the corpus
+        for name, where in (("smallest", small_rd), ("largest", rd)):
+            m = zc("pretrain", "--run-dir", where, "--force", sets=["pretrain.max_steps=2", *common])
+            mem[name] = {"peak_mem_mb": m["peak_mem_mb"] if m["rc"] == 0 else None,
+                         "token_shards_mb": disk_mb(where / "tokens")}
+            if m["rc"] != 0:
+                walls.append({"stage": "pretrain", "corpus": name, "error": m["tail"][-600:]})
     # kill -9 once the first step checkpoint is written, then the same command resumes
     first = rd / "pretrain" / "step-1"
-    k = zc("pretrain", "--run-dir", rd, sets=[f"pretrain.max_steps={steps}", *common],
+    k = zc("pretrain", "--run-dir", rd, "--force", sets=[f"pretrain.max_steps={steps}", *common],
            kill_when=lambda: (first / "meta.json").exists() or (first / "model.safetensors").exists())
     r = zc("pretrain", "--run-dir", rd, sets=[f"pretrain.max_steps={steps}", *common])
     if r["rc"] != 0:
@@ -283,43 +304,53 @@ def pretrain_stage(base: Path, rd: Path, small_rd: Path | None, model_sets: list
            "tokens_per_s": round(sum(x.get("tokens_per_s", 0) for x in train[-2:]) / max(1, len(train[-2:])), 1),
            "checkpoint_mb": disk_mb(step_dirs[-1]) if step_dirs else None, "final_mb": disk_mb(final),
            "verify_seconds": round(time.perf_counter() - t0, 2), "checkpoint_intact": v["rc"] == 0}
-    if small_rd is not None:
-        s = zc("pretrain", "--run-dir", small_rd, sets=["pretrain.max_steps=1", *common])
-        out["peak_mem_mb_smallest_corpus"] = s["peak_mem_mb"] if s["rc"] == 0 else None
-        out["corpus_tokens_smallest_vs_largest"] = [disk_mb(small_rd / "tokens"), disk_mb(rd / "tokens")]
+    if mem:
+        out["memory_by_corpus"] = mem
     return out
 
 
 def sft_stage(base: Path, rd: Path, records: list[int], w: Writer, model_sets: list[str], walls: list,
               quick: bool) -> dict:
+    """The instruction-data builder (read, clean by question length, MinHash dedup, split) at each size, in a
+    process of its own so its memory is its own; then `zero-chatgpt sft` (builder + a few steps of the 0.1B
+    model) on the largest."""
     rows = {}
     for n in records:
         inp = base / f"sft-{n}"
         w.sft(inp, n)
-        shutil.rmtree(rd / "sft", ignore_errors=True)
-        shutil.rmtree(rd / "sft_data", ignore_errors=True)
-        sets = ["sft.max_steps=2", "sft.batch_tokens=" + ("256" if quick else "1024"),
-                "sft.micro_batch_tokens=" + ("256" if quick else "1024"), "sft.max_train_samples=0",
-                "sft.compile=false", "sft.eval_every=0", "sft.val_samples=8", "sft.checkpoint_every=0",
-                "sft.warmup_steps=1", *model_sets]
-        r = zc("sft", "--run-dir", rd, "--force", "--source", f"firefly:{inp / 'firefly.jsonl'}",
-               "--source", f"ruozhiba:{inp / 'ruozhiba.jsonl'}", sets=sets)
+        specs = [f"firefly:{inp / 'firefly.jsonl'}", f"ruozhiba:{inp / 'ruozhiba.jsonl'}"]
+        code = (f"import json; from pathlib import Path; from zero_chatgpt.core import config; "
+                f"from zero_chatgpt.data import chat_data; "
+                f"cfg = config.resolve(Path({str(base / 'cfg')!r}), 'seed-0.1b', [], {{'sft': {specs!r}}}); "
+                f"print(json.dumps(chat_data.build(cfg, Path({str(base / f'sft-out-{n}')!r}))['records']))")
+        r = run([sys.executable, "-c", code])
         if r["rc"] != 0:
-            walls.append({"stage": "sft", "records": n, "error": r["tail"][-600:]})
+            walls.append({"stage": "sft data", "records": n, "error": r["tail"][-600:]})
             continue
-        stats = json.loads((rd / "sft_data" / "stats.json").read_text())
         rows[str(n)] = {"seconds": r["seconds"], "peak_mem_mb": r["peak_mem_mb"],
-                        "records_kept": stats.get("records"), "dropped": stats.get("dropped"),
-                        "sft_data_mb": disk_mb(rd / "sft_data")}
-        print(f"sft {n:,} records: {r['seconds']} s, peak {r['peak_mem_mb']} MB", file=sys.stderr, flush=True)
-    return rows
+                        "input_mb": round(disk_mb(inp), 1), "records_kept": json.loads(r["tail"].strip().splitlines()[-1])}
+        shutil.rmtree(base / f"sft-out-{n}", ignore_errors=True)
+        print(f"sft data {n:,} records: {r['seconds']} s, peak {r['peak_mem_mb']} MB", file=sys.stderr, flush=True)
+    n = records[-1]
+    inp = base / f"sft-{n}"
+    sets = ["sft.max_steps=2", "sft.batch_tokens=" + ("256" if quick else "1024"),
+            "sft.micro_batch_tokens=" + ("256" if quick else "1024"), "sft.compile=false", "sft.eval_every=0",
+            "sft.val_samples=8", "sft.checkpoint_every=0", "sft.warmup_steps=1", *model_sets]
+    r = zc("sft", "--run-dir", rd, "--force", "--source", f"firefly:{inp / 'firefly.jsonl'}",
+           "--source", f"ruozhiba:{inp / 'ruozhiba.jsonl'}", sets=sets)
+    if r["rc"] != 0:
+        walls.append({"stage": "sft", "records": n, "error": r["tail"][-600:]})
+        return {"builder": rows, "error": r["tail"][-300:]}
+    print(f"sft {n:,} records + 2 steps: {r['seconds']} s, peak {r['peak_mem_mb']} MB", file=sys.stderr, flush=True)
+    return {"builder": rows, "train": {"records": n, "seconds": r["seconds"], "peak_mem_mb": r["peak_mem_mb"],
+                                       "sft_data_mb": disk_mb(rd / "sft_data"), "steps": 2}}
 
 
 def rl_stages(rd: Path, model_sets: list[str], walls: list) -> dict:
     out = {}
     tiny = ["rl.max_new_tokens=8", "rl.gold_prompts=4", "rl.gold_max_new_tokens=8", *model_sets]
     plans = {
-        "rm": ["rm.prompts=16", "rm.gold_samples=1", "rm.max_steps=2", "rm.batch_pairs=8", "rm.micro_batch_pairs=4",
+        "rm": ["rm.prompts=16", "rm.gold_samples=2", "rm.max_steps=2", "rm.batch_pairs=8", "rm.micro_batch_pairs=4",
                "rm.eval_every=0", "rm.checkpoint_every=0", "rm.warmup_steps=1"],
         "ppo": ["ppo.max_steps=2", "ppo.prompts_per_rollout=4", "ppo.gen_batch_size=4", "ppo.eval_every=0",
                 "ppo.checkpoint_every=0", "ppo.warmup_steps=1"],
@@ -418,18 +449,22 @@ def extrapolate(data: dict, tok: dict, sft: dict, machines: int) -> dict:
     out = {}
     if len(data) >= 2 and tok.get("tokens"):
         xs = [v["chars_in"] for v in data.values()]
-        a_t, b_t = fit(xs, [v["seconds"] for v in data.values()])
+        a_t, b_t = fit(xs, [v["stage_seconds"] for v in data.values()])
         a_m, b_m = fit(xs, [v["peak_mem_mb"] for v in data.values()])
         largest = list(data.values())[-1]
         chars_per_token = largest["chars_in"] / max(1, tok["tokens"])
         full = SEED_TOKENS * chars_per_token
-        hours = a_t * full ** b_t / 3600
+        # linear in characters from the largest size's rate (cleaning goes by characters; the fitted exponent over
+        # small sizes is below 1 because of fixed start-up costs, and would promise too little)
+        hours = full / (largest["chars_in"] / largest["stage_seconds"]) / 3600
         out["data"] = {"seed_chars": full, "chars_per_token": round(chars_per_token, 3),
                        "time_exponent": round(b_t, 3), "memory_exponent": round(b_m, 3),
                        "hours_this_machine": round(hours, 1), f"hours_{machines}_machines_ray": round(hours / machines, 2),
+                       "hours_power_law": round(a_t * full ** b_t / 3600, 1),
                        "peak_mem_gb_this_machine": round(a_m * full ** b_m / 1024, 1),
                        "note": "power laws fitted over the sizes; the dedup index is spread over part files, "
                                "so memory grows with the parts in flight, not the corpus"}
+    sft = sft.get("builder", {})
     if len(sft) >= 2:
         xs = [int(k) for k in sft]
         a_t, b_t = fit(xs, [v["seconds"] for v in sft.values()])
@@ -445,15 +480,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small model and tiny sizes: data through SFT (< 1 min)")
     ap.add_argument("--sizes", default="", help="millions of characters of pretraining text, comma-separated "
-                                                "(default 4,12,36; --quick 0.2,0.4,0.8)")
-    ap.add_argument("--sft-records", default="", help="firefly records per SFT size (default 30000,90000,270000)")
+                                                "(default 100,300,900: the largest a ~1 GB Wikipedia array and ~2M "
+                                                "Baike entries; --quick 0.2,0.4,0.8)")
+    ap.add_argument("--sft-records", default="", help="firefly records per builder size (default 100000,300000,1100000: "
+                                                      "the last is firefly-train-1.1M's size)")
     ap.add_argument("--machines", type=int, default=8, help="machines of this kind under Ray, for the data stage's "
                                                             "extrapolation (default 8)")
     ap.add_argument("--keep", default="", help="keep the inputs and run directories under this folder")
     a = ap.parse_args()
-    sizes = [float(x) for x in a.sizes.split(",")] if a.sizes else ([0.2, 0.4, 0.8] if a.quick else [4, 12, 36])
+    sizes = [float(x) for x in a.sizes.split(",")] if a.sizes else ([0.2, 0.4, 0.8] if a.quick else [100, 300, 900])
     records = [int(x) for x in a.sft_records.split(",")] if a.sft_records else \
-        ([300] if a.quick else [30_000, 90_000, 270_000])
+        ([300, 600] if a.quick else [100_000, 300_000, 1_100_000])
     base = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="zc-rehearse-"))
     base.mkdir(parents=True, exist_ok=True)
     model_sets = QUICK_MODEL if a.quick else []
