@@ -306,6 +306,13 @@ def pretrain_stage(base: Path, rd: Path, small_rd: Path | None, model_sets: list
            "verify_seconds": round(time.perf_counter() - t0, 2), "checkpoint_intact": v["rc"] == 0}
     if mem:
         out["memory_by_corpus"] = mem
+    # what `zero-chatgpt plan` estimates for this run (its GPU reserve left out: this is a CPU process)
+    from zero_chatgpt.core import config
+    from zero_chatgpt.train.plan import RESERVED_GB, plan
+    cfg = config.resolve(rd, None, [f"pretrain.max_steps={steps}", *common])
+    est = (plan(cfg)["stages"]["pretrain"]["memory_gb"]["ddp"] - RESERVED_GB) * 1e9 / 2 ** 20
+    out["plan_estimate_mb"] = round(est, 1)
+    out["plan_estimate_vs_measured"] = round(est / r["peak_mem_mb"], 3) if r["peak_mem_mb"] else None
     return out
 
 

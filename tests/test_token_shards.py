@@ -44,3 +44,36 @@ def test_truncated_and_corrupted_name_the_file(tmp_path):
 def test_missing_split_is_a_clear_error(tmp_path):
     with pytest.raises(Exception, match="run `zero-chatgpt tokenizer` first"):
         load_split(tmp_path, "train")
+
+
+def test_the_batch_source_indexes_past_four_billion_tokens_without_overflow():
+    """The seed's 10B tokens: block indexes, shard starts and offsets inside a shard all pass 2^32 without
+    wrapping (int64 throughout; the shard format's counts and offsets are u64). Shards of 5.4G tokens each are
+    stood in for by arrays that compute a token from its position, so nothing is written."""
+    import numpy as np
+
+    from zero_chatgpt.stages.pretrain import PackedBlocks
+
+    class Positions:
+        """tokens[i] = i mod 65521, of a shard `n` tokens long (what a memmap would hold)."""
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, sl):
+            return np.arange(sl.start, min(sl.stop, self.n), dtype=np.int64) % 65521
+
+    class Shard:
+        def __init__(self, n):
+            self.tokens, self.n_tokens = Positions(n), n
+
+    n = 5 * 2 ** 30 + 12345                       # 5.4G tokens per shard, 16G in all
+    src = PackedBlocks([Shard(n), Shard(n), Shard(n)], seq_len=1024, seed=0, micro_batch_size=2, grad_accum=1)
+    per = (n - 1) // 1024
+    assert src.n_blocks == 3 * per and src.n_blocks * 1024 > 2 ** 33
+    last = src.block(src.n_blocks - 1)            # the last block of the third shard: offset past 2^32 inside it
+    start = (per - 1) * 1024
+    assert start > 2 ** 32 and last.tolist() == (np.arange(start, start + 1025) % 65521).tolist()
+    assert src.block(per).tolist()[:3] == [0, 1, 2]      # the first block of the second shard starts at its token 0
