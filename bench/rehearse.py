@@ -2,8 +2,8 @@
 preset, on inputs in the seed's own formats, at sizes this machine holds, measured and extrapolated to the
 seed's sizes before anyone rents a GPU.
 
-    .venv/bin/python bench/rehearse.py [--quick] [--sizes 100,300,900] [--sft-records 100000,300000,1100000]
-                                       [--machines 8] [--keep DIR]
+    .venv/bin/python bench/rehearse.py [--quick] [--sizes 100,300,1200] [--sft-records 100000,300000,1100000]
+                                       [--tokenizer-chars 500000000] [--machines 8] [--keep DIR]
 
 Inputs, built from the built-in text (People's Daily 1998-01 and the idiom paragraphs; bench/data_scale.py's
 sentence pool) with variation, so deduplication keeps them: each document draws its own sentences at random,
@@ -20,8 +20,9 @@ every 50 ms), disk written, and the throughput the extrapolation uses:
 - data: `zero-chatgpt data` at each size (a fresh run directory each); characters/s per core and the peak
   memory against the input, fitted as a power law over the sizes and extrapolated to the seed's corpus
   (the characters of 10B tokens at the measured characters per token), on one machine and on N under Ray;
-- tokenizer: `zero-chatgpt tokenizer` (the 32k vocabulary) on the largest size, and HF `tokenizers`' BPE
-  trainer on the same sampled text beside it; tokens/s of the encoder;
+- tokenizer: `zero-chatgpt tokenizer` (the 32k vocabulary) on the largest size, trained on `--tokenizer-chars`
+  sampled characters (the seed's ~1.5 GB sample), and HF `tokenizers`' BPE trainer on as many characters of
+  the same text beside it; tokens/s of the encoder;
 - pretrain: the 0.1B model for a few steps from those shards (micro-batch 1 on this CPU), its checkpoint's
   size and the seconds to write and verify it, a `kill -9` mid-run and the resume; the batch source's memory
   on the smallest and the largest corpus (memory-mapped shards: it must not grow with the corpus);
@@ -224,10 +225,10 @@ def data_stage(base: Path, sizes: list[float], w: Writer, model_sets: list[str],
     return rows
 
 
-def tokenizer_stage(rd: Path, model_sets: list[str], walls: list, vocab: int) -> dict:
+def tokenizer_stage(rd: Path, model_sets: list[str], walls: list, vocab: int, train_chars: int) -> dict:
     """Ours (the stage: training on tokenizer.train_chars sampled characters, then encoding everything), and HF
     `tokenizers`' BPE trainer on the same number of characters (the first documents of the same shards)."""
-    r = zc("tokenizer", "--run-dir", rd, sets=model_sets)
+    r = zc("tokenizer", "--run-dir", rd, sets=[*model_sets] + ([f"tokenizer.train_chars={train_chars}"] if train_chars else []))
     if r["rc"] != 0:
         walls.append({"stage": "tokenizer", "error": r["tail"][-600:]})
         return {"error": r["tail"][-300:]}
@@ -487,15 +488,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small model and tiny sizes: data through SFT (< 1 min)")
     ap.add_argument("--sizes", default="", help="millions of characters of pretraining text, comma-separated "
-                                                "(default 100,300,900: the largest a ~1 GB Wikipedia array and ~2M "
-                                                "Baike entries; --quick 0.2,0.4,0.8)")
+                                                "(default 100,300,1200: the largest a ~1.3 GB Wikipedia array and "
+                                                "~2M Baike entries; --quick 0.2,0.4,0.8)")
     ap.add_argument("--sft-records", default="", help="firefly records per builder size (default 100000,300000,1100000: "
                                                       "the last is firefly-train-1.1M's size)")
+    ap.add_argument("--tokenizer-chars", type=int, default=500_000_000,
+                    help="characters the tokenizer trains on at the largest size (default 500M: ~1.5 GB of UTF-8, the "
+                         "seed's sample; the preset's own default is 200M)")
     ap.add_argument("--machines", type=int, default=8, help="machines of this kind under Ray, for the data stage's "
                                                             "extrapolation (default 8)")
     ap.add_argument("--keep", default="", help="keep the inputs and run directories under this folder")
     a = ap.parse_args()
-    sizes = [float(x) for x in a.sizes.split(",")] if a.sizes else ([0.2, 0.4, 0.8] if a.quick else [100, 300, 900])
+    sizes = [float(x) for x in a.sizes.split(",")] if a.sizes else ([0.2, 0.4, 0.8] if a.quick else [100, 300, 1200])
     records = [int(x) for x in a.sft_records.split(",")] if a.sft_records else \
         ([300, 600] if a.quick else [100_000, 300_000, 1_100_000])
     base = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="zc-rehearse-"))
@@ -509,7 +513,7 @@ def main() -> None:
         runs = [base / f"run-{s:g}M" for s in sizes if f"{s:g}M" in data]
         big = runs[-1]
         vocab = 1200 if a.quick else 32000
-        tok = tokenizer_stage(big, model_sets, walls, vocab)
+        tok = tokenizer_stage(big, model_sets, walls, vocab, 0 if a.quick else a.tokenizer_chars)
         small = None
         if not a.quick and len(runs) > 1 and zc("tokenizer", "--run-dir", runs[0])["rc"] == 0:
             small = runs[0]
