@@ -358,7 +358,7 @@ def rl_stages(rd: Path, model_sets: list[str], walls: list) -> dict:
     out = {}
     tiny = ["rl.max_new_tokens=8", "rl.gold_prompts=4", "rl.gold_max_new_tokens=8", *model_sets]
     plans = {
-        "rm": ["rm.prompts=16", "rm.gold_samples=2", "rm.max_steps=2", "rm.batch_pairs=8", "rm.micro_batch_pairs=4",
+        "rm": ["rm.prompts=64", "rm.gold_samples=2", "rm.max_steps=2", "rm.batch_pairs=8", "rm.micro_batch_pairs=4",
                "rm.eval_every=0", "rm.checkpoint_every=0", "rm.warmup_steps=1"],
         "ppo": ["ppo.max_steps=2", "ppo.prompts_per_rollout=4", "ppo.gen_batch_size=4", "ppo.eval_every=0",
                 "ppo.checkpoint_every=0", "ppo.warmup_steps=1"],
