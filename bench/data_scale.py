@@ -26,14 +26,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -76,33 +81,46 @@ def build_corpus(path: Path, n: int, pool: list[str], seed: int = 0) -> dict:
     return {"docs": n, "planted_exact": n_exact, "planted_near": n_near, "bytes": path.stat().st_size}
 
 
-def run_stage(corpus: Path, run_dir: Path, executor: str, workers: int) -> dict:
-    import psutil
-
-    cmd = [sys.executable, "-m", "zero_chatgpt", "data", "--run-dir", str(run_dir), "--source", f"text:{corpus}",
-           "--set", f"data.workers={workers}", "--set", "data.shard_docs=10000"]
-    if executor != "local":  # local is the default (and the only executor of older versions)
-        cmd += ["--set", f"data.executor={executor}"]
+def run_measured(cmd: list[str], *, env: dict | None = None, cwd: Path | None = None, kill_when=None,
+                 timeout: float = 3600) -> dict:
+    """Run `cmd`: its wall seconds, the peak of the summed RSS of its whole process tree (sampled every 50 ms
+    with psutil), exit code, whether it was killed, and its output's tail. kill_when(): checked while it runs;
+    when true, the tree gets SIGKILL (a kill -9 mid-run). Progress bars are off."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    root = psutil.Process(proc.pid)
-    peak = 0
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                            env={**os.environ, "ZC_NO_PROGRESS": "1", **(env or {})}, start_new_session=True)
+    root, peak, killed = psutil.Process(proc.pid), 0, False
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
     while proc.poll() is None:
         try:
             tree = [root] + root.children(recursive=True)
             peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
         except psutil.Error:
             pass
+        if not killed and ((kill_when is not None and kill_when()) or time.perf_counter() - t0 > timeout):
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed = True
         time.sleep(0.05)
-    wall = time.perf_counter() - t0
-    out = proc.stdout.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"data stage ({executor}) failed with exit code {proc.returncode}:\n{out[-3000:]}")
+    reader.join(timeout=5)
+    return {"seconds": round(time.perf_counter() - t0, 2), "peak_mem_mb": round(peak / 2 ** 20, 1),
+            "rc": proc.returncode, "killed": killed, "tail": "".join(out)[-3000:]}
+
+
+def run_stage(corpus: Path, run_dir: Path, executor: str, workers: int) -> dict:
+    cmd = [sys.executable, "-m", "zero_chatgpt", "data", "--run-dir", str(run_dir), "--source", f"text:{corpus}",
+           "--set", f"data.workers={workers}", "--set", "data.shard_docs=10000"]
+    if executor != "local":  # local is the default (and the only executor of older versions)
+        cmd += ["--set", f"data.executor={executor}"]
+    r = run_measured(cmd)
+    if r["rc"] != 0:
+        raise SystemExit(f"data stage ({executor}) failed with exit code {r['rc']}:\n{r['tail']}")
     stats = json.loads((run_dir / "data" / "stats.json").read_text())
     timings = json.loads((run_dir / "report" / "timings.json").read_text())
     stage_s = float(timings["stages"]["data"]["seconds"])
     dd = stats.get("dedup", {})
-    return {"stage_s": round(stage_s, 2), "wall_s": round(wall, 2), "peak_mem_mb": round(peak / 2**20, 1),
+    return {"stage_s": round(stage_s, 2), "wall_s": r["seconds"], "peak_mem_mb": r["peak_mem_mb"],
             "docs_in": stats["docs_in"], "docs_out": stats["docs_out"],
             "exact_dup": stats["dropped"].get("exact_dup", 0), "near_dup": stats["dropped"].get("near_dup", 0),
             "bytes_per_doc": round(float(dd.get("index_bytes_per_doc", 0.0)), 1)}

@@ -37,14 +37,6 @@ from zero_chatgpt.model.losses import lm_loss  # noqa: E402
 from zero_chatgpt.model.transformer import Transformer, model_config_from  # noqa: E402
 from zero_chatgpt.train.loop import LoopSettings, build_optimizer  # noqa: E402
 
-# the peak table and the FLOPs formula are the loop's own (core/runtime.py, ModelConfig.flops_per_token)
-peak_flops = gpu_peak_bf16
-
-
-def flops_per_token(cfg, seq_len: int) -> float:
-    return cfg.flops_per_token(seq_len)
-
-
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -114,8 +106,9 @@ def main() -> None:
     sync(dev)
     train_s = time.perf_counter() - t
     tokens_per_s = steps * batch * seq_len / train_s
-    peak = peak_flops(device_name(dev)) if dev.type == "cuda" else None
-    fpt = flops_per_token(cfg, seq_len)
+    # the peak table and the FLOPs formula are the training loop's own
+    peak = gpu_peak_bf16(device_name(dev)) if dev.type == "cuda" else None
+    fpt = cfg.flops_per_token(seq_len)
     mfu = tokens_per_s * fpt / peak if peak else None
     train_peak_mb = peak_mem_mb(dev)
 

@@ -44,7 +44,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -53,13 +52,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from data_scale import sentences, slope  # noqa: E402
+from data_scale import run_measured, sentences, slope  # noqa: E402
+from zero_chatgpt.core import config  # noqa: E402
+from zero_chatgpt.train.plan import RESERVED_GB, plan  # noqa: E402
 
 SEED_TOKENS = 10e9                 # the seed's pretraining budget
 SEED_SFT_RECORDS = 1_100_000       # firefly-train-1.1M (+ ruozhiba's ~1.5k)
@@ -70,34 +70,10 @@ QUICK_MODEL = ["model.hidden_size=64", "model.intermediate_size=176", "model.num
 
 # ---------------------------------------------------------------- measuring a command
 
-def run(cmd: list[str], *, env: dict | None = None, kill_when=None, timeout: float = 3600) -> dict:
-    """Run `cmd`; its seconds, peak memory of the whole process tree, exit code and output tail. kill_when():
-    a condition checked while it runs; when true, the tree gets SIGKILL (the rehearsal's kill -9)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "ZC_NO_PROGRESS": "1", **(env or {})}, start_new_session=True)
-    root, peak, killed = psutil.Process(proc.pid), 0, False
-    out: list[str] = []
-    import threading
-    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
-    reader.start()
-    while proc.poll() is None:
-        try:
-            tree = [root] + root.children(recursive=True)
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        if kill_when is not None and not killed and kill_when():
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed = True
-        if time.perf_counter() - t0 > timeout:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed = True
-        time.sleep(0.05)
-    reader.join(timeout=5)
-    text = "".join(out)
-    return {"seconds": round(time.perf_counter() - t0, 2), "peak_mem_mb": round(peak / 2 ** 20, 1),
-            "rc": proc.returncode, "killed": killed, "tail": text[-1500:]}
+def run(cmd: list[str], **kw) -> dict:
+    """`cmd` from the repository root, measured (data_scale.run_measured: seconds, peak memory of the process
+    tree, exit code, kill -9 on `kill_when`, output tail)."""
+    return run_measured(cmd, cwd=ROOT, **kw)
 
 
 def zc(*args: str, sets: list[str] = (), **kw) -> dict:
@@ -308,8 +284,6 @@ def pretrain_stage(base: Path, rd: Path, small_rd: Path | None, model_sets: list
     if mem:
         out["memory_by_corpus"] = mem
     # what `zero-chatgpt plan` estimates for this run (its GPU reserve left out: this is a CPU process)
-    from zero_chatgpt.core import config
-    from zero_chatgpt.train.plan import RESERVED_GB, plan
     cfg = config.resolve(rd, None, [f"pretrain.max_steps={steps}", *common])
     est = (plan(cfg)["stages"]["pretrain"]["memory_gb"]["ddp"] - RESERVED_GB) * 1e9 / 2 ** 20
     out["plan_estimate_mb"] = round(est, 1)

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from zero_chatgpt.core.runtime import gpu_peak_bf16
 
-import gpu  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_quick_cpu_run_reports_speed_and_no_mfu():
@@ -27,12 +26,13 @@ def test_quick_cpu_run_reports_speed_and_no_mfu():
 
 
 def test_peak_table_and_flops_per_token():
-    assert gpu.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert gpu.peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert gpu.peak_flops("NVIDIA H200") == 989e12
-    assert gpu.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert gpu.peak_flops("NVIDIA A40") == 150e12
-    assert gpu.peak_flops("Some New Accelerator") is None
+    """The table and the formula bench/gpu.py (and the loop's MFU) use."""
+    assert gpu_peak_bf16("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_bf16("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_bf16("NVIDIA H200") == 989e12
+    assert gpu_peak_bf16("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_peak_bf16("NVIDIA A40") == 150e12
+    assert gpu_peak_bf16("Some New Accelerator") is None
     from zero_chatgpt.core import config
     from zero_chatgpt.model.transformer import model_config_from
     cfg = model_config_from(config.load_preset("seed-0.1b")["model"], 32006)
@@ -40,4 +40,4 @@ def test_peak_table_and_flops_per_token():
     # per layer: q k v o (16 heads, no grouping), gate/up/down, two RMSNorms; then the final norm and lm_head
     n = layers * (4 * d * d + 3 * d * i + 2 * d) + d + vocab * d
     # attention: 12 x layers x d x T, halved under the causal mask (the loop's MFU counts the same)
-    assert gpu.flops_per_token(cfg, 1024) == 6 * n + 12 * layers * d * 1024 / 2
+    assert cfg.flops_per_token(1024) == 6 * n + 12 * layers * d * 1024 / 2

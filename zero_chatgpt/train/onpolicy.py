@@ -247,14 +247,23 @@ def rollout_settings(cfg, c: dict, samples_per_prompt: int = 1) -> RolloutSettin
 class PolicyRun:
     """What PPO and GRPO start alike."""
     start: recipe.StageStart     # processes, run record, tokenizer; start.train runs the loop
-    d: loop.Dist
-    run: object                  # rundir.StageRun
-    tok: object
     sft_path: Path
     records: list[dict]          # the RL prompts' records
     pool: list[list[int]]        # their prompt ids
     settings: loop.LoopSettings
     precision: str               # what the loop resolves settings.precision to (rollout log-probs use it)
+
+    @property
+    def d(self) -> loop.Dist:
+        return self.start.d
+
+    @property
+    def run(self):
+        return self.start.run
+
+    @property
+    def tok(self):
+        return self.start.tok
 
 
 def policy_setup(ctx, name: str) -> PolicyRun | None:
@@ -272,5 +281,5 @@ def policy_setup(ctx, name: str) -> PolicyRun | None:
     pool, _ = encode_prompts(tok, records, chat=True, limit=10 ** 9)
     settings = s.settings(grad_accum=1, seed=rl_seed(cfg), init_from="", select_metric="gold_char_f1",
                           select_gate="gold_gain_lo", eval_at_start=True, select_from_start=True)
-    return PolicyRun(s, d, s.run, tok, sft_path, records, pool, settings,
+    return PolicyRun(s, sft_path, records, pool, settings,
                      loop.resolve_precision(settings.precision, d.device))

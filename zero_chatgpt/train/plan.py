@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 from zero_chatgpt.core.console import info, table
 from zero_chatgpt.core.errors import UserError
@@ -199,4 +198,3 @@ def run_command(ctx) -> None:
          f"pretrain checkpoints {d['pretrain_checkpoints']:.1f} GB ({d['per_checkpoint']:.2f} GB each)")
     info("estimates from the config: FLOPs and memory by formula, time at the assumed MFU (RL rollouts decode below "
          "it: their time is a lower bound); the data and tokenizer stages run on CPUs and are not in this table")
-    sys.stdout.flush()
