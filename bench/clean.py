@@ -25,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from zero_chatgpt.core.settings import DataSection  # noqa: E402
 from zero_chatgpt.data.builtin import iter_peoples_daily, iter_reviews  # noqa: E402
-from zero_chatgpt.data.clean import _CJK, TERMINAL, Cleaner, CleanConfig  # noqa: E402
+from zero_chatgpt.data.clean import _CJK, TERMINAL, Cleaner  # noqa: E402
 
 
 def build_docs(n: int) -> list[dict]:
@@ -85,7 +86,7 @@ def main() -> None:
     args = ap.parse_args()
     n = 3000 if args.quick else 12000
     docs = build_docs(n)
-    cleaner = Cleaner(CleanConfig())
+    cleaner = Cleaner(DataSection())
     cleaner.clean(docs[0])  # warm up
 
     t = time.process_time()

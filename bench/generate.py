@@ -51,7 +51,7 @@ def main() -> None:
     if folder is None:
         tmp = tempfile.TemporaryDirectory()
         folder = Path(tmp.name)
-        cfg = model_config_from(config.load_preset("demo")["model"], 4096)
+        cfg = model_config_from(config.load_preset("demo").model, 4096)
         torch.manual_seed(0)
         m = Transformer(cfg)
         with torch.no_grad():   # a peakier distribution than at init: fewer near-ties in argmax

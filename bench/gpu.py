@@ -37,6 +37,7 @@ from zero_chatgpt.model.losses import lm_loss  # noqa: E402
 from zero_chatgpt.model.transformer import Transformer, model_config_from  # noqa: E402
 from zero_chatgpt.train.loop import LoopSettings, build_optimizer  # noqa: E402
 
+
 def device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -77,7 +78,7 @@ def main() -> None:
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     vocab = 32006   # the seed's 32k vocabulary + special tokens (no tokenizer is trained here)
-    cfg = model_config_from(config.load_preset(preset)["model"], vocab)
+    cfg = model_config_from(config.load_preset(preset).model, vocab)
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, seq_len + gen_tokens + 8)
     torch.manual_seed(0)
     model = Transformer(cfg).to(dev)

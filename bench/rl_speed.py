@@ -39,8 +39,8 @@ os.environ.setdefault("ZC_NO_PROGRESS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from zero_chatgpt.core import config  # noqa: E402
 from zero_chatgpt.core import checkpoint as ckpt  # noqa: E402
+from zero_chatgpt.core import config  # noqa: E402
 from zero_chatgpt.model.transformer import Transformer, model_config_from  # noqa: E402
 
 TARGETS = set(range(300, 340))
@@ -62,7 +62,7 @@ def setup(a, tmp: Path):
         tok = train_bpe([d["word"] + "：" + d["explanation"] for d in idioms], 4096)
         tok_dir, model_dir = tmp / "tok", tmp / "model"
         tok.save(tok_dir)
-        cfg = model_config_from(config.load_preset("demo")["model"], tok.vocab_size)
+        cfg = model_config_from(config.load_preset("demo").model, tok.vocab_size)
         torch.manual_seed(0)
         ckpt.write_model_files(model_dir, Transformer(cfg).state_dict(), cfg)
     hf_dir = export_hf(model_dir, tok_dir, tmp / "hf")
@@ -90,9 +90,10 @@ def grpo(a, tok, hf_dir, idioms, tmp) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from zero_chatgpt.train import loop
     from zero_chatgpt.stages.grpo import GRPOScoring, grpo_loss
+    from zero_chatgpt.train import loop
     from zero_chatgpt.train.onpolicy import RolloutBatches, RolloutSettings
+    from zero_chatgpt.core.settings import GRPOSection
     P, k, new, steps = a.prompts, a.k, a.new, a.steps
     questions = [f"「{d['word']}」是什么意思？" for d in idioms[:P * (steps + 1)]]
     pool = [tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0] for q in questions]
@@ -104,8 +105,8 @@ def grpo(a, tok, hf_dir, idioms, tmp) -> dict:
     policy, ref = ckpt.load_model(hf_dir).train(), ckpt.load_model(hf_dir).eval()
     rs = RolloutSettings(prompts=P, samples_per_prompt=k, epochs=1, minibatches=1, temperature=1.0,
                          max_new_tokens=new, seed=0, gen_batch_size=P * k)
-    src = RolloutBatches(rs, pool=pool, policy=policy, ref=ref, tok=tok, scoring=GRPOScoring(Rule(), None, k, {
-        "missing_eos_penalty": 0.0}, tok), precision="fp32")
+    src = RolloutBatches(rs, pool=pool, policy=policy, ref=ref, tok=tok, scoring=GRPOScoring(Rule(), None, k,
+                         GRPOSection(missing_eos_penalty=0.0), tok), precision="fp32")
     loss_fn = grpo_loss(1.0, 0.2, 0.04)
     opt = loop.build_optimizer(policy, loop.LoopSettings(lr=1e-6), torch.device("cpu"))
     ours = []
@@ -142,8 +143,8 @@ def dpo(a, tok, hf_dir, idioms, tmp) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from zero_chatgpt.train import loop
     from zero_chatgpt.stages.dpo import DPOBatches, dpo_loss
+    from zero_chatgpt.train import loop
     from zero_chatgpt.train.pairs import encode_pairs, sequence_logprobs
     B, steps = a.pairs, a.steps
     n = B * (steps + 1)

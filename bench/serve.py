@@ -328,8 +328,8 @@ def random_run(preset: str, tok_dir: Path | None, tmp: Path) -> Path:
 
     from zero_chatgpt.core import config
     from zero_chatgpt.core.checkpoint import save_checkpoint
-    from zero_chatgpt.model.transformer import Transformer, model_config_from
     from zero_chatgpt.model.tokenizer import load_tokenizer
+    from zero_chatgpt.model.transformer import Transformer, model_config_from
     rd = tmp / f"{preset}-random"
     rd.mkdir()
     if tok_dir is not None:
@@ -337,7 +337,7 @@ def random_run(preset: str, tok_dir: Path | None, tmp: Path) -> Path:
     else:
         idiom_tokenizer(rd)
     tok = load_tokenizer(rd / "tokenizer")
-    cfg = model_config_from(config.load_preset(preset)["model"], tok.vocab_size)
+    cfg = model_config_from(config.load_preset(preset).model, tok.vocab_size)
     torch.manual_seed(0)
     m = Transformer(cfg)
     with torch.no_grad():

@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from zero_chatgpt.core import config  # noqa: E402
+from zero_chatgpt.core.runtime import resolve_precision  # noqa: E402
 from zero_chatgpt.model.losses import lm_loss  # noqa: E402
 from zero_chatgpt.model.transformer import Transformer, model_config_from  # noqa: E402
 from zero_chatgpt.train.loop import LoopSettings, build_optimizer  # noqa: E402
-from zero_chatgpt.core.runtime import resolve_precision  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -94,7 +94,7 @@ def make_side(impl: str, preset: str, seq_len: int, batch: int, device: torch.de
     """(model, step function, initial weights) for one side; both sides see the same batches."""
     from transformers import LlamaConfig, LlamaForCausalLM
     name, vocab = CONFIGS[preset]
-    cfg = model_config_from(config.load_preset(name)["model"], vocab)
+    cfg = model_config_from(config.load_preset(name).model, vocab)
     cfg.max_position_embeddings = max(cfg.max_position_embeddings, seq_len)
     g = torch.Generator().manual_seed(0)
     data = []

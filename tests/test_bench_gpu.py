@@ -35,7 +35,7 @@ def test_peak_table_and_flops_per_token():
     assert gpu_peak_bf16("Some New Accelerator") is None
     from zero_chatgpt.core import config
     from zero_chatgpt.model.transformer import model_config_from
-    cfg = model_config_from(config.load_preset("seed-0.1b")["model"], 32006)
+    cfg = model_config_from(config.load_preset("seed-0.1b").model, 32006)
     d, i, layers, vocab = 512, 2752, 24, 32006
     # per layer: q k v o (16 heads, no grouping), gate/up/down, two RMSNorms; then the final norm and lm_head
     n = layers * (4 * d * d + 3 * d * i + 2 * d) + d + vocab * d

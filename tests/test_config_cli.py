@@ -1,18 +1,19 @@
 """Config resolution and the CLI contract."""
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
-from zero_chatgpt.core import config
 from zero_chatgpt.cli import main
+from zero_chatgpt.core import config
 from zero_chatgpt.core.errors import UserError
 
 
 def test_every_preset_loads_and_matches_schema():
     schema = config.defaults()
     for name in config.preset_names():
-        cfg = config.load_preset(name)
+        cfg = config.load_preset(name).to_dict()
         assert set(cfg) == set(schema)
         for section in schema:
             assert set(cfg[section]) == set(schema[section]), (name, section)
@@ -21,8 +22,8 @@ def test_every_preset_loads_and_matches_schema():
 def test_override_types_and_errors():
     cfg = config.load_preset("demo")
     cfg2 = config.apply_overrides(cfg, ["data.val_fraction=1", "run.seed=7", 'run.device="cpu"'])
-    assert cfg2["data"]["val_fraction"] == 1.0 and isinstance(cfg2["data"]["val_fraction"], float)
-    assert cfg2["run"]["seed"] == 7
+    assert cfg2.data.val_fraction == 1.0 and isinstance(cfg2.data.val_fraction, float)
+    assert cfg2.run.seed == 7
     with pytest.raises(UserError, match=r"unknown config key 'data.nope'.*valid keys in \[data\]"):
         config.apply_overrides(cfg, ["data.nope=1"])
     with pytest.raises(UserError, match=r"'run.seed' must be int, got string"):
@@ -38,7 +39,7 @@ def test_resolved_config_is_written_and_reused(tmp_path):
     assert not (tmp_path / "config.toml").exists()          # resolving writes nothing
     config.save(tmp_path, cfg)
     again = config.resolve(tmp_path, None, [])
-    assert again == cfg and again["run"]["seed"] == 99
+    assert again == cfg and again.run.seed == 99
 
 
 def test_cli_unknown_key_is_one_line_error(tmp_path):
@@ -73,11 +74,10 @@ def test_help_lists_the_registry_and_marks_what_is_not_built(capsys):
 def test_a_key_added_later_enters_stage_keys_only_when_set():
     """pretrain.ema_decay came after run directories with stage records: at its default (off, the
     behaviour before it) it is not in the closure, so those runs' stages stay current; set, it is."""
-    from zero_chatgpt.core import config
-    cfg = config.defaults()
+    cfg = config.Config()
     assert "pretrain.ema_decay" not in config.result_items(cfg, ["pretrain"])
     assert "pretrain.lr" in config.result_items(cfg, ["pretrain"])
-    cfg["pretrain"]["ema_decay"] = 0.99
+    cfg.pretrain.ema_decay = 0.99
     assert config.result_items(cfg, ["pretrain"])["pretrain.ema_decay"] == 0.99
 
 
@@ -111,16 +111,16 @@ def test_an_unknown_preset_or_an_empty_config_toml_is_refused(tmp_path, capsys):
         assert cfg.read_text() == text                    # refused, not replaced
     # a config saved by the tool resolves as before
     config.save(tmp_path, config.resolve(tmp_path / "fresh", "gpu-0.5b", []))
-    assert config.resolve(tmp_path, None, [])["run"]["preset"] == "gpu-0.5b"
+    assert config.resolve(tmp_path, None, []).run.preset == "gpu-0.5b"
 
 
 def test_every_float_key_refuses_non_finite_and_absurd_values(capsys):
     cfg = config.load_preset("demo")
-    floats = [(s, k) for s, keys in config.RULES.items() for k in keys if isinstance(cfg[s][k], float)]
+    floats = [(s, k) for s, keys in config.RULES.items() for k in keys if isinstance(getattr(cfg.section(s), k), float)]
     assert len(floats) > 80
     for s, k in floats:
         for bad in (float("inf"), float("-inf"), float("nan"), 1e308, -1e308):
-            c = {**cfg, s: {**cfg[s], k: bad}}
+            c = replace(cfg, **{s: replace(cfg.section(s), **{k: bad})})
             with pytest.raises(UserError, match=rf"'{s}\.{k}' = .*must be a finite number >?=? \S+ and <=? \S+; "
                                                 rf"set it with --set {s}\.{k}="):
                 config.validate(c)
@@ -137,9 +137,9 @@ def test_every_float_key_refuses_non_finite_and_absurd_values(capsys):
 
 def test_rl_seed_defaults_to_the_run_seed(tmp_path):
     cfg = config.resolve(tmp_path / "a", "demo", ["run.seed=99"])
-    assert cfg["rl"]["seed"] == 0 and config.rl_seed(cfg) == 99
+    assert cfg.rl.seed == 0 and cfg.rl_seed() == 99
     cfg = config.resolve(tmp_path / "b", "demo", ["run.seed=99", "rl.seed=7"])
-    assert config.rl_seed(cfg) == 7
+    assert cfg.rl_seed() == 7
     # a run recorded before rl.seed existed keeps its stage keys (its value then was the run seed's)
     assert config.RULES["rl"]["seed"].added_at == 0
 
@@ -154,5 +154,5 @@ def test_keys_added_since_a_run_was_made_keep_that_runs_behaviour(tmp_path):
     path.write_text("\n".join(x for x in text.splitlines() if not x.startswith(("idioms =", "idiom_texts ="))),
                     encoding="utf-8")
     old = config.resolve(tmp_path / "old", None, [])
-    assert old["data"]["idioms"] == 0 and old["data"]["idiom_texts"] == 1
-    assert config.resolve(tmp_path / "new", "demo", [])["data"]["idioms"] == 3000
+    assert old.data.idioms == 0 and old.data.idiom_texts == 1
+    assert config.resolve(tmp_path / "new", "demo", []).data.idioms == 3000

@@ -7,7 +7,16 @@ from collections import Counter
 
 import pytest
 
-from zero_chatgpt.data.clean import Cleaner, CleanConfig, codepoints, count_cjk, mask_pii, ngram_stats, nfkc_keep_punct, normalize
+from zero_chatgpt.core.settings import DataSection
+from zero_chatgpt.data.clean import (
+    Cleaner,
+    codepoints,
+    count_cjk,
+    mask_pii,
+    nfkc_keep_punct,
+    ngram_stats,
+    normalize,
+)
 
 NEWS = ("新华社北京１月２日电　国家统计局今天发布的数据显示，去年全国粮食总产量再创新高，"
         "比上年增长百分之二点五。专家认为，这与科技进步和农田水利建设密切相关。")
@@ -36,7 +45,7 @@ def test_nfkc_keep_punct_matches_nfkc_elsewhere():
 
 
 def test_t2s():
-    c = Cleaner(CleanConfig(t2s=True))
+    c = Cleaner(DataSection(t2s=True))
     assert c.normalize("漢字簡體轉換") == "汉字简体转换"
 
 
@@ -70,8 +79,8 @@ def test_ngram_stats_equal_the_plain_definition():
 
 def _boundary(field, value, text, reason, below, above):
     """Kept when the threshold sits exactly at the document's value, dropped just past it."""
-    keep = Cleaner(CleanConfig(**{field: value, **above}))
-    drop = Cleaner(CleanConfig(**{field: value, **below}))
+    keep = Cleaner(DataSection(**{field: value, **above}))
+    drop = Cleaner(DataSection(**{field: value, **below}))
     assert keep.check(text) is None, (field, keep.cfg)
     assert drop.check(text) == reason, (field, drop.cfg)
 
@@ -79,25 +88,25 @@ def _boundary(field, value, text, reason, below, above):
 def test_length_and_cjk_filters_at_their_thresholds():
     t = "春天来了河边的柳树发芽小草从地下钻出来孩子们在田野里放风筝啦"  # 30 CJK chars
     assert len(t) == 30
-    c = CleanConfig()
+    c = DataSection()
     assert Cleaner(c).check(t) is None
     assert Cleaner(dataclasses.replace(c, min_chars=31)).check(t) == "too_short"
     assert Cleaner(dataclasses.replace(c, min_chars=10, min_cjk_chars=31)).check(t) == "few_cjk"
     mixed = "中文" * 15 + "abcdefghij" * 7  # 30 CJK of 100 characters
     base = dict(min_chars=10, min_cjk_chars=10, top_ngram_n=(), top_ngram_max=(), dup_ngram_n=(), dup_ngram_max=())
-    assert Cleaner(CleanConfig(min_cjk_ratio=0.30, **base)).check(mixed) is None
-    assert Cleaner(CleanConfig(min_cjk_ratio=0.31, **base)).check(mixed) == "cjk_ratio"
+    assert Cleaner(DataSection(min_cjk_ratio=0.30, **base)).check(mixed) is None
+    assert Cleaner(DataSection(min_cjk_ratio=0.31, **base)).check(mixed) == "cjk_ratio"
 
 
 def test_line_filters_at_their_thresholds():
     base = dict(min_chars=1, min_cjk_chars=1, top_ngram_n=(), top_ngram_max=(), dup_ngram_n=(), dup_ngram_max=())
     lines = ["第一行结束了。", "第二行没有", "第三行也没有", "第四行结束了！"]  # 2 of 4 end in punctuation
     text = "\n".join(lines)
-    assert Cleaner(CleanConfig(min_line_punct_ratio=0.5, **base)).check(text) is None
-    assert Cleaner(CleanConfig(min_line_punct_ratio=0.51, **base)).check(text) == "line_punct"
+    assert Cleaner(DataSection(min_line_punct_ratio=0.5, **base)).check(text) is None
+    assert Cleaner(DataSection(min_line_punct_ratio=0.51, **base)).check(text) == "line_punct"
     dup = "\n".join(["同一行。", "同一行。", "另一行。", "第四行。"])  # 1 of 4 lines repeats
-    assert Cleaner(CleanConfig(max_dup_line_frac=0.25, **base)).check(dup) is None
-    assert Cleaner(CleanConfig(max_dup_line_frac=0.24, **base)).check(dup) == "dup_lines"
+    assert Cleaner(DataSection(max_dup_line_frac=0.25, **base)).check(dup) is None
+    assert Cleaner(DataSection(max_dup_line_frac=0.24, **base)).check(dup) == "dup_lines"
 
 
 def test_repetition_filters_at_their_thresholds():
@@ -107,26 +116,26 @@ def test_repetition_filters_at_their_thresholds():
     for n in (2, 3, 4):
         v = top[n]
         cfg = dict(off, dup_ngram_n=(), dup_ngram_max=(), top_ngram_n=(n,))
-        assert Cleaner(CleanConfig(top_ngram_max=(v,), **cfg)).check(spam) is None
-        assert Cleaner(CleanConfig(top_ngram_max=(v - 1e-9,), **cfg)).check(spam) == "top_ngram"
+        assert Cleaner(DataSection(top_ngram_max=(v,), **cfg)).check(spam) is None
+        assert Cleaner(DataSection(top_ngram_max=(v - 1e-9,), **cfg)).check(spam) == "top_ngram"
     for n in (5, 10):
         v = dup[n]
         assert v > 0.2
         cfg = dict(off, top_ngram_n=(), top_ngram_max=(), dup_ngram_n=(n,))
-        assert Cleaner(CleanConfig(dup_ngram_max=(v,), **cfg)).check(spam) is None
-        assert Cleaner(CleanConfig(dup_ngram_max=(v - 1e-9,), **cfg)).check(spam) == "dup_ngram"
+        assert Cleaner(DataSection(dup_ngram_max=(v,), **cfg)).check(spam) is None
+        assert Cleaner(DataSection(dup_ngram_max=(v - 1e-9,), **cfg)).check(spam) == "dup_ngram"
     # the defaults keep real news and drop the spam
-    assert Cleaner(CleanConfig()).check(normalize(NEWS)) is None
-    assert Cleaner(CleanConfig()).check(spam * 2) in ("top_ngram", "dup_ngram")
+    assert Cleaner(DataSection()).check(normalize(NEWS)) is None
+    assert Cleaner(DataSection()).check(spam * 2) in ("top_ngram", "dup_ngram")
 
 
 def test_baike_section_titles():
-    c = Cleaner(CleanConfig())
+    c = Cleaner(DataSection())
     text = normalize(NEWS)
     assert c.check(text, {"section_titles": ["早年经历", "个人简介"]}) == "baike_section"
     assert c.check(text, {"section_titles": ["重要参数表"]}) == "baike_section"
     assert c.check(text, {"section_titles": ["历史", "地理"]}) is None
-    assert Cleaner(CleanConfig(drop_section_titles=())).check(text, {"section_titles": ["个人简介"]}) is None
+    assert Cleaner(DataSection(drop_section_titles=())).check(text, {"section_titles": ["个人简介"]}) is None
 
 
 def test_pii_masking():
@@ -142,7 +151,7 @@ def test_pii_masking():
 
 
 def test_clean_record_masks_only_kept_text():
-    c = Cleaner(CleanConfig())
+    c = Cleaner(DataSection())
     text, reason = c.clean({"text": NEWS + "详情请致电13812345678。", "meta": {}})
     assert reason is None and "<PHONE>" in text and "1月2日" in text
     text, reason = c.clean({"text": "太短", "meta": {}})

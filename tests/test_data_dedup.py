@@ -5,9 +5,20 @@ import random
 import numpy as np
 import pytest
 
+from zero_chatgpt.core.settings import DataSection
 from zero_chatgpt.data.builtin import iter_peoples_daily
 from zero_chatgpt.data.clean import normalize
-from zero_chatgpt.data.dedup import MinHasher, UnionFind, candidate_pairs, candidate_probability, exact_hash, find_duplicates, jaccard, lsh_params, shingle_hashes
+from zero_chatgpt.data.dedup import (
+    MinHasher,
+    UnionFind,
+    candidate_pairs,
+    candidate_probability,
+    exact_hash,
+    find_duplicates,
+    jaccard,
+    lsh_params,
+    shingle_hashes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +125,9 @@ def test_dedup_over_parts_equals_in_memory(corpus, tmp_path, monkeypatch, nworke
     files) keeps the same documents as find_duplicates over the whole list, however the work is cut."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from zero_chatgpt.data import dedup_parts
     from zero_chatgpt.core.io import JsonlZstWriter
     from zero_chatgpt.core.workers import InlineExecutor
+    from zero_chatgpt.data import dedup_parts
 
     text, base = corpus
     rng = random.Random(1)
@@ -138,7 +149,7 @@ def test_dedup_over_parts_equals_in_memory(corpus, tmp_path, monkeypatch, nworke
                 w.write({"text": t})
         sizes.append(len(part))
     monkeypatch.setattr(dedup_parts, "PAIRS_PER_CHUNK", pairs_per_chunk)
-    cfg = {"exact_dedup": True, "near_dedup": True, "near_threshold": 0.7, "shingle_chars": 5, "drop_samples": 3}
+    cfg = DataSection(exact_dedup=True, near_dedup=True, near_threshold=0.7, shingle_chars=5, drop_samples=3)
     pool = InlineExecutor() if nworkers == 1 else ThreadPoolExecutor(nworkers)
     keep, offsets, summary = dedup_parts.deduplicate(cfg, tmp_path, index, files, sizes, hasher.bands, pool, nworkers)
     assert offsets.tolist() == cuts

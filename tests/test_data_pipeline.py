@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 from zero_chatgpt.core import config
-from zero_chatgpt.data.builtin import iter_reviews
-from zero_chatgpt.stages.data import run_stage
 from zero_chatgpt.core.io import corpus_shards, iter_corpus_texts, iter_jsonl
 from zero_chatgpt.core.rundir import Context, RunDir
+from zero_chatgpt.data.builtin import iter_reviews
+from zero_chatgpt.stages.data import run_stage
 
 FIX = Path(__file__).parent / "fixtures" / "data"
 ENV = {**os.environ, "ZC_NO_PROGRESS": "1"}
@@ -33,7 +33,7 @@ def reviews(n, start=0):
 
 def ctx_for(run_dir, *overrides, sources=()):
     cfg = config.resolve(Path(run_dir), "demo", list(overrides))
-    cfg["data"]["sources"] = list(sources)
+    cfg.data.sources = list(sources)
     return Context(run_dir=RunDir(run_dir), cfg=cfg)
 
 
@@ -77,10 +77,10 @@ def test_accounting_outputs_and_bad_records(tmp_path):
     assert json.loads((run / "data" / "stats.json").read_text()) == stats
     assert not (run / "data" / "work").exists()
     # unchanged inputs and config: the stage skips itself; a config change reruns it
-    again = run_stage(ctx_for(run, "data.shard_docs=64", "data.val_fraction=0.1", sources=ctx.cfg["data"]["sources"]))
+    again = run_stage(ctx_for(run, "data.shard_docs=64", "data.val_fraction=0.1", sources=ctx.cfg.data.sources))
     assert again == stats
     rerun = run_stage(ctx_for(run, "data.shard_docs=64", "data.val_fraction=0.1", "data.near_dedup=false",
-                              sources=ctx.cfg["data"]["sources"]))
+                              sources=ctx.cfg.data.sources))
     check_invariant(rerun)
     assert rerun["dropped"]["near_dup"] == 0 and rerun["docs_out"] > stats["docs_out"]
 

@@ -31,12 +31,11 @@ from hypothesis import strategies as st
 
 from zero_chatgpt.core import config
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.data import streams
-from zero_chatgpt.data.streams import has_surrogates
-from zero_chatgpt.stages.data import run_stage
-from zero_chatgpt.data.sources import FORMATS, Source, iter_records
-from zero_chatgpt.data.streams import BadRecords
 from zero_chatgpt.core.rundir import Context, RunDir
+from zero_chatgpt.data import streams
+from zero_chatgpt.data.sources import FORMATS, Source, iter_records
+from zero_chatgpt.data.streams import BadRecords, has_surrogates
+from zero_chatgpt.stages.data import run_stage
 
 SUFFIX = {"text": ".txt", "parquet": ".parquet", "wikipedia-cn": ".json"}  # the others: .jsonl
 STAGE_FORMATS = [f for f, (kind, _) in FORMATS.items() if kind == "text"]
@@ -258,7 +257,7 @@ def test_stage_accounting_is_exact_on_random_input(srcs, near):
             specs.append(f"{fmt}:{path}")
         run = Path(d) / "run"
         cfg = config.resolve(run, "demo", ["data.workers=1", "data.shard_docs=8", f"data.near_dedup={str(near).lower()}"])
-        cfg["data"]["sources"] = specs
+        cfg.data.sources = specs
         try:
             stats = run_stage(Context(run_dir=RunDir(run), cfg=cfg))
         except UserError as e:  # nothing kept: stats.json is written before the error
@@ -279,6 +278,6 @@ def test_stage_with_a_part_that_keeps_nothing(tmp_path):
                    encoding="utf-8")
     run = tmp_path / "run"
     cfg = config.resolve(run, "demo", ["data.workers=1", "data.shard_docs=8"])  # part 0: all too short
-    cfg["data"]["sources"] = [f"jsonl:{src}"]
+    cfg.data.sources = [f"jsonl:{src}"]
     stats = run_stage(Context(run_dir=RunDir(run), cfg=cfg))
     assert stats["docs_out"] == 2 and stats["dropped"]["too_short"] == 8

@@ -99,9 +99,9 @@ def test_eval_writes_every_stage_and_keeps_pretrain_keys(run, capsys):
     assert "everyday_in_kind" not in pre["vs_sft"]                      # nothing to pair pretrain's with
     assert f"({every['in_kind']}/{every['n']})" in out and "everyday: thanks" in out
     # none of the prompts is in the gold part the RL stages select on
-    e = _ctx(run).cfg["eval"]
-    gold = prompts.gold_prompts(run, 50, 1234, e["gold_fraction"])
-    assert gold and all(prompts.is_gold(r, e["gold_fraction"]) for r in gold)
+    e = _ctx(run).cfg.eval
+    gold = prompts.gold_prompts(run, 50, 1234, e.gold_fraction)
+    assert gold and all(prompts.is_gold(r, e.gold_fraction) for r in gold)
     assert not {prompts.prompt_id(r) for r in gold} & set(pp["ids"])
     assert prompts.gold_prompts(run, 50, 1234) == gold           # the fraction read from the run's config
     # a second run is up to date

@@ -12,15 +12,22 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from test_sft import make_tokenizer
 
 from runs import record_stage, skip_unless_ci, zc
-from test_sft import make_tokenizer
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.model.generate import generate
+from zero_chatgpt.core.settings import ChatSection
 from zero_chatgpt.export.gguf import export_gguf, permute_qk, tensor_names
+from zero_chatgpt.model.generate import generate
+from zero_chatgpt.model.tokenizer import (
+    BYTE_TO_CHAR,
+    DEFAULT_PATTERN,
+    Tokenizer,
+    chat_template,
+    load_tokenizer,
+)
 from zero_chatgpt.model.transformer import ModelConfig, Transformer
-from zero_chatgpt.model.tokenizer import BYTE_TO_CHAR, DEFAULT_PATTERN, Tokenizer, chat_template, load_tokenizer
 
 # Llama 3's split regex as llama.cpp's llama-vocab.cpp quotes it for LLAMA_VOCAB_PRE_TYPE_LLAMA3 (the
 # pre-tokenizer "llama-bpe"): "original regex from tokenizer.json".
@@ -54,7 +61,7 @@ def run(tmp_path_factory):
 
 def _export(root, stage, out, gguf_type="f32"):
     return export_gguf(root / stage / "final", root / "tokenizer", out, name=f"zero-chatgpt test {stage}",
-                       gguf_type=gguf_type, sampling={"temperature": 0.5, "top_k": 20})
+                       gguf_type=gguf_type, sampling=ChatSection(temperature=0.5, top_k=20))
 
 
 @pytest.fixture(scope="module")

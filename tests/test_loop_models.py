@@ -9,10 +9,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from test_loop_resume import HERE, read_log, run_env
+
 from zero_chatgpt.core import checkpoint as ckpt
-from zero_chatgpt.model.losses import LMLoss, ScalarValues, TokenLogProbs, chunked_cross_entropy
+from zero_chatgpt.model.losses import (
+    LMLoss,
+    ScalarValues,
+    TokenLogProbs,
+    chunked_cross_entropy,
+)
 from zero_chatgpt.model.transformer import ModelConfig, Transformer
 from zero_chatgpt.train import loop
 
@@ -150,6 +155,7 @@ def test_tokenizer_and_encoder_import_no_stage():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     import ast
+
     import zero_chatgpt.model.tokenizer as t
     tree = ast.parse(open(t.__file__).read())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
@@ -226,11 +232,13 @@ def test_ema_selected_by_metric_ships_the_best_average(tmp_path):
 
 
 def test_ema_settings_are_checked():
+    from zero_chatgpt.core import config
     from zero_chatgpt.core.errors import UserError
-    with pytest.raises(UserError, match="ema_decay must be in"):
-        loop.LoopSettings.from_section({"ema_decay": 1.0})
+    demo = config.load_preset("demo")
+    with pytest.raises(UserError, match="'sft.ema_decay' = 1.0: must be a finite number >= 0 and < 1"):
+        config.validate(config.apply_overrides(demo, ["sft.ema_decay=1.0"]))
     with pytest.raises(UserError, match="fsdp"):
-        loop.LoopSettings.from_section({"ema_decay": 0.9, "fsdp": True})
+        config.validate(config.apply_overrides(demo, ["sft.ema_decay=0.9", "sft.fsdp=true"]))
 
 
 def _train_muon(stage_dir, steps):
@@ -260,8 +268,9 @@ def test_muon_trains_the_blocks_matrices_and_resumes_exactly(tmp_path):
     _train_muon(tmp_path / "two", 3)
     two = _train_muon(tmp_path / "two", 6)
     assert all(torch.equal(a, b) for a, b in zip(one.parameters(), two.parameters()))
+    from zero_chatgpt.core import config
     with pytest.raises(Exception, match="optimizer"):
-        loop.LoopSettings.from_section({"optimizer": "sgd"})
+        config.validate(config.apply_overrides(config.load_preset("demo"), ["pretrain.optimizer=\"sgd\""]))
 
 
 def test_a_selection_gate_keeps_only_steps_that_pass_it(tmp_path):

@@ -6,14 +6,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # noqa: E402 - a dev extra (make test installs it): never skipped
 
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core import config
 from zero_chatgpt.model.losses import lm_loss
-from zero_chatgpt.model.transformer import KVCache, ModelConfig, Transformer, model_config_from
+from zero_chatgpt.model.transformer import (
+    KVCache,
+    ModelConfig,
+    Transformer,
+    model_config_from,
+)
 from zero_chatgpt.train.loop import LoopSettings, lr_at
-
-import transformers  # noqa: E402 - a dev extra (make test installs it): never skipped
 
 
 def tiny(**kw) -> ModelConfig:
@@ -116,15 +120,15 @@ def test_init_is_documented_scale():
 
 def test_presets_build_the_intended_sizes():
     seed = config.load_preset("seed-0.1b")
-    c = model_config_from(seed["model"], 32006)
+    c = model_config_from(seed.model, 32006)
     with torch.device("meta"):
         n = sum(p.numel() for p in Transformer(c).parameters())
     assert n == c.num_params() and 155e6 < n < 162e6     # the seed's "~159M"
     assert c.hidden_size == 512 and c.intermediate_size == 2752 and c.num_hidden_layers == 24
     assert c.num_attention_heads == 16 and not c.tie_word_embeddings and c.rope_theta == 1e6
-    demo = model_config_from(config.load_preset("demo")["model"], 4096)
+    demo = model_config_from(config.load_preset("demo").model, 4096)
     assert 1e6 < demo.num_params() < 8e6     # sized by measured loss per CPU-minute (presets/demo.toml)
-    big = model_config_from(config.load_preset("gpu-0.5b")["model"], 32006)
+    big = model_config_from(config.load_preset("gpu-0.5b").model, 32006)
     assert 4.5e8 < big.num_params() < 6e8 and big.num_key_value_heads == 4
 
 

@@ -17,8 +17,8 @@ from zero_chatgpt.train.plan import plan
 def test_flops_are_the_models_formula():
     cfg = config.load_preset("seed-0.1b")
     res = plan(cfg, gpus=8, gpu="H100", mfu=0.4)
-    m = model_config_from(cfg["model"], cfg["tokenizer"]["vocab_size"])
-    d, i, layers, vocab, seq = 512, 2752, 24, cfg["tokenizer"]["vocab_size"], 1024
+    m = model_config_from(cfg.model, cfg.tokenizer.vocab_size)
+    d, i, layers, vocab, seq = 512, 2752, 24, cfg.tokenizer.vocab_size, 1024
     n = layers * (4 * d * d + 3 * d * i + 2 * d) + d + vocab * d        # untied: the head, not the embedding
     assert res["flops_per_token"] == m.flops_per_token(seq) == 6 * n + 12 * layers * d * seq / 2
     p = res["stages"]["pretrain"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from test_sft import make_tokenizer
+from zero_chatgpt.core.settings import GRPOSection, PPOSection
 from zero_chatgpt.model.transformer import ModelConfig, Transformer
 from zero_chatgpt.train import loop
 from zero_chatgpt.stages.grpo import GRPOScoring, grpo_loss
@@ -16,7 +17,7 @@ from zero_chatgpt.train.onpolicy import RolloutBatches, RolloutSettings
 from zero_chatgpt.stages.ppo import PPOScoring, ppo_loss
 from zero_chatgpt.train.rl_math import AdaptiveKL
 
-PPO_C = {"missing_eos_penalty": 0.0, "gamma": 1.0, "lam": 0.95}
+PPO_C = PPOSection(missing_eos_penalty=0.0, gamma=1.0, lam=0.95)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def _train(tok, tmp_path, method: str, *, steps: int, flip: bool = False, precis
         loss_fn = ppo_loss(rs.temperature, 0.2, 0.2, 0.1)
         extra = {"critic": (critic, {"lr": lr})}
     else:
-        scoring = GRPOScoring(reward, None, rs.samples_per_prompt, {"missing_eos_penalty": 0.0}, tok)
+        scoring = GRPOScoring(reward, None, rs.samples_per_prompt, GRPOSection(missing_eos_penalty=0.0), tok)
         loss_fn = grpo_loss(rs.temperature, 0.2, 0.02)
     if flip:
         scoring = Flipped(scoring)
@@ -173,7 +174,7 @@ def test_grpo_adds_the_sft_mix_loss_when_ptx_coef_is_set(tok):
     rs = RolloutSettings(prompts=8, samples_per_prompt=4, epochs=1, minibatches=1, temperature=1.0,
                          max_new_tokens=8, seed=3)
     policy, ref = _model(tok, 0), _model(tok, 0).eval()
-    scoring = GRPOScoring(TargetShare(_targets(tok)), None, rs.samples_per_prompt, {"missing_eos_penalty": 0.0}, tok)
+    scoring = GRPOScoring(TargetShare(_targets(tok)), None, rs.samples_per_prompt, GRPOSection(missing_eos_penalty=0.0), tok)
     b = RolloutBatches(rs, pool=_pool(tok), policy=policy, ref=ref, tok=tok, scoring=scoring, precision="fp32")(1, 0, 0, 1)
     ids = torch.tensor([tok.encode("一见倾心，画蛇添足。") + [tok.im_end_id]] * 2)
     labels = ids.clone()

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from runs import record_stage, skip_unless_ci, tiny_args, write_sources, zc
-from zero_chatgpt.core import config
 from zero_chatgpt.cli import main
+from zero_chatgpt.core import config
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.rundir import RunDir, pick_model, read_marker
 
@@ -61,7 +61,7 @@ def test_sources_are_remembered_and_keyed_by_content(tmp_path, capsys, monkeypat
     code, err = cli(capsys, "data", "--run-dir", d, "--source", f"jsonl:{corpus}", *tiny_args())
     assert code == 0, err
     saved = config.resolve(d, None, [])
-    assert saved["data"]["sources"] == [f"jsonl:{corpus.resolve()}"]       # remembered, absolute
+    assert saved.data.sources == [f"jsonl:{corpus.resolve()}"]       # remembered, absolute
     shards = tree(d / "data")
     # later commands need no --source: the same input, up to date (before: the built-in corpus, rebuilt)
     code, err = cli(capsys, "data", "--run-dir", d)
@@ -225,6 +225,7 @@ def test_default_run_dir_is_per_preset(tmp_path):
     r = zc("eval", "--preset", "seed-0.1b", cwd=tmp_path)
     assert r.returncode == 2 and "runs/seed-0.1b" in r.stderr
     import itertools
+
     from zero_chatgpt.data.builtin import iter_reviews
     (tmp_path / "in.txt").write_text("\n".join(r["text"] for r in itertools.islice(iter_reviews(), 200)))
     r = zc("data", "--source", "text:in.txt", "--set", "data.workers=1", cwd=tmp_path)
@@ -261,7 +262,7 @@ def test_a_rejected_override_is_not_saved(run):
 def test_every_key_has_a_rule_and_demo_uses_the_gpu_when_there_is_one():
     schema = config.defaults()
     assert {s: set(v) for s, v in schema.items()} == {s: set(v) for s, v in config.RULES.items()}
-    assert config.load_preset("demo")["run"]["device"] == "auto"
+    assert config.load_preset("demo").run.device == "auto"
     for name in config.preset_names():
         config.validate(config.load_preset(name))
 
@@ -323,7 +324,7 @@ def test_deciding_what_a_stage_does_writes_nothing(run):
 
     before = tree(run)
     assert sft().action == "skip"
-    steps = int(config.resolve(run, None, [])["sft"]["max_steps"])
+    steps = int(config.resolve(run, None, []).sft.max_steps)
     more = sft(f"sft.max_steps={steps + 2}")
     assert more.action == "continue" and "sft.max_steps" in more.note
     assert sft(force=True).action == "rebuild"

@@ -139,11 +139,14 @@ def test_batch_source_is_pure_and_splits_ranks(tok, real_set):
 
 
 def _tiny_model(tok):
+    """rope_theta 1e4: the peer-parity tests were written on it. At 1e6 our per-sequence log-probs still equal
+    HF's unpadded ones to 1e-6, but TRL's DPO loss over its left-padded batch moves by 5e-5 (its padding)."""
     from zero_chatgpt.model.transformer import ModelConfig, Transformer
     torch.manual_seed(0)
     return Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=160,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                   max_position_embeddings=128, eos_token_id=[tok.im_end_id, tok.eot_id],
+                                   max_position_embeddings=128, rope_theta=1e4,
+                                   eos_token_id=[tok.im_end_id, tok.eot_id],
                                    pad_token_id=tok.pad_id))
 
 

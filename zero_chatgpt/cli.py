@@ -17,8 +17,17 @@ from zero_chatgpt.core import config as config_mod
 from zero_chatgpt.core import timings
 from zero_chatgpt.core.console import info, is_main_process, table
 from zero_chatgpt.core.errors import UserError, os_error_line
-from zero_chatgpt.core.registry import PIPELINE, READ_ONLY, STAGES, TOOLS, Stage, is_built, model_stages
+from zero_chatgpt.core.registry import (
+    PIPELINE,
+    READ_ONLY,
+    STAGES,
+    TOOLS,
+    Stage,
+    is_built,
+    model_stages,
+)
 from zero_chatgpt.core.rundir import Context, RunDir, RunLock, pick_model
+from zero_chatgpt.core.settings import describe_keys
 
 EPILOG = """\
 The run directory defaults to runs/<preset> (runs/demo without --preset), so runs of
@@ -89,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     lm = [s.name for s in model_stages()]
     for st in (*PIPELINE, *TOOLS.values()):
-        p = sub.add_parser(st.name, help=_help_for(st), description=_help_for(st))
+        keys = f"config keys it reads (defaults shown; a preset or --set changes them):\n\n" \
+               f"{describe_keys(st.sections)}" if st.sections else None
+        p = sub.add_parser(st.name, help=_help_for(st), description=_help_for(st), epilog=keys,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(p, read_only=st.name in READ_ONLY)
         if st.name == "data":
             _sources(p, "pretraining text to read instead of the built-in corpus")
@@ -175,7 +187,7 @@ def run_stage(ctx: Context, st: Stage) -> str:
         # every stage starts from the run's seed, so nothing it draws depends on what ran before it in this
         # process (under `run`, a resumed pipeline skips stages a fresh one trains)
         import torch  # lazy: ~1.5 s to import; `zero-chatgpt --help` and read-only commands start without it
-        torch.manual_seed(int(ctx.cfg["run"]["seed"]))
+        torch.manual_seed(ctx.cfg.run.seed)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # lazy: runtime imports torch (~1.5 s); `zero-chatgpt --help` and the read-only commands start without it
         from zero_chatgpt.core.runtime import run_under_torchrun  # lazy: see above

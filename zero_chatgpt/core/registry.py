@@ -19,7 +19,8 @@ class Stage:
     help: str
     out: str                     # its folder in the run directory
     reads: tuple[str, ...] = ()  # stages whose outputs it reads: their records feed its key
-    sections: tuple[str, ...] = ()  # config sections whose result keys (config.RULES) feed its key
+    sections: tuple[str, ...] = ()  # config sections it reads (its --help lists their keys); for a stage of
+                                    # the recipe their result keys (config.result_items) feed its key
     trained: bool = False        # trains weights: checkpoints in out/, never deleted without --force
     model: str = ""              # "lm": a causal LM at out/final; "rm": a reward model there
     chat: bool = False           # its model is a chat model (the default for chat/serve)
@@ -75,10 +76,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in PIPELINE}
 # Commands that use a run's outputs but are not steps of the recipe.
 TOOLS: dict[str, Stage] = {t.name: t for t in (
     Stage("chat", "zero_chatgpt.serve.chat", "chat with a trained model in the terminal (streams tokens)", out="",
-          func="run_command"),
+          sections=("chat",), func="run_command"),
     Stage("serve", "zero_chatgpt.serve.app", "serve an OpenAI-compatible API and a web chat page", out="",
+          sections=("chat",), func="run_command"),
+    Stage("export", "zero_chatgpt.export.command", "export a trained model (hf | gguf)", out="", sections=("chat",),
           func="run_command"),
-    Stage("export", "zero_chatgpt.export.command", "export a trained model (hf | gguf)", out="", func="run_command"),
     Stage("plan", "zero_chatgpt.train.plan", "estimate what a run costs on GPUs (time, memory per GPU, disk) before "
           "it runs", out="", func="run_command"),
 )}

@@ -49,6 +49,7 @@ from zero_chatgpt.core.console import info
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_json
 from zero_chatgpt.core.registry import STAGES, Stage, model_stages
+from zero_chatgpt.core.settings import Config
 from zero_chatgpt.data.sources import parse_source, source_files
 
 MARKER = ".stage.json"
@@ -93,7 +94,7 @@ class RunDir:
 class Context:
     """What a stage function receives: the run directory, the resolved config, its CLI args."""
     run_dir: RunDir
-    cfg: dict
+    cfg: Config
     force: bool = False
     args: dict = field(default_factory=dict)
     outcomes: dict = field(default_factory=dict)      # stage -> what begin() decided (for `run`'s summary)

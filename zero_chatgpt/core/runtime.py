@@ -86,7 +86,7 @@ def run_under_torchrun(ctx, name: str, fn, everywhere: bool) -> None:
     every rank learns whether it succeeded everywhere before any goes on to the next stage, so no rank
     reads a stage's output before rank 0 has finished recording it; a failure stops every rank with
     one line."""
-    d = setup_distributed(ctx.cfg["run"]["device"])
+    d = setup_distributed(ctx.cfg.run.device)
     failed, error = torch.zeros(1, dtype=torch.int64), None
     if everywhere or d.main:
         try:

@@ -492,18 +492,18 @@ def read_split(sft_data_dir: Path, split: str) -> list[dict]:
 
 
 def build(cfg: dict, out_dir: Path) -> dict:
-    """Build the instruction data described by cfg["sft"] (built-in or --source) and write it to `out_dir`."""
-    s, seed = cfg["sft"], int(cfg["run"]["seed"])
-    common = dict(seed=seed, eval_fraction=s["eval_fraction"], rl_fraction=s["rl_fraction"],
-                  val_fraction=s["val_fraction"])
-    if s.get("sources"):
-        info(f"sft data: reading {', '.join(s['sources'])}")
-        data = build_from_sources(list(s["sources"]), min_prompt_chars=s["min_prompt_chars"],
-                                  max_prompt_chars=s["max_prompt_chars"], dedup_threshold=s["dedup_threshold"],
+    """Build the instruction data described by cfg.sft (built-in or --source) and write it to `out_dir`."""
+    s, seed = cfg.sft, cfg.run.seed
+    common = dict(seed=seed, eval_fraction=s.eval_fraction, rl_fraction=s.rl_fraction,
+                  val_fraction=s.val_fraction)
+    if s.sources:
+        info(f"sft data: reading {', '.join(s.sources)}")
+        data = build_from_sources(list(s.sources), min_prompt_chars=s.min_prompt_chars,
+                                  max_prompt_chars=s.max_prompt_chars, dedup_threshold=s.dedup_threshold,
                                   **common)
     else:
-        world = idiom_world(int(cfg["data"].get("idioms", 0)))
-        data = build_builtin(world, multi_turn_fraction=s["multi_turn_fraction"],
-                             identity_fraction=s["identity_fraction"],
-                             extra=extra_idioms(world, int(s.get("extra_idioms", 0)), seed), **common)
+        world = idiom_world(cfg.data.idioms)
+        data = build_builtin(world, multi_turn_fraction=s.multi_turn_fraction,
+                             identity_fraction=s.identity_fraction,
+                             extra=extra_idioms(world, s.extra_idioms, seed), **common)
     return write_splits(data, out_dir)

@@ -28,12 +28,11 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 import opencc
 
-from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.settings import DataSection
 
 # ── normalization ───────────────────────────────────────────────────────────────────────────────
 
@@ -242,39 +241,6 @@ def ngram_stats(cps: np.ndarray, top_ns: tuple[int, ...], dup_ns: tuple[int, ...
 
 # ── the cleaner ─────────────────────────────────────────────────────────────────────────────────
 
-@dataclass
-class CleanConfig:
-    """The cleaning keys of [data] (see presets/defaults.toml for what each does)."""
-    nfkc: bool = True
-    t2s: bool = False
-    remove_citations: bool = True
-    collapse_punct: bool = True
-    mask_pii: bool = True
-    min_chars: int = 30
-    min_cjk_chars: int = 30
-    min_cjk_ratio: float = 0.3
-    min_line_punct_ratio: float = 0.12
-    max_dup_line_frac: float = 0.287
-    top_ngram_n: tuple = (2, 3, 4)
-    top_ngram_max: tuple = (0.25, 0.22, 0.21)
-    dup_ngram_n: tuple = (5, 7, 10, 13)
-    dup_ngram_max: tuple = (0.42, 0.34, 0.28, 0.25)
-    drop_section_titles: tuple = ("重要参数", "项目简介", "产品简介", "个人资料", "个人简介")
-
-    @classmethod
-    def from_cfg(cls, data_cfg: dict) -> "CleanConfig":
-        kw = {}
-        for k, default in cls.__dataclass_fields__.items():
-            if k in data_cfg:
-                v = data_cfg[k]
-                kw[k] = tuple(v) if isinstance(v, list) else v
-        cfg = cls(**kw)
-        if len(cfg.top_ngram_n) != len(cfg.top_ngram_max) or len(cfg.dup_ngram_n) != len(cfg.dup_ngram_max):
-            raise UserError("data.top_ngram_n / top_ngram_max (and dup_ngram_n / dup_ngram_max) must have "
-                            "the same length")
-        return cfg
-
-
 _MAX_STAT_CHARS = 1_000_000
 REASONS = ("baike_section", "too_short", "few_cjk", "cjk_ratio", "line_punct", "dup_lines", "top_ngram",
            "dup_ngram")
@@ -283,7 +249,8 @@ REASONS = ("baike_section", "too_short", "few_cjk", "cjk_ratio", "line_punct", "
 class Cleaner:
     """`clean(record) -> (text, None)` for a kept document, `(None, reason)` for a dropped one."""
 
-    def __init__(self, cfg: CleanConfig):
+    def __init__(self, cfg: DataSection):
+        """`cfg`: the [data] section (core/settings.DataSection: what each cleaning key does, its default)."""
         self.cfg = cfg
         self._t2s = None
         if cfg.t2s:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from zero_chatgpt.core.io import atomic_write_json, iter_jsonl
+from zero_chatgpt.core.settings import DataSection
 from zero_chatgpt.core.workers import fault_point
 from zero_chatgpt.data.dedup import ShingleJaccard, UnionFind, candidate_pairs
 
@@ -100,7 +101,7 @@ def _groups(n: int, k: int) -> list[list[int]]:
     return [g.tolist() for g in np.array_split(np.arange(n), max(1, min(n, k))) if len(g)]
 
 
-def deduplicate(cfg: dict, work: Path, index_paths: list[Path], docs_paths: list[Path], sizes: list[int],
+def deduplicate(cfg: DataSection, work: Path, index_paths: list[Path], docs_paths: list[Path], sizes: list[int],
                 bands: int, pool: Executor, nworkers: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """keep mask over all cleaned documents (in part order), part offsets, and the summary for stats.json.
 
@@ -114,14 +115,14 @@ def deduplicate(cfg: dict, work: Path, index_paths: list[Path], docs_paths: list
     copies = firsts = near_docs = near_roots = np.zeros(0, np.int64)
     summary = {"exact_dup": 0, "near_dup": 0, "candidate_pairs": 0, "verified_pairs": 0,
                "index_bytes_per_doc": 0.0, "largest_clusters": []}
-    if cfg["exact_dedup"] and n:
+    if cfg.exact_dedup and n:
         found = [f.result() for f in [pool.submit(_exact_partition, index, offsets, p, nworkers)
                                       for p in range(nworkers)]]
         copies = np.concatenate([c for c, _ in found])
         firsts = np.concatenate([f for _, f in found])
         keep[copies] = False
         summary["exact_dup"] = int(len(copies))
-    if cfg["near_dedup"] and n > 1:
+    if cfg.near_dedup and n > 1:
         summary["index_bytes_per_doc"] = float(8 * bands + 8)   # band keys + the exact hash, per document
         found = [f.result() for f in [pool.submit(_band_candidates, index, keep, g)
                                       for g in _groups(bands, nworkers)]]
@@ -129,12 +130,12 @@ def deduplicate(cfg: dict, work: Path, index_paths: list[Path], docs_paths: list
         summary["candidate_pairs"] = int(len(pairs))
         if len(pairs):
             sim_of = _verify(cfg, work, pairs, offsets, docs_paths, pool, nworkers)
-            edges = pairs[sim_of >= cfg["near_threshold"]]
+            edges = pairs[sim_of >= cfg.near_threshold]
             summary["verified_pairs"] = int(len(edges))
             near_docs, near_roots = _clusters(edges)
             keep[near_docs] = False
             summary["near_dup"] = int(len(near_docs))
-            pick = list(zip(near_roots[: cfg["drop_samples"]].tolist(), near_docs[: cfg["drop_samples"]].tolist()))
+            pick = list(zip(near_roots[: cfg.drop_samples].tolist(), near_docs[: cfg.drop_samples].tolist()))
             summary["near_dup_samples"] = _near_samples(cfg, pick, offsets, docs_paths)
     if n:
         # each removed document's representative; an exact copy of a near duplicate goes to the near one's
@@ -174,7 +175,7 @@ def _in_part(ids: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return ids[(ids >= lo) & (ids < hi)]
 
 
-def _verify(cfg: dict, work: Path, pairs: np.ndarray, offsets: np.ndarray, docs_paths: list[Path],
+def _verify(cfg: DataSection, work: Path, pairs: np.ndarray, offsets: np.ndarray, docs_paths: list[Path],
             pool: Executor, nworkers: int) -> np.ndarray:
     """The true Jaccard of every candidate pair, computed by the shuffle of the module docstring."""
     vdir = work / "verify"
@@ -197,7 +198,7 @@ def _verify(cfg: dict, work: Path, pairs: np.ndarray, offsets: np.ndarray, docs_
         gathers.append(pool.submit(_gather_texts, str(docs), lo, mine, out))
     for f in gathers:
         f.result()
-    futs = [pool.submit(_verify_chunk, v, pairs[c], files[v], int(cfg["shingle_chars"])) for v, c in enumerate(chunks)]
+    futs = [pool.submit(_verify_chunk, v, pairs[c], files[v], cfg.shingle_chars) for v, c in enumerate(chunks)]
     sims = np.concatenate([f.result() for f in futs])
     shutil.rmtree(vdir, ignore_errors=True)
     return sims
@@ -217,6 +218,6 @@ def _near_samples(cfg: dict, near: list[tuple[int, int]], offsets: np.ndarray, d
         for row, doc in enumerate(iter_jsonl(docs)):
             if row in need:
                 texts[lo + row] = doc["text"]
-    sim = ShingleJaccard(texts.__getitem__, int(cfg["shingle_chars"]))
+    sim = ShingleJaccard(texts.__getitem__, cfg.shingle_chars)
     return [{"kept": texts[r][:150], "dropped": texts[d][:150], "jaccard": round(sim(r, d), 3)} for r, d in near]
 

@@ -15,6 +15,7 @@ from typing import Iterator
 
 from zero_chatgpt.core.console import info
 from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.settings import DataSection
 from zero_chatgpt.core.workers import process_pool
 
 
@@ -64,9 +65,9 @@ def ray_executor(address: str, nworkers: int) -> Iterator[RayExecutor]:
             ray.shutdown()
 
 
-def executor_for(cfg: dict, nworkers: int):
+def executor_for(cfg: DataSection, nworkers: int):
     """Where the data stage's tasks run (cfg: the data section): a process pool of `nworkers` here, or
     Ray tasks. The tokenizer stage encodes the corpus shards on the same executor under Ray."""
-    if cfg["executor"] == "ray":
-        return ray_executor(str(cfg["ray_address"]), nworkers)
+    if cfg.executor == "ray":
+        return ray_executor(cfg.ray_address, nworkers)
     return process_pool(nworkers)

@@ -127,10 +127,10 @@ def judge(records: list[dict], answers: list[str], idioms: set[str] | None = Non
 
 
 def ask(model, tok, e: dict, idioms: set[str] | None = None, desc: str = "everyday") -> dict:
-    """A chat model's greedy answers to the everyday questions (eval's decoding: e = cfg["eval"]), judged."""
+    """A chat model's greedy answers to the everyday questions (eval's decoding: e = cfg.eval), judged."""
     recs = everyday_records()
-    gens, _ = answer_prompts(model, tok, recs, chat=True, max_new_tokens=e["max_new_tokens"],
-                             batch_size=e["batch_size"], repetition_penalty=float(e["repetition_penalty"]), desc=desc)
+    gens, _ = answer_prompts(model, tok, recs, chat=True, max_new_tokens=e.max_new_tokens,
+                             batch_size=e.batch_size, repetition_penalty=e.repetition_penalty, desc=desc)
     return judge(recs, [g.text for g in gens], idioms)
 
 

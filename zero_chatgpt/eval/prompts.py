@@ -48,17 +48,13 @@ def _root(run_dir) -> Path:
 
 
 def _gold_fraction_of(run_dir) -> float:
-    cfg = config.defaults()
-    path = _root(run_dir) / config.CONFIG_FILE
-    if path.exists():
-        cfg = config.merge(cfg, config._read_toml(path), config.defaults(), str(path))
-    return float(cfg["eval"]["gold_fraction"])
+    return config.saved_config(_root(run_dir)).eval.gold_fraction
 
 
 def gold_prompts(run_dir, n: int, seed: int, gold_fraction: float | None = None) -> list[dict]:
     """Up to n records of the eval split's gold part (the kinds taken in turn, as `select_prompts`), for an
     RL stage to select its checkpoints on; `zero-chatgpt eval` never reports them. gold_fraction: the run's
-    eval.gold_fraction (pass cfg["eval"]["gold_fraction"]; None reads it from RUN_DIR/config.toml)."""
+    eval.gold_fraction (pass cfg.eval.gold_fraction; None reads it from RUN_DIR/config.toml)."""
     root = _root(run_dir)
     frac = _gold_fraction_of(root) if gold_fraction is None else float(gold_fraction)
     gold, _ = split_eval(read_split(root / "sft_data", "eval"), frac)

@@ -62,7 +62,7 @@ def _export(ctx, fmt: str, stage: str, model_dir: Path, out: Path) -> None:
         kind = ctx.args.get("gguf_type") or DEFAULT_GGUF_TYPE
         name = f"zero-chatgpt {ctx.run_dir.root.resolve().name} {stage}"
         s = export_gguf(model_dir, ctx.run_dir.tokenizer, Path(out), name=name, gguf_type=kind,
-                        sampling=ctx.cfg.get("chat"))
+                        sampling=ctx.cfg.chat)
         info(f"exported {stage} model to {out}")
         table(["", "export"], [["stage", stage], ["format", f"gguf (llama, {kind}; norms f32)"], ["file", str(out)],
                                ["size (MB)", s["bytes"] / 1e6], ["parameters", s["params"]], ["tensors", s["tensors"]],
@@ -70,7 +70,7 @@ def _export(ctx, fmt: str, stage: str, model_dir: Path, out: Path) -> None:
                                ["embeddings", "tied (token_embd only)" if s["tied"] else "untied"],
                                ["run with", f"llama-cli -m {out}   |   llama-server -m {out}"]])
         return
-    path = export_hf(model_dir, ctx.run_dir.tokenizer, Path(out), sampling=ctx.cfg.get("chat"))
+    path = export_hf(model_dir, ctx.run_dir.tokenizer, Path(out), sampling=ctx.cfg.chat)
     size = (path / ckpt.MODEL_FILE).stat().st_size
     info(f"exported {stage} model to {path}")
     table(["", "export"], [["stage", stage], ["format", "hf (LlamaForCausalLM)"], ["folder", str(path)],

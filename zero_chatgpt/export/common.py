@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from zero_chatgpt.core import manifest
+from zero_chatgpt.core.settings import ChatSection
 
 EXPORT_MARKER = ".zero-chatgpt-export.json"   # what an export wrote: names, sizes, hashes
 
@@ -59,7 +60,7 @@ def replaceable(out: Path, file: bool = False) -> str | None:
     return None
 
 
-def generation_settings(sampling: dict | None) -> dict:
-    """`zero-chatgpt chat`'s sampling ([chat] section over its defaults), which both formats record as the
-    model's own defaults (generation_config.json; GGUF's general.sampling.* keys)."""
-    return {"temperature": 0.7, "top_k": 50, "top_p": 0.9, "repetition_penalty": 1.1, **(sampling or {})}
+def generation_settings(sampling: ChatSection | None) -> dict:
+    """`zero-chatgpt chat`'s sampling (the run's [chat] section, else its defaults), which both formats record
+    as the model's own defaults (generation_config.json; GGUF's general.sampling.* keys)."""
+    return (sampling or ChatSection()).values()

@@ -139,4 +139,4 @@ def score_model_from(path: Path, seed: int = 0) -> Transformer:
 
 def load_scorer(rd, tok, cfg, device="cpu") -> RewardScorer:
     """The run's reward model with its normalization, scoring at most rm.max_seq_len tokens (PPO, GRPO)."""
-    return RewardScorer.load(rd / "rm" / "final", tok.pad_id, device=device, max_len=int(cfg["rm"]["max_seq_len"]))
+    return RewardScorer.load(rd / "rm" / "final", tok.pad_id, device=device, max_len=cfg.rm.max_seq_len)

@@ -29,21 +29,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zero_chatgpt.core.settings import ModelSection, TokenizerSection
+
 
 @dataclass
-class ModelConfig:
-    """Model shape; field names are those of transformers' `LlamaConfig`."""
-    vocab_size: int = 32000
-    hidden_size: int = 512
-    intermediate_size: int = 1376
-    num_hidden_layers: int = 8
-    num_attention_heads: int = 8
-    num_key_value_heads: int | None = None   # None = num_attention_heads (plain multi-head)
-    max_position_embeddings: int = 1024
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
+class ModelConfig(ModelSection):
+    """Model shape: the [model] config section (its keys, defaults and help: core/settings.ModelSection) and
+    what the tokenizer and the head add. Field names are those of transformers' `LlamaConfig`."""
+    vocab_size: int = TokenizerSection.vocab_size
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -68,7 +61,7 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict:
         """A `config.json` that transformers loads as a LlamaConfig, with no custom code."""
-        d = asdict(self)
+        d = {"vocab_size": self.vocab_size, **asdict(self)}      # transformers' order: the vocabulary first
         head = d.pop("head")
         d.update(architectures=["LlamaForCausalLM" if head == "lm" else "LlamaForSequenceClassification"],
                  model_type="llama", hidden_act="silu",
@@ -118,17 +111,9 @@ class ModelConfig:
         return 6 * n + attn
 
 
-def model_config_from(section: dict, vocab_size: int, **extra) -> ModelConfig:
+def model_config_from(section: ModelSection, vocab_size: int, **extra) -> ModelConfig:
     """The [model] config section (+ the tokenizer's vocab size) as a ModelConfig."""
-    kv = section.get("num_key_value_heads", 0) or section["num_attention_heads"]
-    return ModelConfig(vocab_size=vocab_size, hidden_size=section["hidden_size"],
-                       intermediate_size=section["intermediate_size"],
-                       num_hidden_layers=section["num_hidden_layers"],
-                       num_attention_heads=section["num_attention_heads"], num_key_value_heads=kv,
-                       max_position_embeddings=section["max_position_embeddings"],
-                       rope_theta=float(section["rope_theta"]), rms_norm_eps=float(section["rms_norm_eps"]),
-                       tie_word_embeddings=section["tie_word_embeddings"],
-                       initializer_range=float(section.get("initializer_range", 0.02)), **extra)
+    return ModelConfig(**section.values(), vocab_size=vocab_size, **extra)
 
 
 def _is_sharded(t: torch.Tensor) -> bool:

@@ -33,12 +33,26 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zero_chatgpt.core.checkpoint import stage_model_path
 from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.settings import ChatSection
 from zero_chatgpt.serve import api
 from zero_chatgpt.serve.chat import load_chat_model
-from zero_chatgpt.serve.engine import CacheTooLarge, Draining, Engine, EngineFailed, QueueFull, Sampling
+from zero_chatgpt.serve.engine import (
+    CacheTooLarge,
+    Draining,
+    Engine,
+    EngineFailed,
+    QueueFull,
+    Sampling,
+)
 from zero_chatgpt.serve.engine import Request as EngineRequest
 from zero_chatgpt.serve.gate import Gate, error_response
-from zero_chatgpt.serve.server import check_api_key, check_exposure, is_loopback, say, serve
+from zero_chatgpt.serve.server import (
+    check_api_key,
+    check_exposure,
+    is_loopback,
+    say,
+    serve,
+)
 
 if TYPE_CHECKING:
     # engine.py loads torch (seconds): run_command imports it only once the settings have passed their checks,
@@ -58,12 +72,16 @@ class Limits:
 
 @dataclass
 class Defaults:
-    """Sampling when a request does not say: the run's [chat] section."""
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    max_tokens: int = 256
+    """Sampling when a request does not say: the run's [chat] section, and the answer's length."""
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    max_tokens: int
+
+    @classmethod
+    def of(cls, chat: ChatSection, max_tokens: int) -> "Defaults":
+        return cls(chat.temperature, chat.top_p, chat.top_k, chat.repetition_penalty, max_tokens)
 
 
 class Outbox:
@@ -101,7 +119,7 @@ def _param(loc) -> str | None:
     return ".".join(parts) or None
 
 
-def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults = Defaults(), limits: Limits = Limits(),
+def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults, limits: Limits = Limits(),
                api_key: str | None = None) -> FastAPI:
     if api_key is not None and not api_key:
         raise ValueError("api_key '' would leave /v1 open: pass None for no key")
@@ -302,11 +320,9 @@ def run_command(ctx) -> None:
     check_exposure(host, key, bool(a.get("insecure")))
 
     stage, model, tok = load_chat_model(ctx)
-    c = ctx.cfg["chat"]
     limits = Limits(max_tokens=int(a.get("max_tokens") or 512), drain_timeout=float(a.get("drain_timeout") or 30),
                     body_timeout=float(a.get("body_timeout") or 10))
-    defaults = Defaults(temperature=c["temperature"], top_p=c["top_p"] if c["top_p"] > 0 else 1.0, top_k=c["top_k"],
-                        repetition_penalty=c["repetition_penalty"], max_tokens=min(256, limits.max_tokens))
+    defaults = Defaults.of(ctx.cfg.chat, max_tokens=min(256, limits.max_tokens))
     slots = int(a.get("slots") or 8)
     try:
         engine = Engine(model, tok, slots=slots, queue=int(a.get("queue") or 64)).start()

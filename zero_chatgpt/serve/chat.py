@@ -155,7 +155,7 @@ def load_chat_model(ctx):
 
     rd = ctx.run_dir
     stage = pick_stage(rd, ctx.args.get("stage"))
-    device = ctx.cfg["run"]["device"]
+    device = ctx.cfg.run.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return stage, load_model(stage_model_path(rd, stage), device=device).eval(), load_tokenizer(rd.tokenizer)
@@ -169,10 +169,10 @@ def run_command(ctx) -> None:
                         f"{ctx.run_dir.root}")
     rd = ctx.run_dir
     stage, model, tok = load_chat_model(ctx)
-    c = ctx.cfg["chat"]
+    c = ctx.cfg.chat
     session = ChatSession(model, tok, max_new_tokens=int(ctx.args.get("max_new_tokens") or 256),
-                          temperature=c["temperature"], top_k=c["top_k"], top_p=c["top_p"],
-                          repetition_penalty=c["repetition_penalty"], seed=int(ctx.cfg["run"]["seed"]))
+                          temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                          repetition_penalty=c.repetition_penalty, seed=ctx.cfg.run.seed)
     interactive = sys.stdin.isatty()
     info(f"chatting with {stage} ({stage_model_path(rd, stage)}); {HELP}")
     if interactive:

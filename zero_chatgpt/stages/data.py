@@ -34,10 +34,16 @@ import numpy as np
 from zero_chatgpt.core.console import info, progress, table
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import JsonlZstWriter, atomic_write_json, iter_jsonl
-from zero_chatgpt.core.rundir import Context, begin, inputs_or_recorded, source_fingerprints
+from zero_chatgpt.core.rundir import (
+    Context,
+    begin,
+    inputs_or_recorded,
+    source_fingerprints,
+)
+from zero_chatgpt.core.settings import DataSection
 from zero_chatgpt.core.workers import command_alive, fault_point
 from zero_chatgpt.data import builtin
-from zero_chatgpt.data.clean import DEDUP_REASONS, REASONS, CleanConfig, Cleaner, funnel_rows
+from zero_chatgpt.data.clean import DEDUP_REASONS, REASONS, Cleaner, funnel_rows
 from zero_chatgpt.data.dedup import MinHasher, exact_hash
 from zero_chatgpt.data.dedup_parts import deduplicate
 from zero_chatgpt.data.executors import executor_for
@@ -45,24 +51,24 @@ from zero_chatgpt.data.sources import iter_records, parse_source
 from zero_chatgpt.data.streams import BadRecords
 
 
-def _workers(cfg: dict) -> int:
-    n = int(cfg.get("workers", 0))
+def _workers(cfg: DataSection) -> int:
+    n = cfg.workers
     return n if n > 0 else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def iter_input(cfg: dict, bad: BadRecords) -> Iterator[dict]:
+def iter_input(cfg: DataSection, bad: BadRecords) -> Iterator[dict]:
     """Text records of every configured source, in order; the built-in corpus when there are none."""
-    if not cfg["sources"]:
-        yield from builtin.iter_builtin_documents(tuple(cfg["builtin_parts"]), int(cfg.get("idioms", 0)),
-                                                  int(cfg.get("idiom_texts", 1)))
+    if not cfg.sources:
+        yield from builtin.iter_builtin_documents(tuple(cfg.builtin_parts), cfg.idioms,
+                                                  cfg.idiom_texts)
         return
-    for spec in cfg["sources"]:
+    for spec in cfg.sources:
         src = parse_source(spec)
         if src.kind != "text":
             raise UserError(f"--source {spec}: {src.fmt} is a {src.kind} format (for `zero-chatgpt sft`); "
                             f"the data stage reads text, jsonl, parquet, wikipedia-cn, baidubaike, skypile")
-        yield from iter_records(src, bad, text_field=cfg["text_field"], text_unit=cfg["text_unit"],
-                                max_record_bytes=cfg["max_record_bytes"])
+        yield from iter_records(src, bad, text_field=cfg.text_field, text_unit=cfg.text_unit,
+                                max_record_bytes=cfg.max_record_bytes)
 
 
 # ── phase 1: clean one part (in a worker) ──────────────────────────────────────────────────────
@@ -73,19 +79,19 @@ def _part_paths(work: Path, i: int) -> dict[str, Path]:
             "stats": stem.with_suffix(".json")}
 
 
-def _hasher(cfg: dict) -> MinHasher:
-    return MinHasher(cfg["minhash_perm"], cfg["shingle_chars"], cfg["lsh_bands"], cfg["minhash_seed"],
-                     cfg["near_threshold"])
+def _hasher(cfg: DataSection) -> MinHasher:
+    return MinHasher(cfg.minhash_perm, cfg.shingle_chars, cfg.lsh_bands, cfg.minhash_seed,
+                     cfg.near_threshold)
 
 
-def clean_part(cfg: dict, work: Path, i: int, records: list[dict], command_pid: int) -> dict:
+def clean_part(cfg: DataSection, work: Path, i: int, records: list[dict], command_pid: int) -> dict:
     """Clean one part and write its kept documents, index arrays and counts (the .json last).
 
     The .json is what makes a part count as finished (a rerun after a kill reuses it), so it is
     published only while the command that asked for it still runs: a worker that outlived a
     killed command (for the few milliseconds its watchdog allows) never publishes a part."""
     fault_point(f"part-{i}")
-    cleaner = Cleaner(CleanConfig.from_cfg(cfg))
+    cleaner = Cleaner(cfg)
     paths = _part_paths(work, i)
     dropped: Counter = Counter()
     samples: dict[str, list] = {}
@@ -99,7 +105,7 @@ def clean_part(cfg: dict, work: Path, i: int, records: list[dict], command_pid: 
         text, reason = cleaner.clean(rec)
         if reason is not None:
             dropped[reason] += 1
-            if len(samples.setdefault(reason, [])) < cfg["drop_samples"]:
+            if len(samples.setdefault(reason, [])) < cfg.drop_samples:
                 samples[reason].append({"where": rec["where"], "text": rec["text"][:300]})
             continue
         out = {"text": text, "source": rec["source"], "where": rec["where"]}
@@ -108,7 +114,7 @@ def clean_part(cfg: dict, work: Path, i: int, records: list[dict], command_pid: 
         kept.append(out)
     texts = [d["text"] for d in kept]
     exact = np.fromiter((exact_hash(t) for t in texts), dtype=np.uint64, count=len(texts))
-    if cfg["near_dedup"]:
+    if cfg.near_dedup:
         hasher = _hasher(cfg)
         # a part whose documents were all dropped still has one column per band (it is concatenated)
         keys = hasher.keys_for(texts) if texts else np.zeros((0, hasher.bands), dtype=np.uint64)
@@ -130,10 +136,10 @@ def clean_part(cfg: dict, work: Path, i: int, records: list[dict], command_pid: 
     return stats
 
 
-def _write_part(cfg: dict, work: Path, out_dir: Path, i: int, keep: np.ndarray) -> dict:
+def _write_part(cfg: DataSection, work: Path, out_dir: Path, i: int, keep: np.ndarray) -> dict:
     """Write the kept documents of part i to train-/val- shards; return counts by split and source."""
     paths = _part_paths(work, i)
-    val_cut = int(cfg["val_fraction"] * 2**32)
+    val_cut = int(cfg.val_fraction * 2**32)
     splits: dict[str, list] = {"train": [], "val": []}
     for row, doc in enumerate(iter_jsonl(paths["docs"])):
         if keep[row]:
@@ -166,11 +172,11 @@ def _batches(it: Iterator[dict], size: int) -> Iterator[list[dict]]:
 
 
 def run_stage(ctx: Context) -> dict:
-    cfg = ctx.cfg["data"]
+    cfg = ctx.cfg.data
     out_dir = ctx.run_dir.data
     # the sources enter the key by content (format + fingerprint), not by path or mtime
     inputs = inputs_or_recorded(ctx, "data", ["data.sources"],
-                                lambda: {"data.sources": source_fingerprints(cfg["sources"], ctx.run_dir.root)})
+                                lambda: {"data.sources": source_fingerprints(cfg.sources, ctx.run_dir.root)})
     run = begin(ctx, "data", extra=inputs)
     if run.skip:
         return json.loads((out_dir / "stats.json").read_text())
@@ -186,8 +192,8 @@ def run_stage(ctx: Context) -> dict:
         old.unlink()
 
     nworkers = _workers(cfg)
-    what = "the built-in corpus" if not cfg["sources"] else ", ".join(cfg["sources"])
-    how = "Ray tasks" if cfg["executor"] == "ray" else f"{nworkers} processes"
+    what = "the built-in corpus" if not cfg.sources else ", ".join(cfg.sources)
+    how = "Ray tasks" if cfg.executor == "ray" else f"{nworkers} processes"
     info(f"data: reading {what}; cleaning with {how}")
     try:
         return _clean_dedup_write(ctx, cfg, out_dir, work, run, nworkers)
@@ -197,11 +203,11 @@ def run_stage(ctx: Context) -> dict:
                         f"--set data.workers or a smaller data.shard_docs if it happens again") from None
 
 
-def _clean_dedup_write(ctx: Context, cfg: dict, out_dir: Path, work: Path, run, nworkers: int) -> dict:
+def _clean_dedup_write(ctx: Context, cfg: DataSection, out_dir: Path, work: Path, run, nworkers: int) -> dict:
     """Phases 1-3 of the module docstring, and the stage's record."""
     t0 = time.time()
     bad = BadRecords()
-    what = "the built-in corpus" if not cfg["sources"] else ", ".join(cfg["sources"])
+    what = "the built-in corpus" if not cfg.sources else ", ".join(cfg.sources)
     part_stats: dict[int, dict] = {}
     resumed: list[dict] = []     # parts finished by an earlier, killed run: which, by whom, when
     bar = progress(desc="clean", unit="doc")
@@ -217,7 +223,7 @@ def _clean_dedup_write(ctx: Context, cfg: dict, out_dir: Path, work: Path, run, 
                     bar.update(part_stats[i]["docs_in"])
                     del pending[i]
 
-        for i, records in enumerate(_batches(iter_input(cfg, bad), cfg["shard_docs"])):
+        for i, records in enumerate(_batches(iter_input(cfg, bad), cfg.shard_docs)):
             stats_path = _part_paths(work, i)["stats"]
             if stats_path.exists():  # finished by an earlier, interrupted run
                 part_stats[i] = json.loads(stats_path.read_text())
@@ -240,7 +246,7 @@ def _clean_dedup_write(ctx: Context, cfg: dict, out_dir: Path, work: Path, run, 
         t_dedup = time.time() - t0 - t_clean
         info(f"data: {dd['exact_dup']:,} exact and {dd['near_dup']:,} near duplicates "
              f"({dd['candidate_pairs']:,} LSH candidate pairs, {dd['verified_pairs']:,} at Jaccard "
-             f"≥ {cfg['near_threshold']}) in {t_dedup:.1f} s")
+             f"≥ {cfg.near_threshold}) in {t_dedup:.1f} s")
         futs = [pool.submit(_write_part, cfg, work, out_dir, i, keep[offsets[k]:offsets[k + 1]])
                 for k, i in enumerate(parts)]
         written = [f.result() for f in progress(futs, desc="write", unit="part")]
@@ -261,7 +267,7 @@ def _clean_dedup_write(ctx: Context, cfg: dict, out_dir: Path, work: Path, run, 
     samples: dict[str, list] = {}
     for i in parts:
         for reason, ss in part_stats[i]["samples"].items():
-            samples.setdefault(reason, []).extend(ss[: max(0, cfg["drop_samples"] - len(samples.get(reason, [])))])
+            samples.setdefault(reason, []).extend(ss[: max(0, cfg.drop_samples - len(samples.get(reason, [])))])
     order = [r for r in REASONS if r in dropped] + [r for r in dropped if r not in REASONS and r not in DEDUP_REASONS]
     stats = {
         "docs_in": docs_in,

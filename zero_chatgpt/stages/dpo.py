@@ -19,12 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from zero_chatgpt.core import checkpoint as ckpt
-from zero_chatgpt.core.config import rl_seed
 from zero_chatgpt.core.console import info
 from zero_chatgpt.data import preference as pref
 from zero_chatgpt.model.losses import IGNORE
 from zero_chatgpt.train import alignment, loop, recipe
-from zero_chatgpt.train.pairs import PairBatches, collate, encode_pairs, sequence_logprobs
+from zero_chatgpt.train.pairs import (
+    PairBatches,
+    collate,
+    encode_pairs,
+    sequence_logprobs,
+)
 
 
 def dpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
@@ -64,22 +68,22 @@ class DPOBatches(PairBatches):
 
 def run_stage(ctx) -> None:
     # its gold prompts are eval's gold part: the share that is gold decides them (and keeps them out of the report)
-    s = recipe.start(ctx, "dpo", extra={"eval.gold_fraction": ctx.cfg["eval"]["gold_fraction"]})
+    s = recipe.start(ctx, "dpo", extra={"eval.gold_fraction": ctx.cfg.eval.gold_fraction})
     if s is None:
         return
     cfg, rd, c, d, tok = s.cfg, s.rd, s.c, s.d, s.tok
-    sft_path = Path(c["init_from"]) if c["init_from"] else ckpt.stage_model_path(rd, "sft")
+    sft_path = Path(c.init_from) if c.init_from else ckpt.stage_model_path(rd, "sft")
     pairs = pref.read_pairs(rd / "rm_data" / "train.jsonl")
-    max_len = min(int(c["max_seq_len"]), ckpt.read_model_config(sft_path).max_position_embeddings)
+    max_len = min(c.max_seq_len, ckpt.read_model_config(sft_path).max_position_embeddings)
     enc = encode_pairs(tok, pairs, max_len, desc="encode dpo pairs")
-    micro = int(c["micro_batch_pairs"])
-    accum = loop.grad_accum(c["batch_pairs"], micro, d.world)
-    seed = rl_seed(cfg)
+    micro = c.micro_batch_pairs
+    accum = loop.grad_accum(c.batch_pairs, micro, d.world)
+    seed = cfg.rl_seed()
     settings = s.settings(grad_accum=accum, seed=seed, init_from="", select_metric="gold_char_f1",
                           select_gate="gold_gain_lo", eval_at_start=True, select_from_start=True)
     batches = DPOBatches(enc, tok.pad_id, micro, accum, seed, ref_model=ckpt.load_model(sft_path, device=d.device))
     gold = alignment.gold_records(cfg, rd)
-    beta, sft_w = float(c["beta"]), float(c["sft_loss"])
+    beta, sft_w = c.beta, c.sft_loss
 
     def loss_fn(model, batch):
         logp = sequence_logprobs(model, batch)
@@ -96,8 +100,8 @@ def run_stage(ctx) -> None:
          f"({settings.max_steps * micro * accum * d.world / len(enc):.2f} epochs); best of {len(gold)} gold prompts' "
          f"char_f1 every {settings.eval_every} steps becomes final")
     model = ckpt.load_model(sft_path).train()
-    gold_fn = alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"], start=sft_path,
-                                  seed=int(cfg["run"]["seed"]))
+    gold_fn = alignment.gold_eval(tok, gold, cfg.rl.gold_max_new_tokens, start=sft_path,
+                                  seed=cfg.run.seed)
     result = s.train(settings, model=model, batches=batches, loss_fn=loss_fn, eval_fn=gold_fn,
                      meta={"init_from": str(sft_path)})
     if not s.main:

@@ -82,7 +82,14 @@ from zero_chatgpt.eval.metrics import (
     sig4,
     win_rates,
 )
-from zero_chatgpt.eval.prompts import answer_prompts, encode_prompts, prompt_id, question_of, select_prompts, split_eval
+from zero_chatgpt.eval.prompts import (
+    answer_prompts,
+    encode_prompts,
+    prompt_id,
+    question_of,
+    select_prompts,
+    split_eval,
+)
 from zero_chatgpt.model.generate import answer_ended
 from zero_chatgpt.model.reward_model import RewardScorer
 from zero_chatgpt.model.tokenizer import load_tokenizer
@@ -135,12 +142,12 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     (the reward model's scores of SFT's answers, computed once)."""
 
 
-    e = ctx.cfg["eval"]
+    e = ctx.cfg.eval
     t0 = time.perf_counter()
     model = load_model(stage_model_path(ctx.run_dir, stage))
     chat = stage != "pretrain"
     stops = set(tok.stop_ids)
-    penalty = float(e["repetition_penalty"])
+    penalty = e.repetition_penalty
     kinds = [r.get("meta", {}).get("kind", "chat") for r in eval_recs]
     ids = [prompt_id(r) for r in eval_recs]
     # the SFT model, loaded once: to tell whether this stage kept SFT's weights, else for the KL along its answers
@@ -149,14 +156,14 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     if sft_model is not None and ref.get("per_prompt", {}).get("ids") == ids and _same_weights(model, sft_model):
         info(f"eval {stage}: its final/ is the SFT model (no trained step beat it on the gold prompts beyond chance): "
              f"SFT's answers, KL 0, every comparison a tie")
-        res = _as_sft(ref, kinds, ids, scorer is not None, int(e["bootstrap"]), int(ctx.cfg["run"]["seed"]))
+        res = _as_sft(ref, kinds, ids, scorer is not None, e.bootstrap, ctx.cfg.run.seed)
         res["eval_seconds"] = res["answer_seconds"] = time.perf_counter() - t0
         return _write_merged(ctx, stage, res, chat)
     res: dict = {}
     gens, cut, values = [], 0, {}
     for rp in ([1.0, penalty] if penalty != 1.0 else [1.0]):
-        gens, cut = answer_prompts(model, tok, eval_recs, chat=chat, max_new_tokens=e["max_new_tokens"],
-                                   batch_size=e["batch_size"], repetition_penalty=rp,
+        gens, cut = answer_prompts(model, tok, eval_recs, chat=chat, max_new_tokens=e.max_new_tokens,
+                                   batch_size=e.batch_size, repetition_penalty=rp,
                                    desc=f"eval {stage}" + (f" (penalty {rp:g})" if penalty != 1.0 else ""))
         answers = [g.text for g in gens]
         eos = [answer_ended(g.tokens, stops) for g in gens]
@@ -177,8 +184,8 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
         values["kl_to_sft"] = [0.0] * len(eval_recs)
     elif sft_model is not None:
         if sft_model.config.vocab_size == model.config.vocab_size:
-            prompts, _ = encode_prompts(tok, eval_recs, chat=True, limit=prompt_limit(model, e["max_new_tokens"]))
-            kl = kl_along(model, sft_model, prompts, [g.tokens for g in gens], batch_size=e["batch_size"],
+            prompts, _ = encode_prompts(tok, eval_recs, chat=True, limit=prompt_limit(model, e.max_new_tokens))
+            kl = kl_along(model, sft_model, prompts, [g.tokens for g in gens], batch_size=e.batch_size,
                           pad_id=tok.pad_id)
             values["kl_to_sft"] = [None if x is None else sig4(x) for x in kl]
         else:
@@ -203,13 +210,13 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
         res.setdefault(m, 0.0)
     res["n_prompts"] = len(eval_recs)
     res["n_scored"] = sum(k in SCORED_KINDS or k == "chat" for k in kinds)
-    res["decoding"] = {"greedy": True, "repetition_penalty": penalty, "max_new_tokens": e["max_new_tokens"]}
+    res["decoding"] = {"greedy": True, "repetition_penalty": penalty, "max_new_tokens": e.max_new_tokens}
     res["truncated_answers"] = sum(g.finish_reason == "length" for g in gens)
     res["truncated_prompts"] = cut
     if val is not None and len(val):
         res["chat_val_loss"] = masked_val_loss(model, val, tok.pad_id)
     samples = []
-    for i in range(min(e["num_samples"], len(eval_recs))):
+    for i in range(min(e.num_samples, len(eval_recs))):
         r = eval_recs[i]
         smp = {"id": ids[i], "kind": r.get("meta", {}).get("kind"), "question": question_of(r), "answer": answers[i],
                "reference": r.get("reference", ""), "eos": bool(values["eos_rate"][i])}
@@ -226,8 +233,8 @@ def evaluate_stage(ctx, stage: str, tok, eval_recs: list[dict], val, idioms: set
     res["prompt_format"] = "chat template" if chat else "plain text: 问：{question}\\n答："
     res["per_prompt"] = {"ids": ids, "kind": kinds, **values, "answer": answers}
     if ref is not None and stage != "sft":
-        res["vs_sft"] = compare(kinds, ids, values, ref, int(e["bootstrap"]), int(ctx.cfg["run"]["seed"]))
-        res["vs_sft"].update(everyday.compare(res, ref, int(e["bootstrap"]), int(ctx.cfg["run"]["seed"])))
+        res["vs_sft"] = compare(kinds, ids, values, ref, e.bootstrap, ctx.cfg.run.seed)
+        res["vs_sft"].update(everyday.compare(res, ref, e.bootstrap, ctx.cfg.run.seed))
     res["eval_seconds"] = time.perf_counter() - t0
     res["answer_seconds"] = t_answer
     del model
@@ -310,7 +317,7 @@ def print_tables(results: dict[str, dict], base: dict, n_prompts: int, how: str,
 
 
 def run_stage(ctx) -> None:
-    rd, e = ctx.run_dir, ctx.cfg["eval"]
+    rd, e = ctx.run_dir, ctx.cfg.eval
     want = ctx.args.get("stage")
     have, notes = trained_stages(rd)
     for n in notes:
@@ -336,17 +343,17 @@ def run_stage(ctx) -> None:
     if not (rd.sft_data / "eval.jsonl").exists():
         ensure_sft_data(ctx)                                  # the held-out prompts, even before SFT ran
     tok = load_tokenizer(rd.tokenizer)
-    seed = int(ctx.cfg["run"]["seed"])
-    gold, test = split_eval(read_split(rd.sft_data, "eval"), float(e["gold_fraction"]))
-    eval_recs = select_prompts(test, e["num_prompts"], seed)
-    if len(eval_recs) < e["num_prompts"]:
-        info(f"eval: the test part has {len(test)} prompts (eval.num_prompts = {e['num_prompts']}; the gold part's "
+    seed = ctx.cfg.run.seed
+    gold, test = split_eval(read_split(rd.sft_data, "eval"), e.gold_fraction)
+    eval_recs = select_prompts(test, e.num_prompts, seed)
+    if len(eval_recs) < e.num_prompts:
+        info(f"eval: the test part has {len(test)} prompts (eval.num_prompts = {e.num_prompts}; the gold part's "
              f"{len(gold)} are kept for the RL stages' checkpoint selection)")
     builtin = all(r.get("meta", {}).get("source") == "builtin" for r in eval_recs)
     idioms = None
     if builtin:
         idioms = {d["word"] for d in load_idioms()}
-    val_recs = read_split(rd.sft_data, "val")[:e["val_samples"]]
+    val_recs = read_split(rd.sft_data, "val")[:e.val_samples]
     base = question_baseline(eval_recs)
     own = {k: v for k, v in run.closure["eval"].items() if not k.startswith("@")}   # eval's config values
     data_key = read_marker(rd.sft_data).get("key")
@@ -369,20 +376,20 @@ def run_stage(ctx) -> None:
                 results[st] = old
                 continue
         if val is None:
-            max_len = int(ctx.cfg["sft"]["max_seq_len"])
+            max_len = ctx.cfg.sft.max_seq_len
             val = encode_records(tok, val_recs, max_len, desc="encode val")
         if st != "sft" and use_rm and scorer is None:
-            scorer = RewardScorer.load(rd / "rm" / "final", tok.pad_id, batch_size=e["batch_size"])
+            scorer = RewardScorer.load(rd / "rm" / "final", tok.pad_id, batch_size=e.batch_size)
         res = evaluate_stage(ctx, st, tok, eval_recs, val, idioms, ref=results.get("sft") if st != "sft" else None,
                              scorer=scorer, cache=cache)
         res.update(base)
-        res["prompt_set"] = {"part": "test", "gold_fraction": float(e["gold_fraction"]), "test_prompts": len(test),
+        res["prompt_set"] = {"part": "test", "gold_fraction": e.gold_fraction, "test_prompts": len(test),
                              "gold_prompts": len(gold), "seed": seed}
         res["eval_key"] = key
         write_result(path, res)
         results[st] = res
     results = {s: results[s] for s in stages}              # pipeline order
-    penalty = float(e["repetition_penalty"])
+    penalty = e.repetition_penalty
     how = "greedy" + (f", repetition penalty {penalty:g}" if penalty != 1.0 else "")
     print_tables(results, base, len(eval_recs), how, rd.eval)
     if not run.skip:

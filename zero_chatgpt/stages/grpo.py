@@ -31,6 +31,7 @@ import torch
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.console import info
 from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.settings import GRPOSection
 from zero_chatgpt.data.builtin import load_idioms
 from zero_chatgpt.data.chat_data import SCORED_KINDS
 from zero_chatgpt.eval.metrics import chain_valid, char_f1
@@ -38,8 +39,17 @@ from zero_chatgpt.eval.pinyin import pinyin_exact
 from zero_chatgpt.model.losses import IGNORE, TokenLogProbs
 from zero_chatgpt.model.reward_model import RewardScorer, load_scorer
 from zero_chatgpt.train import alignment
-from zero_chatgpt.train.onpolicy import RolloutBatches, policy_setup, rollout_settings, sequence_rewards
-from zero_chatgpt.train.rl_math import clipped_policy_loss, group_advantages, masked_mean
+from zero_chatgpt.train.onpolicy import (
+    RolloutBatches,
+    policy_setup,
+    rollout_settings,
+    sequence_rewards,
+)
+from zero_chatgpt.train.rl_math import (
+    clipped_policy_loss,
+    group_advantages,
+    masked_mean,
+)
 
 RULE_KINDS = ("pinyin", "chain")
 
@@ -97,14 +107,14 @@ def _all_ranks_std(x: torch.Tensor, src) -> torch.Tensor:
 
 
 class GRPOScoring:
-    def __init__(self, scorer: RewardScorer | None, rule_fn, k: int, c: dict, tok):
+    def __init__(self, scorer: RewardScorer | None, rule_fn, k: int, c: GRPOSection, tok):
         self.scorer, self.rule_fn, self.k, self.c, self.tok = scorer, rule_fn, k, c, tok
 
     def score(self, buf: dict, prompts, answers, idx, src) -> dict:
         mask = (buf["labels"] != IGNORE).float()
         seq, stats = sequence_rewards(self.scorer, self.rule_fn, prompts, answers, idx, self.tok,
-                                      float(self.c["missing_eos_penalty"]), float(self.c.get("loop_penalty", 0.0)))
-        scale = str(self.c.get("scale_rewards", "group"))
+                                      self.c.missing_eos_penalty, self.c.loop_penalty)
+        scale = self.c.scale_rewards
         adv = group_advantages(seq, self.k, scale=scale, batch_std=_all_ranks_std(seq, src) if scale == "batch" else None)
         buf["advantages"] = adv[:, None] * mask
         flat = (seq.view(-1, self.k).std(1) < 1e-6).float().mean()
@@ -121,12 +131,12 @@ class GRPOScoring:
 
 
 def run_stage(ctx) -> None:
-    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["grpo"]
+    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg.grpo
     p = policy_setup(ctx, "grpo")
     if p is None:
         return
     d, run, tok, sft_path, records, pool, settings = p.d, p.run, p.tok, p.sft_path, p.records, p.pool, p.settings
-    reward = c["reward"]
+    reward = c.reward
     parts = reward.split("+")
     if "rm" not in parts:          # without the reward model: only the kinds some reward is defined on
         kinds = set(RULE_KINDS if "rules" in parts else ()) | set(SCORED_KINDS if "reference" in parts else ())
@@ -143,23 +153,23 @@ def run_stage(ctx) -> None:
         if all(r.get("meta", {}).get("source") == "builtin" for r in records):
             idioms = {x["word"] for x in load_idioms()}
         base = rule_rewards(records, tok, idioms, rules="rules" in parts, reference="reference" in parts)
-        w = float(c["rules_weight"])
+        w = c.rules_weight
         rule_fn = (lambda idx, answers: [w * x for x in base(idx, answers)])
-    k = int(c["samples_per_prompt"])
+    k = c.samples_per_prompt
     rs = rollout_settings(cfg, c, samples_per_prompt=k)
     actor = ckpt.load_model(sft_path).train()
     ref = ckpt.load_model(sft_path, device=d.device)
     batches = RolloutBatches(rs, pool=pool, policy=actor, ref=ref, tok=tok, scoring=GRPOScoring(scorer, rule_fn, k, c, tok),
                              precision=p.precision, rank=d.rank, world=d.world)
     batches = alignment.with_sft_mix(ctx, batches, tok, c, rs.seed)
-    loss_fn = grpo_loss(rs.temperature, float(c["clip"]), float(c["kl_coef"]), float(c["ptx_coef"]))
+    loss_fn = grpo_loss(rs.temperature, c.clip, c.kl_coef, c.ptx_coef)
 
     gold = alignment.gold_records(cfg, rd)
     info(f"grpo: {len(pool):,} RL prompts, {rs.prompts} per rollout x {k} samples, reward {reward}, {rs.epochs} "
          f"epochs x {rs.minibatches} minibatches per rollout, {settings.max_steps} steps; best of {len(gold)} gold "
          f"prompts' char_f1 every {settings.eval_every} steps becomes final")
-    gold_fn = alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"], start=sft_path,
-                                  seed=int(cfg["run"]["seed"]))
+    gold_fn = alignment.gold_eval(tok, gold, cfg.rl.gold_max_new_tokens, start=sft_path,
+                                  seed=cfg.run.seed)
     result = p.start.train(settings, model=actor, batches=batches, loss_fn=loss_fn, eval_fn=gold_fn,
                            meta={"init_from": str(sft_path)})
     if not d.main:

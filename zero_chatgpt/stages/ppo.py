@@ -27,6 +27,7 @@ import torch
 
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.console import info
+from zero_chatgpt.core.settings import PPOSection
 from zero_chatgpt.model.losses import IGNORE, ScalarValues, TokenLogProbs
 from zero_chatgpt.model.reward_model import RewardScorer, load_scorer
 from zero_chatgpt.train import alignment
@@ -50,7 +51,7 @@ from zero_chatgpt.train.rl_math import (
 class PPOScoring:
     """PPO's part of a rollout: values, per-token rewards with the KL penalty, GAE, whitened advantages."""
 
-    def __init__(self, critic, scorer: RewardScorer, kl: AdaptiveKL, c: dict, tok, prompts_per_rollout: int):
+    def __init__(self, critic, scorer: RewardScorer, kl: AdaptiveKL, c: PPOSection, tok, prompts_per_rollout: int):
         self.critic, self.scorer, self.kl, self.c, self.tok = critic, scorer, kl, c, tok
         self.prompts_per_rollout = prompts_per_rollout
 
@@ -58,12 +59,12 @@ class PPOScoring:
         mask = (buf["labels"] != IGNORE).float()
         values = src.forward_rows(self.critic, lambda lab: ScalarValues()) * mask
         seq, stats = sequence_rewards(self.scorer, None, prompts, answers, idx, self.tok,
-                                      float(self.c["missing_eos_penalty"]), float(self.c.get("loop_penalty", 0.0)))
+                                      self.c.missing_eos_penalty, self.c.loop_penalty)
         beta = self.kl.beta
         rewards = -beta * (buf["old_logp"] - buf["ref_logp"]) * mask
         last = last_answer_index(buf["labels"])
         rewards[torch.arange(len(answers)), last] += seq
-        adv, returns = gae(rewards, values, mask, float(self.c["gamma"]), float(self.c["lam"]))
+        adv, returns = gae(rewards, values, mask, self.c.gamma, self.c.lam)
         buf.update(old_values=values, returns=returns, advantages=masked_whiten(adv, mask))
         return {**stats, "kl_coef": beta, "value": float(masked_mean(values, mask)),
                 "return": float(masked_mean(returns, mask))}
@@ -103,14 +104,14 @@ def critic_from(rm_path: Path, scorer: RewardScorer):
 
 
 def run_stage(ctx) -> None:
-    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["ppo"]
+    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg.ppo
     p = policy_setup(ctx, "ppo")
     if p is None:
         return
     d, run, tok, sft_path, pool, settings, precision = p.d, p.run, p.tok, p.sft_path, p.pool, p.settings, p.precision
     scorer = load_scorer(rd, tok, cfg, d.device)
     rs = rollout_settings(cfg, c)
-    kl = AdaptiveKL(beta=float(c["kl_coef"]), target=float(c["kl_target"]) or None, horizon=int(c["kl_horizon"]))
+    kl = AdaptiveKL(beta=c.kl_coef, target=c.kl_target or None, horizon=c.kl_horizon)
     critic = critic_from(rd / "rm" / "final", scorer)
     actor = ckpt.load_model(sft_path).train()
     ref = ckpt.load_model(sft_path, device=d.device)
@@ -118,19 +119,19 @@ def run_stage(ctx) -> None:
     batches = RolloutBatches(rs, pool=pool, policy=actor, ref=ref, tok=tok, scoring=scoring, precision=precision,
                              rank=d.rank, world=d.world)
     batches = alignment.with_sft_mix(ctx, batches, tok, c, rs.seed)
-    loss_fn = ppo_loss(rs.temperature, float(c["clip"]), float(c["value_clip"]), float(c["vf_coef"]),
-                       float(c["ptx_coef"]))
+    loss_fn = ppo_loss(rs.temperature, c.clip, c.value_clip, c.vf_coef,
+                       c.ptx_coef)
 
     gold = alignment.gold_records(cfg, rd)
     info(f"ppo: {len(pool):,} RL prompts, {rs.prompts} per rollout, {rs.epochs} epochs x {rs.minibatches} "
          f"minibatches per rollout, {settings.max_steps} steps (~{-(-settings.max_steps // rs.updates)} rollouts); "
-         f"KL target {c['kl_target']:g}, budget {c['kl_budget']:g} nats per answer; best of {len(gold)} gold "
+         f"KL target {c.kl_target:g}, budget {c.kl_budget:g} nats per answer; best of {len(gold)} gold "
          f"prompts' char_f1 every {settings.eval_every} steps becomes final")
-    gold_fn = alignment.gold_eval(tok, gold, cfg["rl"]["gold_max_new_tokens"], start=sft_path,
-                                  seed=int(cfg["run"]["seed"]))
+    gold_fn = alignment.gold_eval(tok, gold, cfg.rl.gold_max_new_tokens, start=sft_path,
+                                  seed=cfg.run.seed)
     result = p.start.train(settings, model=actor, batches=batches, loss_fn=loss_fn, eval_fn=gold_fn,
                            meta={"init_from": str(sft_path)},
-                           extra_models={"critic": (critic, {"lr": float(c["critic_lr"])})})
+                           extra_models={"critic": (critic, {"lr": c.critic_lr})})
     if not d.main:
         return
     steps = [{k: h.get(k) for k in ("step", "rollout", "reward", "rm_score", "kl", "kl_coef", "entropy",

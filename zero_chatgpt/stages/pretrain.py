@@ -26,6 +26,7 @@ from zero_chatgpt.core.console import info
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_json
 from zero_chatgpt.core.rundir import Context, folder_fingerprint, inputs_or_recorded
+from zero_chatgpt.core.settings import PretrainSection
 from zero_chatgpt.model import token_shards as tokens_mod
 from zero_chatgpt.model.generate import generate
 from zero_chatgpt.model.losses import LMLoss, lm_loss
@@ -125,22 +126,22 @@ def write_samples(model: Transformer, tokenizer, n: int, max_new: int, seed: int
     return [{"prompt": p, "text": p + g_.text} for p, g_ in zip(prompts, gens)]
 
 
-def grad_accum_for(section: dict, world: int) -> int:
-    per_pass = section["micro_batch_size"] * section["seq_len"] * world
-    if section["batch_tokens"] % per_pass:
-        raise UserError(f"pretrain.batch_tokens {section['batch_tokens']} is not a multiple of micro_batch_size x "
+def grad_accum_for(section: PretrainSection, world: int) -> int:
+    per_pass = section.micro_batch_size * section.seq_len * world
+    if section.batch_tokens % per_pass:
+        raise UserError(f"pretrain.batch_tokens {section.batch_tokens} is not a multiple of micro_batch_size x "
                         f"seq_len x ranks = {per_pass}; change pretrain.batch_tokens or micro_batch_size")
-    return loop.grad_accum(section["batch_tokens"], section["micro_batch_size"] * section["seq_len"], world)
+    return loop.grad_accum(section.batch_tokens, section.micro_batch_size * section.seq_len, world)
 
 
 def run_stage(ctx: Context) -> None:
-    init_from = ctx.cfg["pretrain"]["init_from"]
+    init_from = ctx.cfg.pretrain.init_from
     extra = inputs_or_recorded(ctx, "pretrain", ["pretrain.init_from"], lambda: {
         "pretrain.init_from": folder_fingerprint(Path(init_from), ctx.run_dir.root)}) if init_from else {}
     s = recipe.start(ctx, "pretrain", extra=extra)
     if s is None:
         return
-    cfg, rd, sec, mcfg, d, tok, run, out = s.cfg, s.rd, s.c, s.cfg["model"], s.d, s.tok, s.run, s.out
+    cfg, rd, sec, mcfg, d, tok, run, out = s.cfg, s.rd, s.c, s.cfg.model, s.d, s.tok, s.run, s.out
     train_shards = tokens_mod.load_split(rd.tokens, "train")
     try:
         val_shards = tokens_mod.load_split(rd.tokens, "val")
@@ -149,36 +150,36 @@ def run_stage(ctx: Context) -> None:
         info("pretrain: no val token shards; validation loss is skipped")
 
     special = dict(bos_token_id=None, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id)
-    if sec["init_from"]:
-        mc = ckpt.read_model_config(sec["init_from"])
+    if sec.init_from:
+        mc = ckpt.read_model_config(sec.init_from)
         if mc.vocab_size < tok.vocab_size:
-            raise UserError(f"init_from {sec['init_from']}: its vocabulary ({mc.vocab_size}) is smaller than the "
+            raise UserError(f"init_from {sec.init_from}: its vocabulary ({mc.vocab_size}) is smaller than the "
                             f"tokenizer's ({tok.vocab_size}); use the tokenizer those weights were trained with")
         mc.eos_token_id, mc.pad_token_id = tok.eot_id, tok.pad_id
     else:
         mc = model_config_from(mcfg, tok.vocab_size, **special)
-        if sec["seq_len"] > mc.max_position_embeddings:
-            raise UserError(f"pretrain.seq_len {sec['seq_len']} > model.max_position_embeddings "
+        if sec.seq_len > mc.max_position_embeddings:
+            raise UserError(f"pretrain.seq_len {sec.seq_len} > model.max_position_embeddings "
                             f"{mc.max_position_embeddings}")
-    torch.manual_seed(cfg["run"]["seed"])
+    torch.manual_seed(cfg.run.seed)
     model = Transformer(mc)
 
     accum = grad_accum_for(sec, d.world)
-    settings = s.settings(grad_accum=accum, seed=cfg["run"]["seed"])
-    batches = PackedBlocks(train_shards, sec["seq_len"], cfg["run"]["seed"], sec["micro_batch_size"], accum)
-    evaluator = ValEval(val_shards, sec["seq_len"], sec["eval_tokens"], sec["micro_batch_size"], tok)
-    step_tokens = sec["micro_batch_size"] * sec["seq_len"] * accum * d.world
-    info(f"pretrain: {mc.num_params() / 1e6:.1f}M parameters, {batches.n_blocks * sec['seq_len'] / 1e6:.2f}M train "
+    settings = s.settings(grad_accum=accum, seed=cfg.run.seed)
+    batches = PackedBlocks(train_shards, sec.seq_len, cfg.run.seed, sec.micro_batch_size, accum)
+    evaluator = ValEval(val_shards, sec.seq_len, sec.eval_tokens, sec.micro_batch_size, tok)
+    step_tokens = sec.micro_batch_size * sec.seq_len * accum * d.world
+    info(f"pretrain: {mc.num_params() / 1e6:.1f}M parameters, {batches.n_blocks * sec.seq_len / 1e6:.2f}M train "
          f"tokens, {settings.max_steps} steps x {step_tokens:,} tokens "
          f"({batches.epochs(settings.max_steps, d.world):.2f} epochs), {d.world} process(es) on {d.device}")
     result = s.train(settings, model=model, batches=batches, loss_fn=lm_loss_fn,
                      eval_fn=evaluator if evaluator.blocks else None, tokens_per_step=step_tokens,
-                     flops_per_token=mc.flops_per_token(sec["seq_len"]))
+                     flops_per_token=mc.flops_per_token(sec.seq_len))
     if not d.main:
         return
     model = ckpt.load_model(out / "final", device=d.device)
-    samples = write_samples(model, tok, sec["samples"], sec["sample_tokens"], cfg["run"]["seed"]) \
-        if sec["samples"] else []
+    samples = write_samples(model, tok, sec.samples, sec.sample_tokens, cfg.run.seed) \
+        if sec.samples else []
     last = result.evals[-1] if result.evals else {}
     report = {"val_loss": last.get("val_loss"), "val_bpc": last.get("val_bpc"),
               "curve": [{"step": e["step"], "val_loss": e.get("val_loss"), "val_bpc": e.get("val_bpc")}

@@ -29,7 +29,14 @@ from zero_chatgpt.core.console import SMALL_N, info, share, table
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_bytes, atomic_write_text
 from zero_chatgpt.core.registry import PIPELINE, model_stages
-from zero_chatgpt.core.rundir import MARKER, begin, fingerprint_files, read_marker, stale_reason, sub_key
+from zero_chatgpt.core.rundir import (
+    MARKER,
+    begin,
+    fingerprint_files,
+    read_marker,
+    stale_reason,
+    sub_key,
+)
 from zero_chatgpt.data.clean import funnel_rows
 from zero_chatgpt.eval.everyday import table_rows
 from zero_chatgpt.eval.metrics import format_diff
@@ -173,7 +180,7 @@ def overview(r: Run) -> list:
     cfg = r.ctx.cfg
     rows = [[n, r.status(n), safe_headline(r, n), r.seconds(n)] for n in r.names]
     return [doc.h(1, "zero-chatgpt report card"),
-            doc.p(f"Run directory {r.where} (preset {cfg['run'].get('preset', '?')}), made by zero-chatgpt "
+            doc.p(f"Run directory {r.where} (preset {cfg.run.preset}), made by zero-chatgpt "
                   f"{__version__}."),
             doc.table(["stage", "status", "result", "time (s)"], rows)]
 

@@ -22,7 +22,6 @@ import torch
 
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core import manifest
-from zero_chatgpt.core.config import rl_seed
 from zero_chatgpt.core.console import info, share, table
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_json
@@ -79,43 +78,43 @@ def pair_scores(model, data, pad_id: int, batch_pairs: int = 64) -> tuple[np.nda
 
 def ensure_pairs(ctx, tok, sft_path: Path) -> dict:
     """RUN_DIR/rm_data/{train,val}.jsonl and gold.jsonl (SFT samples of val prompts), unless current."""
-    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg["rm"]
+    cfg, rd, c = ctx.cfg, ctx.run_dir, ctx.cfg.rm
     out = rd / "rm_data"
-    key = sub_key({"rm": {k: c[k] for k in PAIR_DATA_KEYS if k != "sources"},
-                   "sources": source_fingerprints(c["sources"], rd.root), "rl": cfg["rl"], "seed": rl_seed(cfg),
+    key = sub_key({"rm": {k: getattr(c, k) for k in PAIR_DATA_KEYS if k != "sources"},
+                   "sources": source_fingerprints(c.sources, rd.root), "rl": cfg.rl.values(), "seed": cfg.rl_seed(),
                    "sft": read_marker(rd / "sft").get("output")})
     if read_marker(out).get("key") == key and not ctx.force and (out / "gold.jsonl").exists():
         return read_marker(out)["summary"]
     out.mkdir(parents=True, exist_ok=True)
-    seed = rl_seed(cfg)
+    seed = cfg.rl_seed()
     sft = ckpt.load_model(sft_path)
     bad = BadRecords()
-    if c["sources"]:
-        pairs = pref.read_source_pairs(c["sources"], bad)
-        train, val = pref.split_val(pairs, c["val_fraction"], seed)
-        info(f"rm data: {len(pairs):,} pairs from {', '.join(c['sources'])}" + pref.bad_note(bad))
+    if c.sources:
+        pairs = pref.read_source_pairs(c.sources, bad)
+        train, val = pref.split_val(pairs, c.val_fraction, seed)
+        info(f"rm data: {len(pairs):,} pairs from {', '.join(c.sources)}" + pref.bad_note(bad))
         if not train or not val:
-            raise UserError(f"rm: {len(pairs):,} usable pairs in {', '.join(c['sources'])} split into {len(train):,} "
-                            f"train / {len(val):,} held out (rm.val_fraction = {c['val_fraction']:g}){pref.bad_note(bad)}"
+            raise UserError(f"rm: {len(pairs):,} usable pairs in {', '.join(c.sources)} split into {len(train):,} "
+                            f"train / {len(val):,} held out (rm.val_fraction = {c.val_fraction:g}){pref.bad_note(bad)}"
                             f"; both need pairs: add {{prompt, chosen, rejected}} lines or change rm.val_fraction")
     else:
-        recs = pref.rm_prompts(read_split(rd.sft_data, "rl"), c["prompts"], seed)
-        tr, va = pref.split_val(recs, c["val_fraction"], seed)
+        recs = pref.rm_prompts(read_split(rd.sft_data, "rl"), c.prompts, seed)
+        tr, va = pref.split_val(recs, c.val_fraction, seed)
         if not tr or not va:
             raise UserError(f"rm: {len(recs)} RM prompts in {rd.sft_data / 'rl.jsonl'} are too few to split; raise "
                             f"rm.prompts or sft.rl_fraction")
-        gens = sample(sft, tok, [prompt_ids(tok, r["messages"]) for r in tr + va], temperature=cfg["rl"]["temperature"],
-                      max_new_tokens=cfg["rl"]["max_new_tokens"], seed=seed, desc="rm data: SFT samples")
+        gens = sample(sft, tok, [prompt_ids(tok, r["messages"]) for r in tr + va], temperature=cfg.rl.temperature,
+                      max_new_tokens=cfg.rl.max_new_tokens, seed=seed, desc="rm data: SFT samples")
         samples = [(g.text, answer_ended(g.tokens, tok.stop_ids)) for g in gens]
-        train = pref.build_pairs(tr, samples[:len(tr)], c["negatives"], seed)
-        val = pref.build_pairs(va, samples[len(tr):], c["negatives"], seed + 1)
+        train = pref.build_pairs(tr, samples[:len(tr)], c.negatives, seed)
+        val = pref.build_pairs(va, samples[len(tr):], c.negatives, seed + 1)
     # gold agreement: several samples of each held-out prompt, judged by char_f1 against the reference
     val_prompts = {p["idiom"] + "\0" + p["kind"]: p for p in val}
     vp = list(val_prompts.values())
     gold = []
-    for j in range(c["gold_samples"]):
-        gens = sample(sft, tok, [prompt_ids(tok, p["messages"]) for p in vp], temperature=cfg["rl"]["temperature"],
-                      max_new_tokens=cfg["rl"]["max_new_tokens"], seed=seed + 100 + j, desc=f"rm data: gold samples {j + 1}")
+    for j in range(c.gold_samples):
+        gens = sample(sft, tok, [prompt_ids(tok, p["messages"]) for p in vp], temperature=cfg.rl.temperature,
+                      max_new_tokens=cfg.rl.max_new_tokens, seed=seed + 100 + j, desc=f"rm data: gold samples {j + 1}")
         for p, g in zip(vp, gens):
             gold.append({"messages": p["messages"], "reference": p["reference"], "kind": p["kind"],
                          "idiom": p["idiom"], "sample": j, "text": g.text, "ended": answer_ended(g.tokens, tok.stop_ids)})
@@ -123,7 +122,7 @@ def ensure_pairs(ctx, tok, sft_path: Path) -> dict:
     pref.write_pairs(out / "val.jsonl", val)
     pref.write_pairs(out / "gold.jsonl", gold)
     summary = {"train_pairs": len(train), "val_pairs": len(val), "gold_samples": len(gold),
-               "by_negative": {k: sum(p["negative"] == k for p in train) for k in c["negatives"]},
+               "by_negative": {k: sum(p["negative"] == k for p in train) for k in c.negatives},
                "bad_records": bad.to_dict()}
     write_sub_marker(out, key, summary)
     return summary
@@ -175,22 +174,22 @@ def add_to_checkpoint(folder: Path, name: str, data: dict) -> None:
 
 def run_stage(ctx) -> None:
     inputs = inputs_or_recorded(ctx, "rm", ["rm.sources"], lambda: {
-        "rm.sources": source_fingerprints(ctx.cfg["rm"]["sources"], ctx.run_dir.root)})
+        "rm.sources": source_fingerprints(ctx.cfg.rm.sources, ctx.run_dir.root)})
     s = recipe.start(ctx, "rm", extra=inputs)
     if s is None:
         return
     cfg, rd, c, d, tok, run = s.cfg, s.rd, s.c, s.d, s.tok, s.run
-    sft_path = Path(c["init_from"]) if c["init_from"] else ckpt.stage_model_path(rd, "sft")
+    sft_path = Path(c.init_from) if c.init_from else ckpt.stage_model_path(rd, "sft")
     s.on_main_then_wait(lambda: ensure_pairs(ctx, tok, sft_path))
     train_pairs = pref.read_pairs(rd / "rm_data" / "train.jsonl")
     val_pairs = pref.read_pairs(rd / "rm_data" / "val.jsonl")
-    max_len = min(int(c["max_seq_len"]), ckpt.read_model_config(sft_path).max_position_embeddings)
+    max_len = min(c.max_seq_len, ckpt.read_model_config(sft_path).max_position_embeddings)
     enc = encode_pairs(tok, train_pairs, max_len, desc="encode rm pairs")
-    enc_val = encode_pairs(tok, val_pairs[:512], max_len, desc="encode rm val pairs")
-    micro = int(c["micro_batch_pairs"])
-    accum = loop.grad_accum(c["batch_pairs"], micro, d.world)
-    settings = s.settings(grad_accum=accum, seed=rl_seed(cfg), init_from="")
-    batches = PairBatches(enc, tok.pad_id, micro, accum, rl_seed(cfg))
+    enc_val = encode_pairs(tok, val_pairs[:c.eval_pairs], max_len, desc="encode rm val pairs")
+    micro = c.micro_batch_pairs
+    accum = loop.grad_accum(c.batch_pairs, micro, d.world)
+    settings = s.settings(grad_accum=accum, seed=cfg.rl_seed(), init_from="")
+    batches = PairBatches(enc, tok.pad_id, micro, accum, cfg.rl_seed())
     info(f"rm: {len(enc):,} train pairs ({len(val_pairs):,} held out), {settings.max_steps} steps x "
          f"{micro * accum * d.world} pairs ({settings.max_steps * micro * accum * d.world / len(enc):.2f} epochs)")
 
@@ -198,7 +197,7 @@ def run_stage(ctx) -> None:
         rc, rr = pair_scores(m, enc_val, tok.pad_id)
         return {"val_accuracy": float((rc > rr).mean())}
 
-    result = s.train(settings, model=score_model_from(sft_path, rl_seed(cfg)), batches=batches, loss_fn=rm_loss,
+    result = s.train(settings, model=score_model_from(sft_path, cfg.rl_seed()), batches=batches, loss_fn=rm_loss,
                      eval_fn=eval_fn)
     if not s.main:
         return

@@ -47,10 +47,10 @@ from zero_chatgpt.train.sft_data import (
 
 
 def init_path(ctx) -> Path:
-    s = ctx.cfg["sft"]
-    path = Path(s["init_from"]) if s.get("init_from") else stage_model_path(ctx.run_dir, "pretrain")
+    s = ctx.cfg.sft
+    path = Path(s.init_from) if s.init_from else stage_model_path(ctx.run_dir, "pretrain")
     if not (path / "config.json").exists():
-        if s.get("init_from"):
+        if s.init_from:
             raise UserError(f"sft.init_from = {path}: no model there (expected a checkpoint folder with config.json)")
         raise UserError(f"no pretrained model at {path}: run `zero-chatgpt pretrain --run-dir {ctx.run_dir.root}` "
                         f"first (or point --set sft.init_from=PATH at a checkpoint)")
@@ -60,7 +60,7 @@ def init_path(ctx) -> Path:
 def run_stage(ctx) -> None:
     t0 = time.perf_counter()
     inputs = sft_inputs(ctx)
-    st = recipe.start(ctx, "sft", extra=inputs, reads=("tokenizer",) if ctx.cfg["sft"].get("init_from") else None)
+    st = recipe.start(ctx, "sft", extra=inputs, reads=("tokenizer",) if ctx.cfg.sft.init_from else None)
     if st is None:
         return
     cfg, rd, s, d, tok, run = st.cfg, st.rd, st.c, st.d, st.tok, st.run
@@ -73,18 +73,18 @@ def run_stage(ctx) -> None:
     if tok.vocab_size > model_cfg.vocab_size:
         raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model at {src} only {model_cfg.vocab_size}; "
                         f"retrain pretrain with this tokenizer")
-    max_len = min(int(s["max_seq_len"]), model_cfg.max_position_embeddings)
+    max_len = min(s.max_seq_len, model_cfg.max_position_embeddings)
     train_recs = read_split(rd.sft_data, "train")
-    if s["max_train_samples"] and len(train_recs) > s["max_train_samples"]:
-        train_recs = train_recs[:s["max_train_samples"]]        # the file is already shuffled
+    if s.max_train_samples and len(train_recs) > s.max_train_samples:
+        train_recs = train_recs[:s.max_train_samples]        # the file is already shuffled
     train = encode_records(tok, train_recs, max_len, desc="encode sft train")
-    val = encode_records(tok, read_split(rd.sft_data, "val")[:s["val_samples"]], max_len, desc="encode sft val")
+    val = encode_records(tok, read_split(rd.sft_data, "val")[:s.val_samples], max_len, desc="encode sft val")
 
-    micro = int(s["micro_batch_tokens"])
-    grad_accum = loop.grad_accum(s["batch_tokens"], micro, d.world)
-    settings = st.settings(grad_accum=grad_accum, seed=int(cfg["run"]["seed"]), init_from=str(src))
-    ul = float(s["unlikelihood"])
-    batches = LengthGroupedBatches(train, tok.pad_id, micro, grad_accum, int(cfg["run"]["seed"]), unlikelihood=ul > 0)
+    micro = s.micro_batch_tokens
+    grad_accum = loop.grad_accum(s.batch_tokens, micro, d.world)
+    settings = st.settings(grad_accum=grad_accum, seed=cfg.run.seed, init_from=str(src))
+    ul = s.unlikelihood
+    batches = LengthGroupedBatches(train, tok.pad_id, micro, grad_accum, cfg.run.seed, unlikelihood=ul > 0)
     pad = pad_fraction(batches.lengths, batches.plan(0))
     steps_per_epoch = len(batches.plan(0)) / (grad_accum * d.world)
     info(f"sft: {len(train):,} conversations, {train.target_tokens():,} assistant tokens, "

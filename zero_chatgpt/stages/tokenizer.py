@@ -19,8 +19,20 @@ from zero_chatgpt.core.io import atomic_write_json, corpus_shards
 from zero_chatgpt.core.rundir import Context, begin
 from zero_chatgpt.data.executors import executor_for
 from zero_chatgpt.model import token_shards as tokens_mod
-from zero_chatgpt.model.shard_encoding import MANIFEST, count_lines, file_sha, run_jobs, token_path
-from zero_chatgpt.model.tokenizer import DEFAULT_PATTERN, load_tokenizer, sample_texts, special_tokens, train_bpe
+from zero_chatgpt.model.shard_encoding import (
+    MANIFEST,
+    count_lines,
+    file_sha,
+    run_jobs,
+    token_path,
+)
+from zero_chatgpt.model.tokenizer import (
+    DEFAULT_PATTERN,
+    load_tokenizer,
+    sample_texts,
+    special_tokens,
+    train_bpe,
+)
 
 TRAINED = ".trained.json"
 
@@ -38,14 +50,14 @@ def _read_json(path: Path) -> dict:
 
 def train_step(ctx: Context, key: str) -> float:
     """Train and save the tokenizer unless tokenizer/ already holds the one for `key`; its training time."""
-    c, rd = ctx.cfg["tokenizer"], ctx.run_dir
+    c, rd = ctx.cfg.tokenizer, ctx.run_dir
     out = rd.tokenizer
     done = _read_json(out / TRAINED)
     if done.get("key") == key and (out / "tokenizer.json").exists() and not ctx.force:
         return float(done.get("train_s", 0.0))
     t0 = time.perf_counter()
-    sample = sample_texts(rd.data, "train", c["train_chars"], c["max_doc_chars"])
-    info(f"training a {c['vocab_size']}-token byte-level BPE on ~{sample.expected_chars:,} characters of {rd.data}")
+    sample = sample_texts(rd.data, "train", c.train_chars, c.max_doc_chars)
+    info(f"training a {c.vocab_size}-token byte-level BPE on ~{sample.expected_chars:,} characters of {rd.data}")
     chars = 0
 
     def counted(texts):
@@ -56,10 +68,10 @@ def train_step(ctx: Context, key: str) -> float:
                 chars += len(t)
                 bar.update(len(t))
                 yield t
-        info(f"learning {c['vocab_size'] - 256 - len(special_tokens(c['reserved_tokens'])):,} merges ...")
+        info(f"learning {c.vocab_size - 256 - len(special_tokens(c.reserved_tokens)):,} merges ...")
 
-    tok = train_bpe(counted(sample), c["vocab_size"], c["pattern"] or DEFAULT_PATTERN, c["reserved_tokens"],
-                    c["default_system_prompt"])
+    tok = train_bpe(counted(sample), c.vocab_size, c.pattern or DEFAULT_PATTERN, c.reserved_tokens,
+                    c.default_system_prompt)
     tok.save(out)
     train_s = time.perf_counter() - t0
     atomic_write_json(out / TRAINED, {"key": key, "train_chars": chars, "train_s": round(train_s, 2)})
@@ -68,8 +80,8 @@ def train_step(ctx: Context, key: str) -> float:
 
 def _executor(ctx: Context, tok):
     """Ray tasks when the data stage runs on Ray (data.executor = "ray"), else None: run_jobs' own pool."""
-    data = ctx.cfg["data"]
-    if data["executor"] != "ray":
+    data = ctx.cfg.data
+    if data.executor != "ray":
         return None
     return executor_for(data, tok.num_threads)
 
@@ -130,13 +142,13 @@ def encode_step(ctx: Context, tok) -> dict:
 
 
 def run_stage(ctx: Context) -> None:
-    c, rd = ctx.cfg["tokenizer"], ctx.run_dir
+    c, rd = ctx.cfg.tokenizer, ctx.run_dir
     run = begin(ctx, "tokenizer")
     if run.skip:
         return
     t0 = time.perf_counter()
     train_s = train_step(ctx, run.key)
-    tok = load_tokenizer(rd.tokenizer, c["num_threads"])
+    tok = load_tokenizer(rd.tokenizer, c.num_threads)
     summary = encode_step(ctx, tok)
     enc_s = time.perf_counter() - t0 - train_s
     run.complete({"vocab_size": tok.vocab_size, "tokens": summary, "train_s": round(train_s, 2)})

@@ -20,6 +20,7 @@ import torch
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.console import table
 from zero_chatgpt.core.io import atomic_write_json
+from zero_chatgpt.core.settings import PolicySection
 from zero_chatgpt.data.chat_data import read_split
 from zero_chatgpt.eval.metrics import aggregate, paired_bootstrap, per_prompt_values
 from zero_chatgpt.eval.prompts import answer_prompts, gold_prompts
@@ -37,7 +38,7 @@ def rl_prompt_records(rd) -> list[dict]:
 
 
 def gold_records(cfg, rd) -> list[dict]:
-    return gold_prompts(rd, cfg["rl"]["gold_prompts"], int(cfg["run"]["seed"]), gold_fraction=cfg["eval"]["gold_fraction"])
+    return gold_prompts(rd, cfg.rl.gold_prompts, cfg.run.seed, gold_fraction=cfg.eval.gold_fraction)
 
 
 def gold_eval(tok, records: list[dict], max_new_tokens: int, batch_size: int = 64, start: Path | None = None,
@@ -90,10 +91,10 @@ class WithSFTMix:
         return getattr(self.inner, name)
 
 
-def sft_mix_data(ctx, tok, limit: int = 4096):
+def sft_mix_data(ctx, tok, limit: int):
     """Encoded SFT training conversations for WithSFTMix (the first `limit` of the train split)."""
     recs = read_split(ctx.run_dir.sft_data, "train")[:limit]
-    return encode_records(tok, recs, int(ctx.cfg["sft"]["max_seq_len"]), desc="encode sft mix")
+    return encode_records(tok, recs, ctx.cfg.sft.max_seq_len, desc="encode sft mix")
 
 
 def sft_mix_loss(model, ptx: dict) -> torch.Tensor:
@@ -101,12 +102,12 @@ def sft_mix_loss(model, ptx: dict) -> torch.Tensor:
     return loss
 
 
-def with_sft_mix(ctx, batches, tok, c: dict, seed: int):
-    """`batches`, with c["ptx_rows"] SFT conversations added to every batch when the stage's section `c` sets
+def with_sft_mix(ctx, batches, tok, c: PolicySection, seed: int):
+    """`batches`, with c.ptx_rows SFT conversations added to every batch when the stage's section `c` sets
     ptx_coef > 0 (PPO's and GRPO's); as it is otherwise."""
-    if float(c["ptx_coef"]) <= 0:
+    if c.ptx_coef <= 0:
         return batches
-    return WithSFTMix(batches, sft_mix_data(ctx, tok), tok.pad_id, int(c["ptx_rows"]), seed)
+    return WithSFTMix(batches, sft_mix_data(ctx, tok, c.ptx_pool), tok.pad_id, c.ptx_rows, seed)
 
 
 def add_sft_mix(loss: torch.Tensor, metrics: dict, model, b: dict, coef: float) -> torch.Tensor:

@@ -55,14 +55,18 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
@@ -70,7 +74,15 @@ from torch.utils.tensorboard import SummaryWriter
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.console import info, progress, table
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.core.runtime import Dist, cpu_group, gather_to_all, peak_flops, resolve_precision, setup_distributed
+from zero_chatgpt.core.runtime import (
+    Dist,
+    cpu_group,
+    gather_to_all,
+    peak_flops,
+    resolve_precision,
+    setup_distributed,
+)
+from zero_chatgpt.core.settings import RunSection, TrainingSection
 
 BatchSource = Callable[[int, int, int, int], Any]
 LossFn = Callable[[torch.nn.Module, Any], tuple]
@@ -83,29 +95,13 @@ def grad_accum(batch: int, per_micro: int, world: int) -> int:
     `per_micro` units per micro-batch on each of `world` ranks; at least 1."""
     return max(1, int(batch) // (int(per_micro) * world))
 
+
 @dataclass
-class LoopSettings:
-    max_steps: int = 1000
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1        # the schedule's floor, as a share of lr
-    warmup_steps: int = 100
-    schedule: str = "cosine"         # cosine | wsd | constant
-    decay_fraction: float = 0.2      # wsd: the last share of steps that decays to the floor
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0           # 0 = off
-    grad_accum: int = 1
-    precision: str = "auto"          # auto | fp32 | bf16
-    compile: bool = False
-    checkpoint_every: int = 500      # 0 = only at the end
-    keep_last: int = 2
-    eval_every: int = 200            # 0 = only at the end
-    log_every: int = 10
-    init_from: str = ""
-    fsdp: bool = False
-    seed: int = 1234
-    tensorboard: bool = True
+class LoopSettings(TrainingSection):
+    """The loop's settings: a training section's keys (core/settings.TrainingSection: their defaults, help and
+    checks live there, and config.validate checks them before a stage starts) and what the stage adds."""
+    grad_accum: int = 1              # micro-batches per optimizer step (the stage computes it: grad_accum())
+    seed: int = RunSection.seed
     schedule_steps: int = 0          # the steps the lr schedule spans (0 = max_steps); a continued run
                                      # keeps its first run's, and trains the added steps at the floor
     select_metric: str = ""          # an eval_fn key to maximize: the best evaluated step (after step 0)
@@ -116,31 +112,10 @@ class LoopSettings:
     select_from_start: bool = False  # with eval_at_start: the starting weights are a candidate too, so when
                                      # no trained step beats them, final/ holds them (RL never ships a model
                                      # worse on its held-out metric than the SFT model it started from)
-    optimizer: str = "adamw"         # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
-    ema_decay: float = 0.0           # > 0: keep an exponential moving average of the primary model's weights
-                                     # (ema = d * ema + (1 - d) * w after every step); evaluations, best/ and
-                                     # final/ use it, training goes on with the live weights; 0 = off
 
     @classmethod
-    def from_section(cls, section: dict, **overrides) -> "LoopSettings":
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in section.items() if k in names}
-        kw.update(overrides)
-        s = cls(**kw)
-        if s.schedule not in ("cosine", "wsd", "constant"):
-            raise UserError(f"schedule must be cosine, wsd or constant, got {s.schedule!r}")
-        if s.precision not in ("auto", "fp32", "bf16"):
-            raise UserError(f"precision must be auto, fp32 or bf16, got {s.precision!r}")
-        if not 0.0 <= s.ema_decay < 1.0:
-            raise UserError(f"ema_decay must be in [0, 1), got {s.ema_decay!r}")
-        if s.optimizer not in ("adamw", "muon"):
-            raise UserError(f"optimizer must be adamw or muon, got {s.optimizer!r}")
-        if s.optimizer == "muon" and s.fsdp:
-            raise UserError("optimizer = muon with fsdp: Muon orthogonalizes whole matrices, FSDP shards them; use DDP "
-                            "(fsdp = false) or adamw")
-        if s.ema_decay and s.fsdp:
-            raise UserError("ema_decay with fsdp: the average would be sharded like the weights; use DDP (fsdp = false)")
-        return s
+    def from_section(cls, section: TrainingSection, **overrides) -> "LoopSettings":
+        return cls(**{**section.loop_values(), **overrides})
 
 
 def lr_at(step: int, s: LoopSettings) -> float:

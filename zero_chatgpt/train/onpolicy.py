@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from zero_chatgpt.core import checkpoint as ckpt
-from zero_chatgpt.core.config import rl_seed
 from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.settings import Config, PolicySection
 from zero_chatgpt.eval.metrics import is_repetitive
 from zero_chatgpt.eval.prompts import encode_prompts
 from zero_chatgpt.model.generate import answer_ended
@@ -235,12 +235,12 @@ def sequence_rewards(scorer: RewardScorer | None, rule_fn, prompts, answers, idx
     return total, stats
 
 
-def rollout_settings(cfg, c: dict, samples_per_prompt: int = 1) -> RolloutSettings:
-    return RolloutSettings(prompts=int(c["prompts_per_rollout"]), samples_per_prompt=samples_per_prompt,
-                           epochs=int(c["epochs"]), minibatches=int(c["minibatches"]),
-                           temperature=float(cfg["rl"]["temperature"]), max_new_tokens=int(cfg["rl"]["max_new_tokens"]),
-                           seed=rl_seed(cfg), gen_batch_size=int(c["gen_batch_size"]),
-                           kl_budget=float(c["kl_budget"]))
+def rollout_settings(cfg: Config, c: PolicySection, samples_per_prompt: int = 1) -> RolloutSettings:
+    return RolloutSettings(prompts=c.prompts_per_rollout, samples_per_prompt=samples_per_prompt,
+                           epochs=c.epochs, minibatches=c.minibatches,
+                           temperature=cfg.rl.temperature, max_new_tokens=cfg.rl.max_new_tokens,
+                           seed=cfg.rl_seed(), gen_batch_size=c.gen_batch_size,
+                           kl_budget=c.kl_budget)
 
 
 @dataclass
@@ -269,17 +269,17 @@ class PolicyRun:
 def policy_setup(ctx, name: str) -> PolicyRun | None:
     """The trained stage's start (recipe.start), the SFT path, the RL prompts, the loop settings. None when
     the stage is current."""
-    s = recipe.start(ctx, name, extra={"eval.gold_fraction": ctx.cfg["eval"]["gold_fraction"]})
+    s = recipe.start(ctx, name, extra={"eval.gold_fraction": ctx.cfg.eval.gold_fraction})
     if s is None:
         return None
     cfg, rd, c, d, tok = s.cfg, s.rd, s.c, s.d, s.tok
-    if c["fsdp"]:
+    if c.fsdp:
         raise UserError(f"{name}.fsdp: RL samples from the model it trains, which needs its whole weights on every "
                         f"process; use DDP (fsdp = false)")
-    sft_path = Path(c["init_from"]) if c["init_from"] else ckpt.stage_model_path(rd, "sft")
+    sft_path = Path(c.init_from) if c.init_from else ckpt.stage_model_path(rd, "sft")
     records = alignment.rl_prompt_records(rd)
     pool, _ = encode_prompts(tok, records, chat=True, limit=10 ** 9)
-    settings = s.settings(grad_accum=1, seed=rl_seed(cfg), init_from="", select_metric="gold_char_f1",
+    settings = s.settings(grad_accum=1, seed=cfg.rl_seed(), init_from="", select_metric="gold_char_f1",
                           select_gate="gold_gain_lo", eval_at_start=True, select_from_start=True)
     return PolicyRun(s, sft_path, records, pool, settings,
                      loop.resolve_precision(settings.precision, d.device))

@@ -24,6 +24,7 @@ from zero_chatgpt.core.console import info, table
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.registry import PIPELINE
 from zero_chatgpt.core.runtime import GPU_PEAK_BF16, gpu_peak_bf16
+from zero_chatgpt.core.settings import Config
 from zero_chatgpt.model.transformer import ModelConfig, model_config_from
 
 # Memory of each card in GB (10^9 bytes, as sold); the first name contained in --gpu wins.
@@ -63,45 +64,45 @@ def state_bytes(params: int, optimizer: str) -> dict[str, float]:
             "optimizer": (4.0 if optimizer == "muon" else 8.0) * params}
 
 
-def _stage_rows(cfg: dict, m: ModelConfig) -> list[dict]:
+def _stage_rows(cfg: Config, m: ModelConfig) -> list[dict]:
     """Per trained stage: steps, trained tokens (or rows x length), FLOPs, micro-batch shape."""
-    p, s, rm, dpo, ppo, grpo, rl = (cfg[k] for k in ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "rl"))
+    p, s, rm, dpo, ppo, grpo, rl = (cfg.section(k) for k in ("pretrain", "sft", "rm", "dpo", "ppo", "grpo", "rl"))
     fwd_bwd = m.flops_per_token
     out = []
-    seq = int(p["seq_len"])
-    tokens = int(p["max_steps"]) * int(p["batch_tokens"])
-    out.append({"stage": "pretrain", "steps": int(p["max_steps"]), "tokens": tokens,
-                "flops": fwd_bwd(seq) * tokens, "rows": int(p["micro_batch_size"]), "seq": seq,
+    seq = p.seq_len
+    tokens = p.max_steps * p.batch_tokens
+    out.append({"stage": "pretrain", "steps": p.max_steps, "tokens": tokens,
+                "flops": fwd_bwd(seq) * tokens, "rows": p.micro_batch_size, "seq": seq,
                 "batch_key": "pretrain.micro_batch_size", "section": p})
-    seq = min(int(s["max_seq_len"]), m.max_position_embeddings)
-    tokens = int(s["max_steps"]) * int(s["batch_tokens"])       # padded rows included: what the GPU computes
-    out.append({"stage": "sft", "steps": int(s["max_steps"]), "tokens": tokens, "flops": fwd_bwd(seq) * tokens,
-                "rows": max(1, int(s["micro_batch_tokens"]) // seq), "seq": seq,
+    seq = min(s.max_seq_len, m.max_position_embeddings)
+    tokens = s.max_steps * s.batch_tokens       # padded rows included: what the GPU computes
+    out.append({"stage": "sft", "steps": s.max_steps, "tokens": tokens, "flops": fwd_bwd(seq) * tokens,
+                "rows": max(1, s.micro_batch_tokens // seq), "seq": seq,
                 "batch_key": "sft.micro_batch_tokens", "section": s})
     for name, sec, ref_forward in (("rm", rm, 0.0), ("dpo", dpo, 1 / 3)):
-        seq = min(int(sec["max_seq_len"]), m.max_position_embeddings)
-        tokens = int(sec["max_steps"]) * int(sec["batch_pairs"]) * 2 * seq        # at most: every row full
-        out.append({"stage": name, "steps": int(sec["max_steps"]), "tokens": tokens,
-                    "flops": fwd_bwd(seq) * tokens * (1 + ref_forward), "rows": 2 * int(sec["micro_batch_pairs"]),
+        seq = min(sec.max_seq_len, m.max_position_embeddings)
+        tokens = sec.max_steps * sec.batch_pairs * 2 * seq        # at most: every row full
+        out.append({"stage": name, "steps": sec.max_steps, "tokens": tokens,
+                    "flops": fwd_bwd(seq) * tokens * (1 + ref_forward), "rows": 2 * sec.micro_batch_pairs,
                     "seq": seq, "batch_key": f"{name}.micro_batch_pairs", "section": sec})
-    new = int(rl["max_new_tokens"])
+    new = rl.max_new_tokens
     seq = min(m.max_position_embeddings, 2 * new + 64)          # an RL prompt (a question) + its answer
-    for name, sec, group in (("ppo", ppo, 1), ("grpo", grpo, int(grpo.get("samples_per_prompt", 1)))):
-        updates = int(sec["epochs"]) * int(sec["minibatches"])
-        rollouts = -(-int(sec["max_steps"]) // updates)
-        answers = int(sec["prompts_per_rollout"]) * group
+    for name, sec, group in (("ppo", ppo, 1), ("grpo", grpo, grpo.samples_per_prompt)):
+        updates = sec.epochs * sec.minibatches
+        rollouts = -(-sec.max_steps // updates)
+        answers = sec.prompts_per_rollout * group
         gen_tokens = rollouts * answers * new
-        train_tokens = rollouts * int(sec["epochs"]) * answers * seq
+        train_tokens = rollouts * sec.epochs * answers * seq
         # sampling + the policy's and the reference's log-probs (+ PPO's critic) are forwards; the updates train
         forwards = gen_tokens + rollouts * answers * seq * (3 if name == "ppo" else 2)
         flops = fwd_bwd(seq) * (train_tokens * (2 if name == "ppo" else 1) + forwards / 3)
-        out.append({"stage": name, "steps": int(sec["max_steps"]), "tokens": train_tokens, "flops": flops,
-                    "rows": max(1, answers // int(sec["minibatches"])), "seq": seq,
+        out.append({"stage": name, "steps": sec.max_steps, "tokens": train_tokens, "flops": flops,
+                    "rows": max(1, answers // sec.minibatches), "seq": seq,
                     "batch_key": f"{name}.minibatches", "section": sec, "generated": gen_tokens})
     return out
 
 
-def plan(cfg: dict, *, gpus: int = 1, gpu: str = "H100", mfu: float = 0.4) -> dict:
+def plan(cfg: Config, *, gpus: int = 1, gpu: str = "H100", mfu: float = 0.4) -> dict:
     """The whole estimate as a dict (what --json prints)."""
     if not 0 < mfu <= 1:
         raise UserError(f"--mfu {mfu}: a share of the peak, in (0, 1]")
@@ -110,19 +111,19 @@ def plan(cfg: dict, *, gpus: int = 1, gpu: str = "H100", mfu: float = 0.4) -> di
     if peak is None or mem_gb is None:
         known = ", ".join(n for n, _ in GPU_PEAK_BF16 if gpu_memory_gb(n))
         raise UserError(f"--gpu {gpu!r}: unknown card; name one of {known}")
-    m = model_config_from(cfg["model"], int(cfg["tokenizer"]["vocab_size"]))
+    m = model_config_from(cfg.model, cfg.tokenizer.vocab_size)
     params = m.num_params()
     stages = {}
     for r in _stage_rows(cfg, m):
         sec = r["section"]
-        opt = str(sec.get("optimizer", "adamw"))
+        opt = sec.optimizer
         st = state_bytes(params * (2 if r["stage"] == "ppo" else 1), opt)     # PPO trains a critic beside
         frozen = 2.0 * params * {"dpo": 1, "ppo": 2, "grpo": 1}.get(r["stage"], 0)   # bf16 reference (+ RM)
-        bf16 = str(sec.get("precision", "auto")) != "fp32"
+        bf16 = sec.precision != "fp32"
         act = activation_bytes(m, r["rows"], r["seq"], bf16)
         ddp = sum(st.values()) + frozen + act
         fsdp = sum(st.values()) / gpus + frozen + act
-        need = (fsdp if sec.get("fsdp") else ddp) / 1e9 + RESERVED_GB
+        need = (fsdp if sec.fsdp else ddp) / 1e9 + RESERVED_GB
         seconds = r["flops"] / (peak * mfu * gpus)
         row = {"steps": r["steps"], "tokens": r["tokens"], "flops": r["flops"], "seconds": seconds,
                "micro_batch": [r["rows"], r["seq"]], "optimizer": opt,
@@ -139,10 +140,10 @@ def plan(cfg: dict, *, gpus: int = 1, gpu: str = "H100", mfu: float = 0.4) -> di
     shard_bytes = 2 if m.vocab_size <= 65536 else 4
     corpus_tokens = stages["pretrain"]["tokens"]
     ckpt_gb = (4.0 + 8.0) * params / 1e9          # weights + AdamW moments; final/ holds the weights only
-    keep = int(cfg["pretrain"]["keep_last"])
+    keep = cfg.pretrain.keep_last
     return {
         "gpu": gpu, "gpus": gpus, "mfu": mfu, "peak_flops_per_gpu": peak,
-        "gpu_memory_gb": mem_gb, "params": params, "flops_per_token": m.flops_per_token(int(cfg["pretrain"]["seq_len"])),
+        "gpu_memory_gb": mem_gb, "params": params, "flops_per_token": m.flops_per_token(cfg.pretrain.seq_len),
         "stages": stages,
         "total_hours": sum(s["seconds"] for s in stages.values()) / 3600,
         "disk_gb": {"token_shards": corpus_tokens * shard_bytes / 1e9,
@@ -165,7 +166,7 @@ def _fix(r: dict, need_gb: float, act: float, mem_gb: float) -> str:
                  "rm.micro_batch_pairs": max(1, rows // 2), "dpo.micro_batch_pairs": max(1, rows // 2)}.get(r["batch_key"])
         if value is not None:
             return f"--set {r['batch_key']}={value} (the global batch stays; accumulation grows)"
-        more = int(r["section"]["minibatches"]) * math.ceil(r["rows"] / rows)
+        more = r["section"].minibatches * math.ceil(r["rows"] / rows)
         return f"--set {r['batch_key']}={more} (smaller minibatches: more optimizer steps per rollout)"
     if not r["section"].get("fsdp") and r["stage"] in ("pretrain", "sft", "rm", "dpo"):
         return f"--set {r['stage']}.fsdp=true (shards weights, gradients and optimizer state across the GPUs)"

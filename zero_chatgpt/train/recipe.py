@@ -25,6 +25,7 @@ import torch
 from zero_chatgpt.core.registry import STAGES
 from zero_chatgpt.core.rundir import Context, StageRun, begin
 from zero_chatgpt.core.runtime import Dist, setup_distributed
+from zero_chatgpt.core.settings import Config, TrainingSection
 from zero_chatgpt.model.tokenizer import load_tokenizer
 from zero_chatgpt.train import loop
 
@@ -41,7 +42,7 @@ class StageStart:
     tok: object
 
     @property
-    def cfg(self) -> dict:
+    def cfg(self) -> Config:
         return self.ctx.cfg
 
     @property
@@ -49,9 +50,9 @@ class StageStart:
         return self.ctx.run_dir
 
     @property
-    def c(self) -> dict:
+    def c(self) -> TrainingSection:
         """The stage's config section."""
-        return self.ctx.cfg[self.name]
+        return self.ctx.cfg.section(self.name)
 
     @property
     def main(self) -> bool:
@@ -83,7 +84,7 @@ def start(ctx: Context, name: str, *, extra: dict | None = None, reads: tuple[st
           ) -> StageStart | None:
     """The opening of every trained stage: the distributed setup, `begin` (None when the stage is up to
     date, or refused with a UserError), and the run's tokenizer."""
-    d = setup_distributed(ctx.cfg["run"]["device"])
+    d = setup_distributed(ctx.cfg.run.device)
     run = begin(ctx, name, extra=extra, reads=reads)
     if run.skip:
         return None

@@ -34,7 +34,12 @@ from zero_chatgpt.core.rundir import (
     write_sub_marker,
 )
 from zero_chatgpt.data import chat_data
-from zero_chatgpt.model.losses import IGNORE, lm_loss, right_pad, unlikelihood_candidates
+from zero_chatgpt.model.losses import (
+    IGNORE,
+    lm_loss,
+    right_pad,
+    unlikelihood_candidates,
+)
 
 
 def truncate(ids: list[int], mask: list[int], max_len: int) -> tuple[list[int], list[int], bool]:
@@ -233,26 +238,26 @@ DATA_KEYS = ("sources", "eval_fraction", "rl_fraction", "val_fraction", "multi_t
 def sft_inputs(ctx) -> dict:
     """What of [sft] besides the config goes into its keys: the --source files and the init_from
     folder by content (an edited source file is noticed; a moved one is not a change)."""
-    s, root = ctx.cfg["sft"], ctx.run_dir.root
+    s, root = ctx.cfg.sft, ctx.run_dir.root
 
     def compute() -> dict:
-        out = {"sft.sources": source_fingerprints(s["sources"], root)}
-        if s.get("init_from"):
-            out["sft.init_from"] = folder_fingerprint(Path(s["init_from"]), root)
+        out = {"sft.sources": source_fingerprints(s.sources, root)}
+        if s.init_from:
+            out["sft.init_from"] = folder_fingerprint(Path(s.init_from), root)
         return out
-    return inputs_or_recorded(ctx, "sft", ["sft.sources"] + (["sft.init_from"] if s.get("init_from") else []), compute)
+    return inputs_or_recorded(ctx, "sft", ["sft.sources"] + (["sft.init_from"] if s.init_from else []), compute)
 
 
 def ensure_sft_data(ctx, inputs: dict | None = None) -> dict:
     """Build RUN_DIR/sft_data/ unless it is up to date with the data keys of [sft], its sources and run.seed."""
     out = ctx.run_dir.sft_data
     inputs = inputs or sft_inputs(ctx)
-    parts = {"sft": {k: ctx.cfg["sft"].get(k) for k in DATA_KEYS if k != "sources"},
-             "sources": inputs["sft.sources"], "seed": ctx.cfg["run"]["seed"]}
-    if int(ctx.cfg["data"].get("idioms", 0)):          # the built-in idiom world (absent: the whole dictionary)
-        parts["idioms"] = int(ctx.cfg["data"]["idioms"])
-    if int(ctx.cfg["sft"].get("extra_idioms", 0)):     # absent: the key of a run made before it existed holds
-        parts["extra_idioms"] = int(ctx.cfg["sft"]["extra_idioms"])
+    parts = {"sft": {k: getattr(ctx.cfg.sft, k) for k in DATA_KEYS if k != "sources"},
+             "sources": inputs["sft.sources"], "seed": ctx.cfg.run.seed}
+    if ctx.cfg.data.idioms:          # the built-in idiom world (absent: the whole dictionary)
+        parts["idioms"] = ctx.cfg.data.idioms
+    if ctx.cfg.sft.extra_idioms:     # absent: the key of a run made before it existed holds
+        parts["extra_idioms"] = ctx.cfg.sft.extra_idioms
     key = sub_key(parts)
     done = read_marker(out)
     if not ctx.force and done.get("key") == key and (out / "stats.json").exists():
