@@ -35,7 +35,8 @@ from zero_chatgpt.core.runtime import gpu_peak_bf16  # noqa: E402
 from zero_chatgpt.model.generate import generate  # noqa: E402
 from zero_chatgpt.model.losses import lm_loss  # noqa: E402
 from zero_chatgpt.model.transformer import Transformer, model_config_from  # noqa: E402
-from zero_chatgpt.train.loop import LoopSettings, build_optimizer  # noqa: E402
+from zero_chatgpt.train.loop import LoopSettings  # noqa: E402
+from zero_chatgpt.train.optim import build_optimizer  # noqa: E402
 
 
 def device_name(dev: torch.device) -> str:

@@ -92,6 +92,7 @@ def grpo(a, tok, hf_dir, idioms, tmp) -> dict:
 
     from zero_chatgpt.stages.grpo import GRPOScoring, grpo_loss
     from zero_chatgpt.train import loop
+    from zero_chatgpt.train.optim import build_optimizer
     from zero_chatgpt.train.onpolicy import RolloutBatches, RolloutSettings
     from zero_chatgpt.core.settings import GRPOSection
     P, k, new, steps = a.prompts, a.k, a.new, a.steps
@@ -108,7 +109,7 @@ def grpo(a, tok, hf_dir, idioms, tmp) -> dict:
     src = RolloutBatches(rs, pool=pool, policy=policy, ref=ref, tok=tok, scoring=GRPOScoring(Rule(), None, k,
                          GRPOSection(missing_eos_penalty=0.0), tok), precision="fp32")
     loss_fn = grpo_loss(1.0, 0.2, 0.04)
-    opt = loop.build_optimizer(policy, loop.LoopSettings(lr=1e-6), torch.device("cpu"))
+    opt = build_optimizer(policy, loop.LoopSettings(lr=1e-6), torch.device("cpu"))
     ours = []
     for step in range(steps + 1):
         t0 = time.perf_counter()
@@ -145,6 +146,7 @@ def dpo(a, tok, hf_dir, idioms, tmp) -> dict:
 
     from zero_chatgpt.stages.dpo import DPOBatches, dpo_loss
     from zero_chatgpt.train import loop
+    from zero_chatgpt.train.optim import build_optimizer
     from zero_chatgpt.train.pairs import encode_pairs, sequence_logprobs
     B, steps = a.pairs, a.steps
     n = B * (steps + 1)
@@ -154,7 +156,7 @@ def dpo(a, tok, hf_dir, idioms, tmp) -> dict:
     policy = ckpt.load_model(hf_dir).train()
     src = DPOBatches(enc, tok.pad_id, B, 1, 0, ref_model=ckpt.load_model(hf_dir))
     src.pairs_of = lambda m: list(range(m * B, (m + 1) * B))      # in order: every step draws new pairs
-    opt = loop.build_optimizer(policy, loop.LoopSettings(lr=1e-6), torch.device("cpu"))
+    opt = build_optimizer(policy, loop.LoopSettings(lr=1e-6), torch.device("cpu"))
     ours = []
     for step in range(steps + 1):
         t0 = time.perf_counter()

@@ -36,7 +36,8 @@ from zero_chatgpt.core import config  # noqa: E402
 from zero_chatgpt.core.runtime import resolve_precision  # noqa: E402
 from zero_chatgpt.model.losses import lm_loss  # noqa: E402
 from zero_chatgpt.model.transformer import Transformer, model_config_from  # noqa: E402
-from zero_chatgpt.train.loop import LoopSettings, build_optimizer  # noqa: E402
+from zero_chatgpt.train.loop import LoopSettings  # noqa: E402
+from zero_chatgpt.train.optim import build_optimizer  # noqa: E402
 
 
 def rss_mb() -> float:

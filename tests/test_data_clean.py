@@ -8,15 +8,7 @@ from collections import Counter
 import pytest
 
 from zero_chatgpt.core.settings import DataSection
-from zero_chatgpt.data.clean import (
-    Cleaner,
-    codepoints,
-    count_cjk,
-    mask_pii,
-    nfkc_keep_punct,
-    ngram_stats,
-    normalize,
-)
+from zero_chatgpt.data.clean import Cleaner, codepoints, count_cjk, mask_pii, nfkc_keep_punct, ngram_stats, normalize
 
 NEWS = ("新华社北京１月２日电　国家统计局今天发布的数据显示，去年全国粮食总产量再创新高，"
         "比上年增长百分之二点五。专家认为，这与科技进步和农田水利建设密切相关。")

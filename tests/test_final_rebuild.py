@@ -8,7 +8,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from runs import tiny_args, write_sources, zc
 from test_loop_models import _lm_loss, _model, _Toy

@@ -20,13 +20,7 @@ from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.settings import ChatSection
 from zero_chatgpt.export.gguf import export_gguf, permute_qk, tensor_names
 from zero_chatgpt.model.generate import generate
-from zero_chatgpt.model.tokenizer import (
-    BYTE_TO_CHAR,
-    DEFAULT_PATTERN,
-    Tokenizer,
-    chat_template,
-    load_tokenizer,
-)
+from zero_chatgpt.model.tokenizer import BYTE_TO_CHAR, DEFAULT_PATTERN, Tokenizer, chat_template, load_tokenizer
 from zero_chatgpt.model.transformer import ModelConfig, Transformer
 
 # Llama 3's split regex as llama.cpp's llama-vocab.cpp quotes it for LLAMA_VOCAB_PRE_TYPE_LLAMA3 (the

@@ -12,14 +12,10 @@ import torch.nn.functional as F
 from test_loop_resume import HERE, read_log, run_env
 
 from zero_chatgpt.core import checkpoint as ckpt
-from zero_chatgpt.model.losses import (
-    LMLoss,
-    ScalarValues,
-    TokenLogProbs,
-    chunked_cross_entropy,
-)
+from zero_chatgpt.model.losses import LMLoss, ScalarValues, TokenLogProbs, chunked_cross_entropy
 from zero_chatgpt.model.transformer import ModelConfig, Transformer
 from zero_chatgpt.train import loop
+from zero_chatgpt.train.optim import build_optimizer
 
 CFG = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, max_position_embeddings=32)
@@ -254,7 +250,7 @@ def test_muon_trains_the_blocks_matrices_and_resumes_exactly(tmp_path):
     """optimizer = muon: torch's Muon for the blocks' 2-D weights, AdamW for embedding and norms, one
     optimizer state in the checkpoint; a run stopped and continued ends bitwise where one run does."""
     m = _model()
-    opt = loop.build_optimizer(m, loop.LoopSettings(optimizer="muon"), torch.device("cpu"))
+    opt = build_optimizer(m, loop.LoopSettings(optimizer="muon"), torch.device("cpu"))
     muon, adamw = opt.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}

@@ -11,12 +11,7 @@ import transformers  # noqa: E402 - a dev extra (make test installs it): never s
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core import config
 from zero_chatgpt.model.losses import lm_loss
-from zero_chatgpt.model.transformer import (
-    KVCache,
-    ModelConfig,
-    Transformer,
-    model_config_from,
-)
+from zero_chatgpt.model.transformer import KVCache, ModelConfig, Transformer, model_config_from
 from zero_chatgpt.train.loop import LoopSettings, lr_at
 
 

@@ -172,7 +172,8 @@ def _write_eval(rd, recs, stage, answers, sft=None):
 def whole(partial, tmp_path_factory):
     """The partial run with every later stage's outputs: checkpoints (the pretrained weights, recorded as each
     stage would record them), logs, eval/<stage>.json, rm.json and the RL curves."""
-    from zero_chatgpt.train import alignment, loop
+    from zero_chatgpt.train import alignment
+    from zero_chatgpt.train.train_log import TrainResult
     rd = tmp_path_factory.mktemp("whole") / "run"
     shutil.copytree(partial[0], rd)
     reads = {"sft": ["tokenizer", "pretrain"], "rm": ["sft"], "ppo": ["sft", "rm"], "dpo": ["sft", "rm"],
@@ -187,7 +188,7 @@ def whole(partial, tmp_path_factory):
         (rd / "logs" / f"{stage}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     for stage in ("ppo", "dpo", "grpo"):
         gold = [{"step": s, "gold_char_f1": 0.2 + 0.01 * s} for s in (0, 4, 8)]
-        res = loop.TrainResult(step=8, final=None, last_loss=0.1, evals=gold, tokens=0, seconds=1.0,
+        res = TrainResult(step=8, final=None, last_loss=0.1, evals=gold, tokens=0, seconds=1.0,
                                precision="fp32", resumed_from=0, selected_step=4)
         steps = [{"step": s, "reward_margin": 0.1 * s, "reward_accuracy": 0.5 + s / 20} if stage == "dpo" else
                  {"step": s, "rollout": s, "reward": -1 + 0.2 * s, "kl": 0.05 * s} for s in range(1, 9)]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from runs import record_stage, skip_unless_ci, tiny_args, write_sources, zc
+from runs import previous_version, record_stage, tiny_args, write_sources, zc
 from zero_chatgpt.cli import main
 from zero_chatgpt.core import config
 from zero_chatgpt.core.errors import UserError
@@ -274,13 +274,7 @@ def test_runs_of_the_previous_version_are_kept_not_replaced(tmp_path, capsys):
     """A run made by the previous version's real code: its records do not say what each stage was built
     from, so its trained models and the stages they were built from are refused, never replaced, and
     nothing in the run changes; a new run directory works as usual."""
-    root = __import__("pathlib").Path(__file__).resolve().parent.parent
-    old = tmp_path / "old"
-    old.mkdir()
-    got = subprocess.run(f"git -C {root} archive {LEGACY} zero_chatgpt | tar -x -C {old}", shell=True,
-                         capture_output=True, text=True)
-    if got.returncode != 0:
-        skip_unless_ci(f"the previous version ({LEGACY}) is not in this clone's history: {got.stderr.strip()[:200]}")
+    old = previous_version(tmp_path / "old", LEGACY)
     corpus, chat = write_sources(tmp_path / "src")
     run = tmp_path / "run"
     env = {"PYTHONPATH": str(old)}

@@ -17,15 +17,7 @@ from zero_chatgpt.core import config as config_mod
 from zero_chatgpt.core import timings
 from zero_chatgpt.core.console import info, is_main_process, table
 from zero_chatgpt.core.errors import UserError, os_error_line
-from zero_chatgpt.core.registry import (
-    PIPELINE,
-    READ_ONLY,
-    STAGES,
-    TOOLS,
-    Stage,
-    is_built,
-    model_stages,
-)
+from zero_chatgpt.core.registry import PIPELINE, READ_ONLY, STAGES, TOOLS, Stage, is_built, model_stages
 from zero_chatgpt.core.rundir import Context, RunDir, RunLock, pick_model
 from zero_chatgpt.core.settings import describe_keys
 
@@ -76,6 +68,7 @@ def _checked(convert, ok, kind: str, bound: str):
 
 
 _positive_int = _checked(int, lambda v: v >= 1, "a whole number", ">= 1")
+_nonnegative_int = _checked(int, lambda v: v >= 0, "a whole number", ">= 0")
 _port = _checked(int, lambda v: 0 <= v <= 65535, "a port number", "0..65535 (0 picks a free one)")
 _positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a number", "finite and > 0")
 
@@ -112,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(JSON lines {prompt, chosen, rejected})")
         if st.name == "eval":
             p.add_argument("--stage", default=None, choices=lm, help="evaluate only this stage; default: all trained")
+            p.add_argument("--bench", action="append", default=None, metavar="NAME:DIR",
+                           help="instead of the held-out prompts, score a standard benchmark from its files on disk: "
+                                "ceval:DIR (DIR/dev, DIR/val: C-Eval's CSVs) or cmmlu:DIR (DIR/dev, DIR/test); "
+                                "repeatable. Accuracy per subject and overall, beside chance, for every trained "
+                                "stage, in RUN_DIR/eval/bench_NAME.json (scored as lm-evaluation-harness does)")
+            p.add_argument("--shots", type=_nonnegative_int, default=5,
+                           help="solved examples from the subject's dev split before each question (default 5, as "
+                                "C-Eval and CMMLU report)")
         if st.name in ("chat", "serve", "export"):
             p.add_argument("--stage", default=None, choices=lm,
                            help="which trained model to load; default: the last stage in pipeline order whose model "

@@ -25,17 +25,7 @@ import tomllib
 
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_text
-from zero_chatgpt.core.settings import (
-    BY_NAME,
-    PRESET_DIR,
-    SECTIONS,
-    Config,
-    Rule,
-    default_dict,
-    preset_names,
-    rule_of,
-    toml_value,
-)
+from zero_chatgpt.core.settings import BY_NAME, PRESET_DIR, SECTIONS, Config, Rule, default_dict, preset_names, rule_of, toml_value
 
 CONFIG_FILE = "config.toml"
 DEFAULT_PRESET = "demo"

@@ -7,7 +7,7 @@ rolling hash per n-gram size and one sort for all sizes together, so a 1,000-cha
 document costs ~400 microseconds in all (bench/clean.py: ~2,600 docs/s per core, 4x a
 plain Counter/set implementation of the same rules).
 
-Rules and thresholds (each is a key of [data] in presets/defaults.toml):
+Rules and thresholds (each is a key of [data]: core/settings.DataSection):
 - normalize: Unicode NFKC (full-width digits and letters → ASCII) keeping Chinese
   full-width punctuation (，！？：；（）～…), which NFKC would turn into ASCII; optional
   traditional → simplified with OpenCC `t2s`; the seed's removal of `[n]` / `[n-m]`

@@ -30,15 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.data.streams import (
-    MAX_RECORD_BYTES,
-    BadRecords,
-    has_surrogates,
-    json_array,
-    json_lines,
-    parquet_records,
-    text_records,
-)
+from zero_chatgpt.data.streams import MAX_RECORD_BYTES, BadRecords, has_surrogates, json_array, json_lines, parquet_records, text_records
 
 # FORMAT → (record shape, what it reads). The order is the order of the help text.
 FORMATS = {

@@ -11,7 +11,7 @@ arXiv:1908.04319, token level): at each answer position, the tokens the answer h
     alpha * sum_{c in C} -log(1 - p(c | prefix)).
 Maximum likelihood alone leaves a small model free to put its mass back on what it just said; a
 greedy decoder then loops ("废寝忘餐，废寝忘餐，..."). On the demo SFT it cut plain-greedy answers
-with a 4-gram repeated 3+ times from 17 % to 2.5 % at equal validation loss (see presets/defaults.toml).
+with a 4-gram repeated 3+ times from 17 % to 2.5 % at equal validation loss (docs/experiments.md).
 Its gradient w.r.t. the logits z is closed-form, so it lives in the same fused pass:
     d/dz_j sum_c -log(1 - p_c) = sum_c w_c [j = c] - p_j sum_c w_c,   w_c = p_c / (1 - p_c).
 """

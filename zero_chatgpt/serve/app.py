@@ -36,23 +36,10 @@ from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.settings import ChatSection
 from zero_chatgpt.serve import api
 from zero_chatgpt.serve.chat import load_chat_model
-from zero_chatgpt.serve.engine import (
-    CacheTooLarge,
-    Draining,
-    Engine,
-    EngineFailed,
-    QueueFull,
-    Sampling,
-)
+from zero_chatgpt.serve.engine import CacheTooLarge, Draining, Engine, EngineFailed, QueueFull, Sampling
 from zero_chatgpt.serve.engine import Request as EngineRequest
 from zero_chatgpt.serve.gate import Gate, error_response
-from zero_chatgpt.serve.server import (
-    check_api_key,
-    check_exposure,
-    is_loopback,
-    say,
-    serve,
-)
+from zero_chatgpt.serve.server import check_api_key, check_exposure, is_loopback, say, serve
 
 if TYPE_CHECKING:
     # engine.py loads torch (seconds): run_command imports it only once the settings have passed their checks,

@@ -33,13 +33,9 @@ import numpy as np
 
 from zero_chatgpt.core.console import info, progress, table
 from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.fingerprints import source_fingerprints
 from zero_chatgpt.core.io import JsonlZstWriter, atomic_write_json, iter_jsonl
-from zero_chatgpt.core.rundir import (
-    Context,
-    begin,
-    inputs_or_recorded,
-    source_fingerprints,
-)
+from zero_chatgpt.core.rundir import Context, begin, inputs_or_recorded
 from zero_chatgpt.core.settings import DataSection
 from zero_chatgpt.core.workers import command_alive, fault_point
 from zero_chatgpt.data import builtin

@@ -23,12 +23,7 @@ from zero_chatgpt.core.console import info
 from zero_chatgpt.data import preference as pref
 from zero_chatgpt.model.losses import IGNORE
 from zero_chatgpt.train import alignment, loop, recipe
-from zero_chatgpt.train.pairs import (
-    PairBatches,
-    collate,
-    encode_pairs,
-    sequence_logprobs,
-)
+from zero_chatgpt.train.pairs import PairBatches, collate, encode_pairs, sequence_logprobs
 
 
 def dpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:

@@ -66,30 +66,13 @@ from zero_chatgpt.core.console import info, table
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_text
 from zero_chatgpt.core.registry import model_stages
-from zero_chatgpt.core.rundir import begin, read_marker, stale_reason, sub_key
+from zero_chatgpt.core.fingerprints import fingerprint_files
+from zero_chatgpt.core.rundir import begin, final_digest, read_marker, stale_reason, sub_key
 from zero_chatgpt.data.builtin import load_idioms
 from zero_chatgpt.data.chat_data import SCORED_KINDS, read_split
-from zero_chatgpt.eval import everyday
-from zero_chatgpt.eval.metrics import (
-    METRICS,
-    aggregate,
-    compare,
-    format_diff,
-    kl_along,
-    per_prompt_values,
-    rm_scores,
-    score,
-    sig4,
-    win_rates,
-)
-from zero_chatgpt.eval.prompts import (
-    answer_prompts,
-    encode_prompts,
-    prompt_id,
-    question_of,
-    select_prompts,
-    split_eval,
-)
+from zero_chatgpt.eval import benchmarks, everyday
+from zero_chatgpt.eval.metrics import METRICS, aggregate, compare, format_diff, kl_along, per_prompt_values, rm_scores, score, sig4, win_rates
+from zero_chatgpt.eval.prompts import answer_prompts, encode_prompts, prompt_id, question_of, select_prompts, split_eval
 from zero_chatgpt.model.generate import answer_ended
 from zero_chatgpt.model.reward_model import RewardScorer
 from zero_chatgpt.model.tokenizer import load_tokenizer
@@ -316,9 +299,8 @@ def print_tables(results: dict[str, dict], base: dict, n_prompts: int, how: str,
               title="difference to SFT, paired by prompt, mean [95 % bootstrap interval]; * = 0 is outside")
 
 
-def run_stage(ctx) -> None:
-    rd, e = ctx.run_dir, ctx.cfg.eval
-    want = ctx.args.get("stage")
+def _stages_asked(rd, want: str | None) -> tuple[list[str], list[str]]:
+    """The stages to evaluate: `want` (with SFT beside it) or every complete and current one."""
     have, notes = trained_stages(rd)
     for n in notes:
         info(f"eval: not evaluating {n}")
@@ -334,6 +316,54 @@ def run_stage(ctx) -> None:
         stages = have
     if not stages:
         raise UserError(f"no trained model in {rd.root}: run `zero-chatgpt pretrain --run-dir {rd.root}` first")
+    return stages, notes
+
+
+def run_benchmarks(ctx, specs: list[str]) -> None:
+    """`eval --bench NAME:DIR`: C-Eval / CMMLU accuracy of every stage's model beside chance, in
+    eval/bench_NAME.json; a stage whose weights, benchmark files and shots are unchanged is not scored again."""
+    rd, shots = ctx.run_dir, ctx.args.get("shots", 5)
+    stages, _ = _stages_asked(rd, ctx.args.get("stage"))
+    tok = load_tokenizer(rd.tokenizer)
+    for spec in specs:
+        name, root = benchmarks.parse_spec(spec)
+        bench = benchmarks.read_benchmark(name, root)
+        if bench.bad:
+            info(f"{name}: {len(bench.bad)} rows skipped, e.g. " + "; ".join(bench.bad[:3]))
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".csv", ".json"))
+        data = fingerprint_files([(str(p.relative_to(root)), p) for p in files], rd.root)
+        path = rd.eval / f"bench_{name}.json"
+        old = json.loads(path.read_text()).get("stages", {}) if path.exists() and not ctx.force else {}
+        res = {"bench": name, "dir": str(root.resolve()), "split": bench.layout.scored, "shots": shots,
+               "chance": benchmarks.CHANCE, "subjects": len(bench.subjects), "questions": bench.n_questions,
+               "bad_rows": len(bench.bad), "bad_samples": bench.bad[:20], "stages": {}}
+        for st in stages:
+            key = sub_key({"model": final_digest(rd / st), "data": data, "shots": shots,
+                           "scoring": benchmarks.SCORING_VERSION})
+            if old.get(st, {}).get("key") == key:
+                info(f"eval {name} {st}: up to date in {path} (use --force to redo)")
+                res["stages"][st] = old[st]
+                continue
+            t0 = time.time()
+            model = load_model(stage_model_path(rd, st)).eval()
+            r = benchmarks.score_benchmark(model, tok, bench, shots, batch_size=ctx.cfg.eval.batch_size // 4 or 1)
+            res["stages"][st] = {"key": key, "seconds": round(time.time() - t0, 1), **r}
+            info(f"eval {name} {st}: accuracy {r['accuracy']:.3f} of {r['n']:,} questions ({time.time() - t0:.0f} s)")
+        rd.eval.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, _compact_json(res) + "\n")
+        rows = [[st, f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", f"{r['subject_mean']:.3f}",
+                 f"{r['correct']:,} / {r['n']:,}", "yes" if r["above_chance"] else "no", f"{r['truncated_prompts']:,}"]
+                for st, r in res["stages"].items()]
+        table(["stage", "accuracy [95 % CI]", "subject mean", "correct", "above chance", "prompts cut"], rows,
+              title=f"{name} ({bench.layout.scored}, {len(bench.subjects)} subjects, {shots}-shot; chance "
+                    f"{benchmarks.CHANCE:.2f}) → {path}")
+
+
+def run_stage(ctx) -> None:
+    if ctx.args.get("bench"):
+        return run_benchmarks(ctx, ctx.args["bench"])
+    rd, e = ctx.run_dir, ctx.cfg.eval
+    stages, notes = _stages_asked(rd, ctx.args.get("stage"))
     with_sft = "sft" in stages
     use_rm = with_sft and any(s != "sft" for s in stages) and stale_reason(rd, "rm") is None
     # on skip, the loop below finds every eval/<stage>.json current

@@ -39,17 +39,8 @@ from zero_chatgpt.eval.pinyin import pinyin_exact
 from zero_chatgpt.model.losses import IGNORE, TokenLogProbs
 from zero_chatgpt.model.reward_model import RewardScorer, load_scorer
 from zero_chatgpt.train import alignment
-from zero_chatgpt.train.onpolicy import (
-    RolloutBatches,
-    policy_setup,
-    rollout_settings,
-    sequence_rewards,
-)
-from zero_chatgpt.train.rl_math import (
-    clipped_policy_loss,
-    group_advantages,
-    masked_mean,
-)
+from zero_chatgpt.train.onpolicy import RolloutBatches, policy_setup, rollout_settings, sequence_rewards
+from zero_chatgpt.train.rl_math import clipped_policy_loss, group_advantages, masked_mean
 
 RULE_KINDS = ("pinyin", "chain")
 

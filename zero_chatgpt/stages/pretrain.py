@@ -24,14 +24,16 @@ import torch
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.console import info
 from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.fingerprints import folder_fingerprint
 from zero_chatgpt.core.io import atomic_write_json
-from zero_chatgpt.core.rundir import Context, folder_fingerprint, inputs_or_recorded
+from zero_chatgpt.core.rundir import Context, inputs_or_recorded
 from zero_chatgpt.core.settings import PretrainSection
 from zero_chatgpt.model import token_shards as tokens_mod
 from zero_chatgpt.model.generate import generate
 from zero_chatgpt.model.losses import LMLoss, lm_loss
 from zero_chatgpt.model.transformer import Transformer, model_config_from
 from zero_chatgpt.train import loop, recipe
+from zero_chatgpt.train.train_log import print_summary
 
 
 class PackedBlocks:
@@ -191,7 +193,7 @@ def run_stage(ctx: Context) -> None:
     prev = _read_json(path)
     prev.update(report)
     atomic_write_json(path, prev)
-    loop.print_summary("pretrain", result)
+    print_summary("pretrain", result)
     for s_ in samples[:3]:
         info(f"  sample: {s_['text'][:80]!r}")
     run.complete({k: report[k] for k in ("val_loss", "val_bpc", "train_loss", "steps", "tokens")})

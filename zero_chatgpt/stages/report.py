@@ -27,16 +27,10 @@ from zero_chatgpt.core import config as config_mod
 from zero_chatgpt.core import timings
 from zero_chatgpt.core.console import SMALL_N, info, share, table
 from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.fingerprints import fingerprint_files
 from zero_chatgpt.core.io import atomic_write_bytes, atomic_write_text
 from zero_chatgpt.core.registry import PIPELINE, model_stages
-from zero_chatgpt.core.rundir import (
-    MARKER,
-    begin,
-    fingerprint_files,
-    read_marker,
-    stale_reason,
-    sub_key,
-)
+from zero_chatgpt.core.rundir import MARKER, begin, read_marker, stale_reason, sub_key
 from zero_chatgpt.data.clean import funnel_rows
 from zero_chatgpt.eval.everyday import table_rows
 from zero_chatgpt.eval.metrics import format_diff
@@ -385,6 +379,27 @@ def models_section(r: Run) -> list:
     return out + answers(res)
 
 
+def benchmarks_section(r: Run) -> list:
+    """C-Eval / CMMLU, where `zero-chatgpt eval --bench` scored them (eval/bench_NAME.json)."""
+    found = {p.stem[len("bench_"):]: _json(p) for p in sorted(r.rd.eval.glob("bench_*.json"))}
+    found = {k: v for k, v in found.items() if isinstance(v, dict) and v.get("stages")}
+    if not found:
+        return []
+    out = [doc.h(2, "Standard benchmarks")]
+    for name, res in found.items():
+        rows = [[st, f"{x['accuracy']:.3f} [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]", f"{x['subject_mean']:.3f}",
+                 f"{x['correct']:,} / {x['n']:,}", "yes" if x["above_chance"] else "no"]
+                for st, x in res["stages"].items()]
+        out.append(doc.table(["stage", "accuracy [95 % CI]", "subject mean", "correct", "above chance"], rows,
+                             f"{name}: {res['questions']:,} questions in {res['subjects']} subjects ({res['split']} "
+                             f"split), {res['shots']}-shot, scored as lm-evaluation-harness does; chance "
+                             f"{res['chance']:.2f}"))
+        if res.get("bad_rows"):
+            out.append(doc.note(f"{name}: {res['bad_rows']} rows of the files were not questions and were skipped, "
+                                f"e.g. {'; '.join(res.get('bad_samples', [])[:2])}"))
+    return out
+
+
 def answers(res: dict) -> list:
     """The answers of every evaluated stage to the first sample questions (the same ids for all)."""
     out = [doc.h(2, "Answers side by side")]
@@ -468,7 +483,7 @@ def _inputs_key(ctx) -> str:
 
 SECTIONS = {"Data": data_section, "Tokenizer": tokenizer_section, "Training curves": curves_section,
             "Reward model": rm_section, "Alignment": rl_section, "The model after every stage": models_section,
-            "Run": run_section}
+            "Standard benchmarks": benchmarks_section, "Run": run_section}
 
 
 def build(ctx) -> tuple[list, Run]:

@@ -24,14 +24,9 @@ from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core import manifest
 from zero_chatgpt.core.console import info, share, table
 from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.fingerprints import source_fingerprints
 from zero_chatgpt.core.io import atomic_write_json
-from zero_chatgpt.core.rundir import (
-    inputs_or_recorded,
-    read_marker,
-    source_fingerprints,
-    sub_key,
-    write_sub_marker,
-)
+from zero_chatgpt.core.rundir import inputs_or_recorded, read_marker, sub_key, write_sub_marker
 from zero_chatgpt.data import preference as pref
 from zero_chatgpt.data.chat_data import read_split
 from zero_chatgpt.data.streams import BadRecords
@@ -50,6 +45,7 @@ from zero_chatgpt.model.reward_model import (
 from zero_chatgpt.train import loop, recipe
 from zero_chatgpt.train.pairs import PairBatches, batched_indices, collate, encode_pairs
 from zero_chatgpt.train.rollout import sample
+from zero_chatgpt.train.train_log import summary_rows
 
 PAIR_DATA_KEYS = ("prompts", "negatives", "val_fraction", "gold_samples", "sources")
 
@@ -216,7 +212,7 @@ def run_stage(ctx) -> None:
               share(res["gold_agreement"], res["gold_pairs"])],
              ["normalization gain / bias", f"{norm.gain:.3f} / {norm.bias:.3f}"]]
     rows += pref.bad_rows((read_marker(rd / "rm_data").get("summary") or {}).get("bad_records"))
-    rows += loop.summary_rows(result)
+    rows += summary_rows(result)
     table(["", "rm"], rows, title=f"rm: done → {rd / 'rm' / 'final'} (figures in {rd.eval / 'rm.json'})")
     run.complete({k: res[k] for k in ("accuracy", "val_pairs", "probe_pass", "gold_agreement", "gold_pairs",
                                       "normalization")})

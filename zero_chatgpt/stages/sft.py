@@ -27,15 +27,8 @@ from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.data.chat_data import read_split
 from zero_chatgpt.model.transformer import Transformer
 from zero_chatgpt.train import loop, recipe
-from zero_chatgpt.train.sft_data import (
-    LengthGroupedBatches,
-    encode_records,
-    ensure_sft_data,
-    masked_val_loss,
-    pad_fraction,
-    sft_inputs,
-    sft_loss,
-)
+from zero_chatgpt.train.sft_data import LengthGroupedBatches, encode_records, ensure_sft_data, masked_val_loss, pad_fraction, sft_inputs, sft_loss
+from zero_chatgpt.train.train_log import summary_rows
 
 # ---------------------------------------------------------------- encoding + truncation
 
@@ -112,5 +105,5 @@ def run_stage(ctx) -> None:
                  ["dropped: no answer token within max_seq_len", train.n_dropped],
                  ["pad fraction", f"{pad:.1%}"], ["epochs", round(summary["epochs"], 3)],
                  ["unlikelihood alpha (in the train loss, not in val_loss)", ul]]
-        rows += loop.summary_rows(result)
+        rows += summary_rows(result)
         table(["", "sft"], rows, title=f"sft: done → {result.final}")

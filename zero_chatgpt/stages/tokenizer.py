@@ -19,20 +19,8 @@ from zero_chatgpt.core.io import atomic_write_json, corpus_shards
 from zero_chatgpt.core.rundir import Context, begin
 from zero_chatgpt.data.executors import executor_for
 from zero_chatgpt.model import token_shards as tokens_mod
-from zero_chatgpt.model.shard_encoding import (
-    MANIFEST,
-    count_lines,
-    file_sha,
-    run_jobs,
-    token_path,
-)
-from zero_chatgpt.model.tokenizer import (
-    DEFAULT_PATTERN,
-    load_tokenizer,
-    sample_texts,
-    special_tokens,
-    train_bpe,
-)
+from zero_chatgpt.model.shard_encoding import MANIFEST, count_lines, file_sha, run_jobs, token_path
+from zero_chatgpt.model.tokenizer import DEFAULT_PATTERN, load_tokenizer, sample_texts, special_tokens, train_bpe
 
 TRAINED = ".trained.json"
 

@@ -26,8 +26,8 @@ from zero_chatgpt.eval.metrics import aggregate, paired_bootstrap, per_prompt_va
 from zero_chatgpt.eval.prompts import answer_prompts, gold_prompts
 from zero_chatgpt.model.generate import answer_ended
 from zero_chatgpt.model.losses import lm_loss
-from zero_chatgpt.train import loop
 from zero_chatgpt.train.sft_data import collate, encode_records
+from zero_chatgpt.train.train_log import TrainResult, summary_rows
 
 CURVES_FILE = "rl_curves.json"
 
@@ -134,7 +134,7 @@ def train_curve(rd, stage: str, keys: tuple[str, ...]) -> list[dict]:
     return out
 
 
-def write_curves(rd, stage: str, result: loop.TrainResult, steps: list[dict], extra: dict | None = None) -> dict:
+def write_curves(rd, stage: str, result: TrainResult, steps: list[dict], extra: dict | None = None) -> dict:
     """RUN_DIR/eval/<stage>_train.json and this stage's entry of eval/rl_curves.json: per step reward and KL
     (`steps`), gold char_f1 at every evaluation, and which step final/ holds."""
     entry = {"steps": steps, "gold": [{"step": e["step"], "gold_char_f1": e.get("gold_char_f1"),
@@ -160,10 +160,10 @@ def first_last(history: list[dict], key: str) -> str:
     return f"{vals[0]:.3f} → {vals[-1]:.3f}" if vals else "-"
 
 
-def finish(run, rd, stage: str, result: loop.TrainResult, rows: list[list] | None = None) -> None:
+def finish(run, rd, stage: str, result: TrainResult, rows: list[list] | None = None) -> None:
     """The stage's summary table and its record."""
     gold = [e for e in result.evals if "gold_char_f1" in e]
-    rows = (rows or []) + loop.summary_rows(result)
+    rows = (rows or []) + summary_rows(result)
     if gold:
         rows.append(["gold char_f1 by step", ", ".join(f"{e['step']}: {e['gold_char_f1']:.3f}" for e in gold)])
     if result.selected_step == 0:

@@ -26,9 +26,8 @@ A stage is a thin recipe that builds its model(s) and hands the loop three seams
   result is logged (keys as given, e.g. ``val_loss``).
 
 and a ``LoopSettings`` read from the stage's config section. Every training section
-(``[pretrain]``, ``[sft]``, ...) carries the same keys, documented in defaults.toml:
-``max_steps lr min_lr_ratio warmup_steps schedule decay_fraction weight_decay beta1 beta2
-grad_clip precision compile checkpoint_every keep_last eval_every log_every init_from fsdp``;
+(``[pretrain]``, ``[sft]``, ...) carries the same keys, those of core/settings.TrainingSection
+(``max_steps lr min_lr_ratio warmup_steps schedule ... init_from``, each with its default and help);
 the stage computes ``grad_accum`` (from its token batch size) and passes it in.
 
 What the loop does: AdamW (β = 0.9, 0.95; decay on matrices only), warmup then cosine or
@@ -51,9 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -69,25 +66,18 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.tensorboard import SummaryWriter
 
 from zero_chatgpt.core import checkpoint as ckpt
-from zero_chatgpt.core.console import info, progress, table
+from zero_chatgpt.core.console import info, progress
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.core.runtime import (
-    Dist,
-    cpu_group,
-    gather_to_all,
-    peak_flops,
-    resolve_precision,
-    setup_distributed,
-)
+from zero_chatgpt.core.runtime import Dist, cpu_group, gather_to_all, peak_flops, resolve_precision, setup_distributed
 from zero_chatgpt.core.settings import RunSection, TrainingSection
+from zero_chatgpt.train.optim import WeightEMA, build_optimizer
+from zero_chatgpt.train.train_log import Logger, TrainResult
 
 BatchSource = Callable[[int, int, int, int], Any]
 LossFn = Callable[[torch.nn.Module, Any], tuple]
 EvalFn = Callable[[torch.nn.Module], dict]
-
 
 
 def grad_accum(batch: int, per_micro: int, world: int) -> int:
@@ -150,177 +140,12 @@ def _to_device(batch, device):
     return batch
 
 
-def build_optimizer(model: torch.nn.Module, s: LoopSettings, device: torch.device):
-    """AdamW with weight decay on matrices (linear + embedding weights) only; norms' gains
-    are not decayed (as GPT-2/LLaMA practice). β = (0.9, 0.95) — the seed ran with β1 = 0.95
-    by passing betas twice.
-
-    optimizer = "muon": Muon (Jordan et al. 2024; torch.optim.Muon) for the transformer blocks' weight
-    matrices, AdamW as above for the rest (embedding, head, norms), as nanochat and modded-nanogpt do:
-    Muon orthogonalizes each matrix's momentum update (Newton-Schulz), which trains hidden matrices in
-    fewer steps; embeddings and gains are not matrices in that sense. Muon's lr is scaled to match
-    AdamW's update size (adjust_lr_fn="match_rms_adamw", Moonlight, arXiv:2502.16982), so one lr and
-    one schedule serve both."""
-    decay, no_decay, hidden = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if s.optimizer == "muon" and p.dim() == 2 and ".layers." in f".{name}":
-            hidden.append(p)
-        else:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type in ("cuda", "cpu") and not s.fsdp
-    adamw = torch.optim.AdamW(groups, lr=s.lr, betas=(s.beta1, s.beta2), eps=1e-8, fused=fused)
-    if not hidden:
-        return adamw
-    muon = torch.optim.Muon(hidden, lr=s.lr, weight_decay=s.weight_decay, adjust_lr_fn="match_rms_adamw")
-    return OptimizerPair([muon, adamw])
-
-
-class OptimizerPair:
-    """Several optimizers over disjoint parameters, stepped as one (the loop sets lr on param_groups)."""
-
-    def __init__(self, optimizers: list):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    def step(self) -> None:
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = state.get("optimizers") if isinstance(state, dict) else None
-        if not isinstance(saved, list) or len(saved) != len(self.optimizers):
-            raise UserError("the checkpoint's optimizer state is not this optimizer's (was the run trained with "
-                            "another `optimizer`?); undo the change, or rerun with --force")
-        for o, st in zip(self.optimizers, saved):
-            o.load_state_dict(st)
-
-
-class WeightEMA:
-    """An exponential moving average of a model's parameters (Polyak averaging; the "EMA of the actor"
-    of InstructGPT-style RLHF, e.g. DeepSpeed-Chat's --enable_ema): the average, not the last noisy
-    step, is what is evaluated and shipped. Kept in fp32 beside the weights, on their device."""
-
-    FOLDER = "ema"     # its subfolder in a step-N checkpoint (restored on resume, so resume stays exact)
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.params = [p.detach().float().clone() for p in model.parameters()]
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        torch._foreach_lerp_(self.params, [p.detach().float() for p in model.parameters()], 1.0 - self.decay)
-
-    @contextlib.contextmanager
-    def swapped_in(self, model: torch.nn.Module):
-        """The model holds the average inside the block and its own weights again after it."""
-        live = [p.detach().clone() for p in model.parameters()]
-        with torch.no_grad():
-            for p, e in zip(model.parameters(), self.params):
-                p.copy_(e)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, w in zip(model.parameters(), live):
-                    p.copy_(w)
-
-    def state_dict(self, model: torch.nn.Module) -> dict:
-        with self.swapped_in(model):
-            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-    def load(self, model: torch.nn.Module, folder: Path) -> None:
-        with self.swapped_in(model):
-            ckpt.load_weights(model, folder)
-            self.params = [p.detach().float().clone() for p in model.parameters()]
-
-
 # ---------------------------------------------------------------- logging
-
-class Logger:
-    """logs/<stage>.jsonl (+ TensorBoard), rank 0 only. On resume, records after the resumed
-    step are dropped so the log reads as one uninterrupted run."""
-
-    def __init__(self, log_dir: Path, stage: str, start_step: int, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
-        self.path = Path(log_dir) / f"{stage}.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if start_step > 0 and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= start_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    pass   # a line cut by a kill
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
-        self.fh = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
-            try:
-                self.tb = SummaryWriter(str(Path(log_dir) / "tb" / stage), purge_step=start_step)
-            except Exception as e:   # tensorboard missing or broken: the jsonl log still has everything
-                info(f"tensorboard logging off ({type(e).__name__}: {e})")
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.fh.flush()
-        if self.tb is not None:
-            prefix = "eval" if record.get("kind") == "eval" else "train"
-            for k, v in record.items():
-                if k not in ("step", "kind") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.fh.close()
-            if self.tb is not None:
-                self.tb.close()
 
 
 # ---------------------------------------------------------------- the state and its parts
 
 PRIMARY = "model"     # the primary model's name in loss_fn's dict and in the trainer state
-
-
-@dataclass
-class TrainResult:
-    step: int
-    final: Path | None
-    last_loss: float
-    evals: list[dict]
-    tokens: int
-    seconds: float
-    precision: str
-    resumed_from: int
-    selected_step: int = -1          # the step final/ holds when select_metric chose it (-1: the last)
-    stopped: str | None = None       # why the run ended before max_steps, if it did
-    selected_loss: float = float("nan")   # the training loss at selected_step
-
-    @property
-    def kept_eval(self) -> dict:
-        """The evaluation of the weights final/ holds: the selected step's, else the last."""
-        if self.selected_step >= 0:
-            return next((e for e in reversed(self.evals) if e.get("step") == self.selected_step), {})
-        return self.evals[-1] if self.evals else {}
 
 
 @dataclass
@@ -766,27 +591,3 @@ def _scale_grads(model: torch.nn.Module, factor: float) -> None:
         torch._foreach_mul_(grads, factor)
 
 
-def summary_rows(result: TrainResult) -> list[list]:
-    """The summary of a training run; when a metric chose the kept step, its figures are that step's
-    (what final/ holds), with the last step's loss beside them."""
-    rows = [["steps", result.step], ["resumed from step", result.resumed_from]]
-    if result.tokens:        # stages that count no tokens per step (RM, DPO, RL) leave the row out
-        rows.append(["tokens", result.tokens])
-    if result.selected_step >= 0:
-        rows += [["final/ holds step (best evaluated)", result.selected_step],
-                 [f"train loss at step {result.selected_step} (kept)", result.selected_loss],
-                 [f"train loss at step {result.step} (last)", result.last_loss]]
-    else:
-        rows.append(["final train loss", result.last_loss])
-    rows += [["precision", result.precision], ["time (s)", result.seconds]]
-    if result.stopped:
-        rows.append(["stopped early", result.stopped])
-    kept = result.kept_eval
-    for k, v in kept.items():
-        if k != "step":
-            rows.append([f"{k} (step {kept['step']})" if result.selected_step >= 0 else k, v])
-    return rows
-
-
-def print_summary(stage: str, result: TrainResult) -> None:
-    table(["", stage], summary_rows(result), title=f"{stage}: done → {result.final}")

@@ -28,6 +28,7 @@ from zero_chatgpt.core.runtime import Dist, setup_distributed
 from zero_chatgpt.core.settings import Config, TrainingSection
 from zero_chatgpt.model.tokenizer import load_tokenizer
 from zero_chatgpt.train import loop
+from zero_chatgpt.train.train_log import TrainResult
 
 T = TypeVar("T")
 
@@ -74,7 +75,7 @@ class StageStart:
         return loop.LoopSettings.from_section(self.c, grad_accum=grad_accum, seed=seed,
                                               schedule_steps=self.run.schedule_steps, **overrides)
 
-    def train(self, settings: loop.LoopSettings, *, meta: dict | None = None, **kw) -> loop.TrainResult:
+    def train(self, settings: loop.LoopSettings, *, meta: dict | None = None, **kw) -> TrainResult:
         """The one training loop, into the stage's folder, with the stage's key in every checkpoint."""
         return loop.train(settings, stage=self.name, stage_dir=self.out, log_dir=self.rd.logs, dist_info=self.d,
                           meta={"stage_key": self.run.key, **(meta or {})}, **kw)

@@ -25,21 +25,10 @@ import torch
 
 from zero_chatgpt.core.console import progress
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.core.rundir import (
-    folder_fingerprint,
-    inputs_or_recorded,
-    read_marker,
-    source_fingerprints,
-    sub_key,
-    write_sub_marker,
-)
+from zero_chatgpt.core.fingerprints import folder_fingerprint, source_fingerprints
+from zero_chatgpt.core.rundir import inputs_or_recorded, read_marker, sub_key, write_sub_marker
 from zero_chatgpt.data import chat_data
-from zero_chatgpt.model.losses import (
-    IGNORE,
-    lm_loss,
-    right_pad,
-    unlikelihood_candidates,
-)
+from zero_chatgpt.model.losses import IGNORE, lm_loss, right_pad, unlikelihood_candidates
 
 
 def truncate(ids: list[int], mask: list[int], max_len: int) -> tuple[list[int], list[int], bool]:

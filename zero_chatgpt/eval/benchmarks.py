@@ -1,0 +1,251 @@
+"""C-Eval and CMMLU: the multiple-choice benchmarks every Chinese model reports, read from the user's disk.
+
+Layouts, as the benchmarks publish them (nothing is downloaded):
+- C-Eval (Huang et al. 2023, arXiv:2305.08322): DIR/dev/<subject>_dev.csv and DIR/val/<subject>_val.csv with
+  columns id,question,A,B,C,D,answer[,explanation]; the test split has no answers, so `val` is scored.
+- CMMLU (Li et al. 2023, arXiv:2306.09212): DIR/dev/<subject>.csv and DIR/test/<subject>.csv with columns
+  ,Question,A,B,C,D,Answer (the first one an unnamed row number); `test` is scored.
+
+Scoring is lm-evaluation-harness's, so a figure here means what the harness's `ceval-valid` / `cmmlu` tasks
+mean: the prompt is the subject's description, k solved examples from the subject's dev split (the first k),
+then the question with its four options and "答案："; each option is the continuation " A" ... " D", scored
+by its log-likelihood (the whole string encoded once, the context's tokens cut off, the input cut from the
+left to the model's context); the prediction is the most likely letter. tests/test_benchmarks.py checks the
+prompts, the log-likelihoods and the accuracy against the harness itself.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zero_chatgpt.core.errors import UserError
+
+SCORING_VERSION = 1            # part of a result's key: raise it when the prompt or the scoring changes
+LETTERS = ("A", "B", "C", "D")
+CHANCE = 1 / len(LETTERS)
+SUBJECT_NAMES = json.loads((Path(__file__).parent / "bench_subjects.json").read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a benchmark lays out its files and words its prompt."""
+    name: str
+    scored: str                 # the split with answers that is scored
+    file: str                   # a subject's file name in a split folder: {subject}, {split}
+    columns: tuple[str, ...]    # question, the four options, answer: the CSV header's names
+    description: str            # the prompt's first line: {name} = the subject's Chinese name
+
+
+LAYOUTS = {
+    "ceval": Layout("ceval", "val", "{subject}_{split}.csv", ("question", "A", "B", "C", "D", "answer"),
+                    "以下是中国关于{name}的单项选择题，请选出其中的正确答案。\n\n"),
+    "cmmlu": Layout("cmmlu", "test", "{subject}.csv", ("Question", "A", "B", "C", "D", "Answer"),
+                    "以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n"),
+}
+
+
+@dataclass
+class Question:
+    subject: str
+    where: str                  # file:line, for reports and errors
+    question: str
+    options: tuple[str, str, str, str]
+    answer: str                 # "A" .. "D"
+
+    def text(self) -> str:
+        """The question as the harness's templates render it: stripped question, options, "答案："."""
+        a, b, c, d = self.options
+        return f"{self.question.strip()}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\n答案："
+
+
+@dataclass
+class Benchmark:
+    layout: Layout
+    root: Path
+    subjects: dict[str, dict[str, list[Question]]] = field(default_factory=dict)   # subject -> {"dev", "eval"}
+    bad: list[str] = field(default_factory=list)                                   # "file:line: why"
+
+    @property
+    def n_questions(self) -> int:
+        return sum(len(s["eval"]) for s in self.subjects.values())
+
+
+def parse_spec(spec: str) -> tuple[str, Path]:
+    name, sep, path = spec.partition(":")
+    if not sep or name not in LAYOUTS or not path:
+        raise UserError(f"--bench {spec!r}: expected NAME:DIR with NAME one of {', '.join(LAYOUTS)} "
+                        f"(e.g. --bench ceval:data/ceval-exam)")
+    return name, Path(path).expanduser()
+
+
+def _read_split(path: Path, layout: Layout, subject: str, bad: list[str]) -> list[Question]:
+    out = []
+    try:
+        fh = open(path, encoding="utf-8-sig", newline="")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    with fh:
+        rows = csv.reader(fh)
+        try:
+            header = next(rows)
+        except (StopIteration, UnicodeDecodeError, csv.Error):
+            bad.append(f"{path}:1: no CSV header")
+            return out
+        cols = [h.strip() for h in header]
+        missing = [c for c in layout.columns if c not in cols]
+        if missing:
+            raise UserError(f"{path}: no column {', '.join(missing)} (its header: {','.join(cols)}); a {layout.name} "
+                            f"file has {','.join(layout.columns)}")
+        idx = [cols.index(c) for c in layout.columns]
+        try:
+            for line, row in enumerate(rows, 2):
+                where = f"{path}:{line}"
+                if not any(x.strip() for x in row):
+                    continue
+                if len(row) < len(cols):
+                    bad.append(f"{where}: {len(row)} fields, the header has {len(cols)}")
+                    continue
+                q, a, b, c, d, ans = (row[i] for i in idx)
+                ans = ans.strip().upper()
+                if ans not in LETTERS:
+                    bad.append(f"{where}: answer {ans!r} is not one of A, B, C, D")
+                    continue
+                out.append(Question(subject, where, q, (a, b, c, d), ans))
+        except (UnicodeDecodeError, csv.Error) as e:
+            bad.append(f"{path}: unreadable from row {line} on ({type(e).__name__}: {str(e)[:80]}); save it as UTF-8 CSV")
+    return out
+
+
+def read_benchmark(name: str, root: Path) -> Benchmark:
+    """Every subject that has both a dev file (its examples) and a scored file, in name order. A row that
+    cannot be a question is counted in `bad` with its file and line; a wrong header stops with what is there."""
+    layout = LAYOUTS[name]
+    root = Path(root)
+    scored_dir, dev_dir = root / layout.scored, root / "dev"
+    if not scored_dir.is_dir():
+        raise UserError(f"{root}: no {layout.scored}/ folder; a {name} folder holds dev/ and {layout.scored}/ with one "
+                        f"CSV per subject (as the benchmark publishes it)")
+    pattern = re.compile("^" + re.escape(layout.file).replace(r"\{subject\}", "(.+)").replace(
+        r"\{split\}", re.escape(layout.scored)) + "$")
+    bench = Benchmark(layout, root)
+    for path in sorted(scored_dir.glob("*.csv")):
+        m = pattern.match(path.name)
+        if not m:
+            bench.bad.append(f"{path}: not a {name} file name ({layout.file.format(subject='SUBJECT', split=layout.scored)})")
+            continue
+        subject = m.group(1)
+        dev = dev_dir / layout.file.format(subject=subject, split="dev")
+        bench.subjects[subject] = {"eval": _read_split(path, layout, subject, bench.bad),
+                                   "dev": _read_split(dev, layout, subject, bench.bad) if dev.exists() else []}
+    if not bench.subjects:
+        raise UserError(f"{scored_dir}: no {layout.file.format(subject='SUBJECT', split=layout.scored)} files")
+    return bench
+
+
+def subject_name(name: str, subject: str, root: Path) -> str:
+    """The subject's Chinese name, as the benchmark publishes it (C-Eval's subject_mapping.json where the folder
+    has one), else its file name with spaces."""
+    mapping = Path(root) / "subject_mapping.json"
+    if mapping.exists():
+        try:
+            got = json.loads(mapping.read_text(encoding="utf-8")).get(subject)
+            if isinstance(got, list) and len(got) > 1:
+                return str(got[1])
+        except (OSError, ValueError):
+            pass
+    return SUBJECT_NAMES.get(name, {}).get(subject, subject.replace("_", " "))
+
+
+def prompt(bench: Benchmark, q: Question, shots: int) -> str:
+    """description + k solved dev examples ("question 答案： X" and a blank line each) + the question."""
+    desc = bench.layout.description.format(name=subject_name(bench.layout.name, q.subject, bench.root))
+    examples = "".join(f"{d.text()} {d.answer}\n\n" for d in bench.subjects[q.subject]["dev"][:shots])
+    return desc + examples + q.text()
+
+
+def encode_pair(tok, context: str, continuation: str, max_len: int) -> tuple[list[int], int, bool]:
+    """(input ids, how many of the last positions are the continuation's, whether the start was cut off),
+    as the harness encodes a
+    log-likelihood request: the whole string encoded once and the context's own tokens cut off (BPE may
+    merge across the boundary), trailing spaces of the context moved to the continuation, and the sequence
+    cut from the left to the model's context + 1."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = tok.encode(context + continuation)
+    n_cont = len(whole) - len(tok.encode(context))
+    ids = whole[-(max_len + 1):]
+    return ids, min(n_cont, len(ids) - 1), len(whole) > len(ids)
+
+
+@torch.no_grad()
+def loglikelihoods(model, requests: list[tuple[list[int], int]], pad_id: int, batch_size: int = 16) -> list[float]:
+    """Sum of log p(continuation | context) for each (ids, n_cont); rows right-padded, longest first."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
+    out = [0.0] * len(requests)
+    for s in range(0, len(order), batch_size):
+        part = order[s:s + batch_size]
+        width = max(len(requests[i][0]) - 1 for i in part)
+        inp = torch.full((len(part), width), pad_id, dtype=torch.long)
+        for r, i in enumerate(part):
+            ids = requests[i][0][:-1]
+            inp[r, :len(ids)] = torch.tensor(ids)
+        hidden = model(inp.to(device), return_hidden=True)
+        for r, i in enumerate(part):           # the vocabulary's logits only where the continuation is
+            ids, n = requests[i]
+            L = len(ids) - 1
+            logp = F.log_softmax(model.logits(hidden[r, L - n:L]).float(), dim=-1)
+            out[i] = logp.gather(-1, torch.tensor(ids[-n:], device=device)[:, None]).sum().item()
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k / n (Wilson 1927): right at 0 and 1 and for small n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def score_benchmark(model, tok, bench: Benchmark, shots: int, batch_size: int = 16) -> dict:
+    """Accuracy per subject and overall (questions pooled, and the mean of the subjects' accuracies, as
+    C-Eval's leaderboard averages), beside the chance level, with each question's four log-likelihoods."""
+    max_len = model.config.max_position_embeddings
+    questions = [q for s in bench.subjects.values() for q in s["eval"]]
+    requests, truncated = [], 0
+    for q in questions:
+        ctx = prompt(bench, q, shots)
+        cut = False
+        for letter in LETTERS:
+            ids, n, c = encode_pair(tok, ctx, " " + letter, max_len)
+            requests.append((ids, n))
+            cut |= c
+        truncated += cut
+    lls = loglikelihoods(model, requests, tok.pad_id, batch_size)
+    per_subject: dict[str, dict] = {}
+    rows = []
+    for i, q in enumerate(questions):
+        ll = lls[4 * i:4 * i + 4]
+        pred = LETTERS[max(range(4), key=lambda j: (ll[j], -j))]      # ties: the first, as argmax
+        ok = pred == q.answer
+        s = per_subject.setdefault(q.subject, {"n": 0, "correct": 0})
+        s["n"] += 1
+        s["correct"] += ok
+        rows.append({"where": q.where, "answer": q.answer, "pred": pred, "loglik": [round(x, 5) for x in ll]})
+    for s in per_subject.values():
+        s["accuracy"] = s["correct"] / s["n"]
+    n, k = len(questions), sum(s["correct"] for s in per_subject.values())
+    lo, hi = wilson(k, n)
+    return {"n": n, "correct": k, "accuracy": k / n if n else 0.0, "ci95": [lo, hi], "chance": CHANCE,
+            "above_chance": lo > CHANCE, "subject_mean": sum(s["accuracy"] for s in per_subject.values())
+            / max(1, len(per_subject)), "truncated_prompts": truncated, "subjects": per_subject, "questions": rows}
