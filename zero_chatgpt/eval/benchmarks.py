@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from zero_chatgpt.core.console import progress
 from zero_chatgpt.core.errors import UserError
 
 SCORING_VERSION = 1            # part of a result's key: raise it when the prompt or the scoring changes
@@ -186,24 +187,32 @@ def encode_pair(tok, context: str, continuation: str, max_len: int) -> tuple[lis
 
 
 @torch.no_grad()
-def loglikelihoods(model, requests: list[tuple[list[int], int]], pad_id: int, batch_size: int = 16) -> list[float]:
-    """Sum of log p(continuation | context) for each (ids, n_cont); rows right-padded, longest first."""
+def loglikelihoods(model, requests: list[tuple[list[int], int]], pad_id: int, batch_size: int = 16,
+                   desc: str = "log-likelihoods") -> list[float]:
+    """Sum of log p(continuation | context) for each (ids, n_cont). Requests with the same input (the four
+    letters after one question: the input is the context, the continuation one token) share one forward
+    pass, as the harness groups them; inputs right-padded, longest first."""
     device = next(model.parameters()).device
-    order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
+    by_input: dict[tuple, list[int]] = {}
+    for i, (ids, _) in enumerate(requests):
+        by_input.setdefault(tuple(ids[:-1]), []).append(i)
+    inputs = sorted(by_input, key=len, reverse=True)
     out = [0.0] * len(requests)
-    for s in range(0, len(order), batch_size):
-        part = order[s:s + batch_size]
-        width = max(len(requests[i][0]) - 1 for i in part)
-        inp = torch.full((len(part), width), pad_id, dtype=torch.long)
-        for r, i in enumerate(part):
-            ids = requests[i][0][:-1]
-            inp[r, :len(ids)] = torch.tensor(ids)
+    bar = progress(total=len(requests), desc=desc, unit="choice")
+    for s in range(0, len(inputs), batch_size):
+        part = inputs[s:s + batch_size]
+        inp = torch.full((len(part), len(part[0])), pad_id, dtype=torch.long)
+        for r, x in enumerate(part):
+            inp[r, :len(x)] = torch.tensor(x)
         hidden = model(inp.to(device), return_hidden=True)
-        for r, i in enumerate(part):           # the vocabulary's logits only where the continuation is
-            ids, n = requests[i]
-            L = len(ids) - 1
-            logp = F.log_softmax(model.logits(hidden[r, L - n:L]).float(), dim=-1)
-            out[i] = logp.gather(-1, torch.tensor(ids[-n:], device=device)[:, None]).sum().item()
+        for r, x in enumerate(part):           # the vocabulary's logits only where a continuation is
+            L = len(x)
+            for i in by_input[x]:
+                ids, n = requests[i]
+                logp = F.log_softmax(model.logits(hidden[r, L - n:L]).float(), dim=-1)
+                out[i] = logp.gather(-1, torch.tensor(ids[-n:], device=device)[:, None]).sum().item()
+            bar.update(len(by_input[x]))
+    bar.close()
     return out
 
 
@@ -217,7 +226,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, mid - half), min(1.0, mid + half))
 
 
-def score_benchmark(model, tok, bench: Benchmark, shots: int, batch_size: int = 16) -> dict:
+def score_benchmark(model, tok, bench: Benchmark, shots: int, batch_size: int = 16, desc: str = "") -> dict:
     """Accuracy per subject and overall (questions pooled, and the mean of the subjects' accuracies, as
     C-Eval's leaderboard averages), beside the chance level, with each question's four log-likelihoods."""
     max_len = model.config.max_position_embeddings
@@ -231,7 +240,7 @@ def score_benchmark(model, tok, bench: Benchmark, shots: int, batch_size: int = 
             requests.append((ids, n))
             cut |= c
         truncated += cut
-    lls = loglikelihoods(model, requests, tok.pad_id, batch_size)
+    lls = loglikelihoods(model, requests, tok.pad_id, batch_size, desc=desc or bench.layout.name)
     per_subject: dict[str, dict] = {}
     rows = []
     for i, q in enumerate(questions):
@@ -246,6 +255,7 @@ def score_benchmark(model, tok, bench: Benchmark, shots: int, batch_size: int = 
         s["accuracy"] = s["correct"] / s["n"]
     n, k = len(questions), sum(s["correct"] for s in per_subject.values())
     lo, hi = wilson(k, n)
-    return {"n": n, "correct": k, "accuracy": k / n if n else 0.0, "ci95": [lo, hi], "chance": CHANCE,
+    picked = {x: sum(r["pred"] == x for r in rows) for x in LETTERS}    # a model that always says "C" shows here
+    return {"n": n, "correct": k, "accuracy": k / n if n else 0.0, "ci95": [lo, hi], "chance": CHANCE, "picked": picked,
             "above_chance": lo > CHANCE, "subject_mean": sum(s["accuracy"] for s in per_subject.values())
             / max(1, len(per_subject)), "truncated_prompts": truncated, "subjects": per_subject, "questions": rows}

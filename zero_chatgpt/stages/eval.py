@@ -319,6 +319,12 @@ def _stages_asked(rd, want: str | None) -> tuple[list[str], list[str]]:
     return stages, notes
 
 
+def _picked(r: dict) -> str:
+    """How often each letter was the answer (a model that always says one letter scores that letter's share)."""
+    picked = r.get("picked") or {x: sum(q["pred"] == x for q in r["questions"]) for x in benchmarks.LETTERS}
+    return " / ".join(f"{picked[x]:,}" for x in benchmarks.LETTERS)
+
+
 def run_benchmarks(ctx, specs: list[str]) -> None:
     """`eval --bench NAME:DIR`: C-Eval / CMMLU accuracy of every stage's model beside chance, in
     eval/bench_NAME.json; a stage whose weights, benchmark files and shots are unchanged is not scored again."""
@@ -344,17 +350,24 @@ def run_benchmarks(ctx, specs: list[str]) -> None:
                 info(f"eval {name} {st}: up to date in {path} (use --force to redo)")
                 res["stages"][st] = old[st]
                 continue
+            same = next((r for r in res["stages"].values() if r["key"] == key), None)
+            if same is not None:                  # the same weights as a stage scored above (RL kept SFT's)
+                info(f"eval {name} {st}: the same weights as a stage above, the same scores")
+                res["stages"][st] = same
+                continue
             t0 = time.time()
             model = load_model(stage_model_path(rd, st)).eval()
-            r = benchmarks.score_benchmark(model, tok, bench, shots, batch_size=ctx.cfg.eval.batch_size // 4 or 1)
+            r = benchmarks.score_benchmark(model, tok, bench, shots, batch_size=ctx.cfg.eval.batch_size // 4 or 1,
+                                           desc=f"{name} {st}")
             res["stages"][st] = {"key": key, "seconds": round(time.time() - t0, 1), **r}
             info(f"eval {name} {st}: accuracy {r['accuracy']:.3f} of {r['n']:,} questions ({time.time() - t0:.0f} s)")
         rd.eval.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, _compact_json(res) + "\n")
         rows = [[st, f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", f"{r['subject_mean']:.3f}",
-                 f"{r['correct']:,} / {r['n']:,}", "yes" if r["above_chance"] else "no", f"{r['truncated_prompts']:,}"]
-                for st, r in res["stages"].items()]
-        table(["stage", "accuracy [95 % CI]", "subject mean", "correct", "above chance", "prompts cut"], rows,
+                 f"{r['correct']:,} / {r['n']:,}", "yes" if r["above_chance"] else "no", _picked(r),
+                 f"{r['truncated_prompts']:,}"] for st, r in res["stages"].items()]
+        table(["stage", "accuracy [95 % CI]", "subject mean", "correct", "above chance", "answered A / B / C / D",
+               "prompts cut"], rows,
               title=f"{name} ({bench.layout.scored}, {len(bench.subjects)} subjects, {shots}-shot; chance "
                     f"{benchmarks.CHANCE:.2f}) → {path}")
 

@@ -388,9 +388,11 @@ def benchmarks_section(r: Run) -> list:
     out = [doc.h(2, "Standard benchmarks")]
     for name, res in found.items():
         rows = [[st, f"{x['accuracy']:.3f} [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]", f"{x['subject_mean']:.3f}",
-                 f"{x['correct']:,} / {x['n']:,}", "yes" if x["above_chance"] else "no"]
+                 f"{x['correct']:,} / {x['n']:,}", "yes" if x["above_chance"] else "no",
+                 " / ".join(f"{v:,}" for v in (x.get("picked") or {}).values()) or "-"]
                 for st, x in res["stages"].items()]
-        out.append(doc.table(["stage", "accuracy [95 % CI]", "subject mean", "correct", "above chance"], rows,
+        out.append(doc.table(["stage", "accuracy [95 % CI]", "subject mean", "correct", "above chance",
+                              "answered A / B / C / D"], rows,
                              f"{name}: {res['questions']:,} questions in {res['subjects']} subjects ({res['split']} "
                              f"split), {res['shots']}-shot, scored as lm-evaluation-harness does; chance "
                              f"{res['chance']:.2f}"))
