@@ -226,6 +226,13 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, mid - half), min(1.0, mid + half))
 
 
+def picked_line(result: dict) -> str:
+    """"A / B / C / D" counts of the letters a model answered (a model that always says one letter scores that
+    letter's share), from a score_benchmark result."""
+    picked = result.get("picked") or {x: sum(q["pred"] == x for q in result.get("questions", [])) for x in LETTERS}
+    return " / ".join(f"{picked.get(x, 0):,}" for x in LETTERS)
+
+
 def score_benchmark(model, tok, bench: Benchmark, shots: int, batch_size: int = 16, desc: str = "") -> dict:
     """Accuracy per subject and overall (questions pooled, and the mean of the subjects' accuracies, as
     C-Eval's leaderboard averages), beside the chance level, with each question's four log-likelihoods."""

@@ -64,14 +64,25 @@ import torch
 from zero_chatgpt.core.checkpoint import load_model, stage_model_path
 from zero_chatgpt.core.console import info, table
 from zero_chatgpt.core.errors import UserError
+from zero_chatgpt.core.fingerprints import fingerprint_files
 from zero_chatgpt.core.io import atomic_write_text
 from zero_chatgpt.core.registry import model_stages
-from zero_chatgpt.core.fingerprints import fingerprint_files
 from zero_chatgpt.core.rundir import begin, final_digest, read_marker, stale_reason, sub_key
 from zero_chatgpt.data.builtin import load_idioms
 from zero_chatgpt.data.chat_data import SCORED_KINDS, read_split
 from zero_chatgpt.eval import benchmarks, everyday
-from zero_chatgpt.eval.metrics import METRICS, aggregate, compare, format_diff, kl_along, per_prompt_values, rm_scores, score, sig4, win_rates
+from zero_chatgpt.eval.metrics import (
+    METRICS,
+    aggregate,
+    compare,
+    format_diff,
+    kl_along,
+    per_prompt_values,
+    rm_scores,
+    score,
+    sig4,
+    win_rates,
+)
 from zero_chatgpt.eval.prompts import answer_prompts, encode_prompts, prompt_id, question_of, select_prompts, split_eval
 from zero_chatgpt.model.generate import answer_ended
 from zero_chatgpt.model.reward_model import RewardScorer
@@ -319,12 +330,6 @@ def _stages_asked(rd, want: str | None) -> tuple[list[str], list[str]]:
     return stages, notes
 
 
-def _picked(r: dict) -> str:
-    """How often each letter was the answer (a model that always says one letter scores that letter's share)."""
-    picked = r.get("picked") or {x: sum(q["pred"] == x for q in r["questions"]) for x in benchmarks.LETTERS}
-    return " / ".join(f"{picked[x]:,}" for x in benchmarks.LETTERS)
-
-
 def run_benchmarks(ctx, specs: list[str]) -> None:
     """`eval --bench NAME:DIR`: C-Eval / CMMLU accuracy of every stage's model beside chance, in
     eval/bench_NAME.json; a stage whose weights, benchmark files and shots are unchanged is not scored again."""
@@ -364,7 +369,7 @@ def run_benchmarks(ctx, specs: list[str]) -> None:
         rd.eval.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, _compact_json(res) + "\n")
         rows = [[st, f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", f"{r['subject_mean']:.3f}",
-                 f"{r['correct']:,} / {r['n']:,}", "yes" if r["above_chance"] else "no", _picked(r),
+                 f"{r['correct']:,} / {r['n']:,}", "yes" if r["above_chance"] else "no", benchmarks.picked_line(r),
                  f"{r['truncated_prompts']:,}"] for st, r in res["stages"].items()]
         table(["stage", "accuracy [95 % CI]", "subject mean", "correct", "above chance", "answered A / B / C / D",
                "prompts cut"], rows,

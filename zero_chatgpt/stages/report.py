@@ -32,6 +32,7 @@ from zero_chatgpt.core.io import atomic_write_bytes, atomic_write_text
 from zero_chatgpt.core.registry import PIPELINE, model_stages
 from zero_chatgpt.core.rundir import MARKER, begin, read_marker, stale_reason, sub_key
 from zero_chatgpt.data.clean import funnel_rows
+from zero_chatgpt.eval.benchmarks import picked_line
 from zero_chatgpt.eval.everyday import table_rows
 from zero_chatgpt.eval.metrics import format_diff
 from zero_chatgpt.report import document as doc
@@ -389,7 +390,7 @@ def benchmarks_section(r: Run) -> list:
     for name, res in found.items():
         rows = [[st, f"{x['accuracy']:.3f} [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]", f"{x['subject_mean']:.3f}",
                  f"{x['correct']:,} / {x['n']:,}", "yes" if x["above_chance"] else "no",
-                 " / ".join(f"{v:,}" for v in (x.get("picked") or {}).values()) or "-"]
+                 picked_line(x)]
                 for st, x in res["stages"].items()]
         out.append(doc.table(["stage", "accuracy [95 % CI]", "subject mean", "correct", "above chance",
                               "answered A / B / C / D"], rows,
