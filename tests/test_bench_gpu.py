@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pytest
 import math
 import os
 import subprocess
@@ -13,6 +14,7 @@ from zero_chatgpt.core.runtime import gpu_peak_bf16
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_cpu_run_reports_speed_and_no_mfu():
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--quick", "--device", "cpu"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -1,6 +1,7 @@
 """bench/rehearse.py --quick runs every command it rehearses (small model, tiny sizes) to its end: the stages it
 measures, a kill -9 and resume, and no wall (a stage that failed)."""
 import json
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_quick_rehearsal_runs_to_its_end_without_a_wall():
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "rehearse.py"), "--quick"], capture_output=True,
                        text=True, timeout=300, cwd=ROOT)

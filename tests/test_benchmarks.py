@@ -146,6 +146,7 @@ def _task_yaml(name: str, subject: str, folder, layout) -> str:
         "metric_list:", "  - metric: acc", "    aggregation: mean", "    higher_is_better: true", ""])
 
 
+@pytest.mark.slow
 def test_per_question_log_likelihoods_and_accuracy_equal_lm_evaluation_harness(scored, tmp_path, monkeypatch):
     for k, v in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                  "HF_DATASETS_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false"}.items():

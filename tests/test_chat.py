@@ -23,6 +23,7 @@ def _chat(root, stdin, *extra):
                           env={"ZC_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": ""})
 
 
+@pytest.mark.slow
 def test_chat_through_a_pipe(run_dir):
     script = "\n".join(["/temp abc", "/temp nan", "/temp inf", "/temp 1e308", "/temp 0", "苹果是什么？", "/reset", "白菜是什么？", "/system 你是助手", "/help",
                         "/nope", "/quit", "老虎是什么？"]) + "\n"

@@ -38,6 +38,7 @@ def _losses(run):
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 
+@pytest.mark.slow
 def test_final_holds_the_model_only_copied_from_the_last_step(master):
     final, last = master / "run" / "pretrain" / "final", master / "run" / "pretrain" / "step-12"
     assert sorted(p.name for p in final.iterdir()) == ["config.json", "manifest.json", "meta.json",
@@ -51,6 +52,7 @@ def test_final_holds_the_model_only_copied_from_the_last_step(master):
     assert all(len(v["xxh3_128"]) == 32 and v["size"] > 0 for v in files.values())
 
 
+@pytest.mark.slow
 def test_file_modes_follow_the_umask(tmp_path):
     code = ("import os, sys, torch\nos.umask(int(sys.argv[2], 8))\n"
             "from zero_chatgpt.core import checkpoint as c\nfrom zero_chatgpt.model.transformer import ModelConfig, Transformer\n"
@@ -65,6 +67,7 @@ def test_file_modes_follow_the_umask(tmp_path):
         assert modes == dict.fromkeys(modes, want) and "model.safetensors" in modes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate model", "empty trainer state", "flip a byte"])
 def test_a_damaged_latest_checkpoint_is_passed_over(run, damage):
     before = _losses(run)
@@ -89,6 +92,7 @@ def test_a_damaged_latest_checkpoint_is_passed_over(run, damage):
     assert max(after) == 16 and all(s in after for s in range(9, 17))
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_left_offers_force(run):
     for p in (run / "pretrain").glob("step-*"):
         (p / "manifest.json").unlink()
@@ -107,6 +111,7 @@ def test_no_intact_checkpoint_left_offers_force(run):
     assert r.returncode == 0 and "pretrain: up to date" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_damaged_final_is_named_when_loaded(run, tmp_path):
     final = run / "pretrain" / "final"
     with open(final / "model.safetensors", "r+b") as fh:
@@ -127,6 +132,7 @@ def _limit_file_size(limit):
     return pre
 
 
+@pytest.mark.slow
 def test_a_write_that_fails_says_where_and_why_and_keeps_the_last_checkpoint(run):
     model_bytes = (run / "pretrain" / "step-12" / "model.safetensors").stat().st_size
     env = {**os.environ, "ZC_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
@@ -145,6 +151,7 @@ def test_a_write_that_fails_says_where_and_why_and_keeps_the_last_checkpoint(run
     assert r.returncode == 0 and "(step 12)" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_bit_flip_in_final_is_found_by_its_hash_and_rebuilt(run):
     final = run / "pretrain" / "final"
     data = bytearray((final / "model.safetensors").read_bytes())

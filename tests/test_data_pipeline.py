@@ -1,5 +1,6 @@
 """The data stage end to end: accounting, outputs, resume after a kill, CLI, built-in corpus."""
 import itertools
+import pytest
 import json
 import os
 import random
@@ -91,6 +92,7 @@ def _cli(run_dir, *args, **kw):
                             start_new_session=True, **kw)
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tmp_path):
     texts = reviews(6000)
     src = tmp_path / "in.jsonl"

@@ -67,6 +67,7 @@ def local(tmp_path_factory, source):
     return stats, _outputs(run)
 
 
+@pytest.mark.slow
 def test_ray_equals_local(ray_cluster, source, local, tmp_path):
     stats = _run(tmp_path, source, "data.executor=ray")
     assert stats["dropped"]["exact_dup"] >= 15 and stats["dropped"]["near_dup"] >= 10
@@ -77,6 +78,7 @@ def test_ray_equals_local(ray_cluster, source, local, tmp_path):
     assert _comparable(on_disk) == _comparable(local[0])
 
 
+@pytest.mark.slow
 def test_killed_worker_is_retried(ray_cluster, source, local, tmp_path):
     # one worker killed in each kind of task: cleaning a part, exact dedup of a hash partition,
     # the candidates of a band group, gathering a part's texts and verifying a chunk of pairs
@@ -139,6 +141,7 @@ def _tokenize(run_dir, source, *sets):
     return shards, manifest, (run_dir / "tokenizer" / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_tokenizer_encodes_shards_as_ray_tasks(ray_cluster, source, tmp_path, capfd):
     # under data.executor = "ray" each corpus shard is encoded by a Ray task; one is killed and retried
     # by Ray (a killed local pool worker would instead print that the pool failed and encode here)

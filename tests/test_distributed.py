@@ -3,12 +3,14 @@ process with the same global batch (2 x accumulation), within 1e-5."""
 from __future__ import annotations
 
 import subprocess
+import pytest
 import sys
 from pathlib import Path
 
 from test_loop_resume import HERE, read_log, run_env
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, str(HERE), str(one), "--steps", "6", "--accum", "2", "--ckpt-every", "0"],
@@ -26,6 +28,7 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     assert not any(Path(two / "logs").glob("*rank*"))
 
 
+@pytest.mark.slow
 def test_two_process_fsdp_matches_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "fsdp"
     subprocess.run([sys.executable, str(HERE), str(one), "--steps", "4", "--accum", "2", "--ckpt-every", "2"],
@@ -45,6 +48,7 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     assert load_trainer_state(two / "pretrain" / "step-4")["step"] == 4
 
 
+@pytest.mark.slow
 def test_fsdp_run_killed_after_a_checkpoint_resumes_exactly(tmp_path):
     """FSDP2 under torchrun: SIGKILL the whole job after its step-2 checkpoint, start it again, and
     the resumed run (sharded optimizer state restored from the gathered checkpoint) logs the losses

@@ -42,6 +42,7 @@ def _ctx(root, *overrides, **args):
     return Context(run_dir=RunDir(root), cfg=cfg, args=args)
 
 
+@pytest.mark.slow
 def test_eval_writes_every_stage_and_keeps_pretrain_keys(run, capsys):
     ev.run_stage(_ctx(run))
     pre = json.loads((run / "eval" / "pretrain.json").read_text())

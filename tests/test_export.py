@@ -52,6 +52,7 @@ def run(tmp_path_factory):
     return rd, r
 
 
+@pytest.mark.slow
 def test_pretrain_cli_writes_checkpoint_logs_and_eval(run):
     rd, r = run
     final = rd / "pretrain" / "final"
@@ -100,6 +101,7 @@ def test_export_hf_parity_with_transformers(run, tmp_path):
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == list(tok.stop_ids)
 
 
+@pytest.mark.slow
 def test_export_errors_are_one_line(run, tmp_path):
     rd, _ = run
     r = cli("export", "--run-dir", str(rd), "--stage", "pretrain", "--format", "gguf", "--out", str(tmp_path),
@@ -120,6 +122,7 @@ def test_export_errors_are_one_line(run, tmp_path):
     assert "checkpoints are kept" not in r.stderr and "export again (the run directory is unchanged" in r.stderr
 
 
+@pytest.mark.slow
 def test_export_without_stage_refuses_a_model_that_is_not_a_chat_model(run, tmp_path):
     """The newest current model is pretrain's (here sft ran, then its final/ went missing): `chat` refuses it,
     and export, which would ship it under the run's name, says so and exports nothing unless --stage names it."""
@@ -139,6 +142,7 @@ def test_export_without_stage_refuses_a_model_that_is_not_a_chat_model(run, tmp_
     assert "exported sft model" in r.stderr
 
 
+@pytest.mark.slow
 def test_export_never_deletes_what_it_did_not_write(run, tmp_path):
     rd, _ = run
     # a folder of the user's that happens to hold a config.json: refused, untouched (before: deleted, exit 0)

@@ -78,6 +78,7 @@ class Watched:
         return self.wait_for(lambda: any(started(line) for line in self.lines))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_outputs(setup, tmp_path, seed):
     root, args, want, seconds = setup
@@ -117,6 +118,7 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_outputs(setup, tmp_
         assert part["command_pid"] in killed and part["written"] <= killed[part["command_pid"]] + 0.5, part
 
 
+@pytest.mark.slow
 def test_the_kills_landed_inside_the_work():
     """Over the seeds, reruns resumed cleaning parts, pretraining and SFT from their checkpoints (a kill
     that only ever hit imports or finished stages would test nothing)."""

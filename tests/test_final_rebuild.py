@@ -141,6 +141,7 @@ def _source(stage_dir):
     return stage_dir / json.loads((stage_dir / "final" / "meta.json").read_text())["copied_from"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["deleted", "truncated", "truncated, hard-linked to its source"])
 def test_a_damaged_or_deleted_final_of_every_trained_stage_is_rebuilt_from_intact_weights(pipeline, tmp_path, damage):
     root, finals = pipeline
@@ -171,6 +172,7 @@ def test_a_damaged_or_deleted_final_of_every_trained_stage_is_rebuilt_from_intac
     assert r.returncode == 0 and all(f"{s}: up to date" in r.stderr for s in TRAINED), r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_every_trained_stage_gives_the_same_weights_again_alone_and_after_force(pipeline, tmp_path):
     """Same inputs and seed, same weights, whatever ran before a stage in its process: the fixture trained every
     stage in one `run`; here the reward model is trained again alone (its pairs rebuilt), then every stage

@@ -281,6 +281,7 @@ def test_refuses_what_llama_cpp_cannot_run(run, tmp_path):
     assert not list(tmp_path.glob("*.gguf"))
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(run, tmp_path):
     root, _ = run
     out = tmp_path / "sub" / "model.gguf"

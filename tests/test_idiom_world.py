@@ -16,6 +16,7 @@ def texts():
     return [r["text"] for r in [*builtin.iter_peoples_daily(), *builtin.iter_reviews()]]
 
 
+@pytest.mark.slow
 def test_the_world_is_the_idioms_the_news_and_reviews_mention_most(texts):
     world = builtin.idiom_world(200)
     words = [d["word"] for d in world]

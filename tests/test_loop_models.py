@@ -127,6 +127,7 @@ def test_trainer_state_holds_plain_values_only():
         loop.plain({"data": {"bad": {1, 2}}})
 
 
+@pytest.mark.slow
 def test_ddp_resume_restores_every_ranks_random_state(tmp_path):
     """Each rank draws from its own RNG in the loss; a job stopped at step 3 and continued must log what
     the uninterrupted job logs (before: rank 0's RNG state was restored on every rank)."""

@@ -130,6 +130,7 @@ def reference(tmp_path_factory):
     return read_log(ref)
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_logs_every_step(reference):
     train, evals = reference
     assert [s for s, _ in train] == list(range(1, 13))
@@ -137,6 +138,7 @@ def test_uninterrupted_run_logs_every_step(reference):
     assert train[-1][1] < train[0][1] - 0.5   # it learns
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_and_mid_step_resumes_bitwise(reference, tmp_path):
     # 1) killed while writing step-6 (the save is slowed so the kill lands inside it)
     p = subprocess.Popen(driver(tmp_path, "--slow-save", "0.3"), env=run_env(), stderr=subprocess.PIPE, text=True)

@@ -65,6 +65,7 @@ def test_left_padding_equals_unpadded_and_cache_equals_full_forward():
             m(x[:, :1], kv_cache=cache)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(), dict(num_key_value_heads=4, tie_word_embeddings=True)])
 def test_fused_inference_weights_give_the_same_logits_and_are_dropped_after(kw):
     torch.manual_seed(2)

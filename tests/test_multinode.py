@@ -70,6 +70,7 @@ def copy_of(root, name):
     return root / name
 
 
+@pytest.mark.slow
 def test_two_nodes_match_one_process_and_resume_after_a_node_is_killed(prepared):
     root, args = prepared
     one, nodes, killed = copy_of(root, "one"), copy_of(root, "nodes"), copy_of(root, "killed")

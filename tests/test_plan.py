@@ -77,6 +77,7 @@ MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_memory_estimate_is_within_a_quarter_of_a_measured_training_step():
     """Two fp32 AdamW steps on CPU of a 21M-parameter model, 4 x 1024 tokens: the peak RSS above the process's
     RSS before the model existed, against weights + gradients + moments + activations as the plan counts them."""
@@ -86,6 +87,7 @@ def test_memory_estimate_is_within_a_quarter_of_a_measured_training_step():
     assert 0.75 <= got["estimate"] / got["measured"] <= 1.25, got
 
 
+@pytest.mark.slow
 def test_the_command_prints_the_table_and_json_and_refuses_an_unknown_card(tmp_path):
     r = zc("plan", "--preset", "seed-0.1b", "--run-dir", tmp_path / "run", "--gpus", "2", "--gpu", "A40")
     assert r.returncode == 0, r.stderr

@@ -98,6 +98,7 @@ def _means(rewards, k=5):
     return float(np.mean(rewards[:k])), float(np.mean(rewards[-k:]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ppo", "grpo"])
 def test_the_reward_rises_and_the_kl_stays_finite(tok, tmp_path, method):
     rewards, kls, logs = _train(tok, tmp_path, method, steps=80)
@@ -108,6 +109,7 @@ def test_the_reward_rises_and_the_kl_stays_finite(tok, tmp_path, method):
     assert kls[0] == 0.0 and kls[-1] > 0          # the policy starts at the reference and moves away from it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ppo", "grpo"])
 def test_a_sign_flipped_advantage_makes_the_reward_fall(tok, tmp_path, method):
     rewards, _, _ = _train(tok, tmp_path, method, steps=40, flip=True)

@@ -69,6 +69,7 @@ def test_kill_9_of_data_leaves_no_worker(sources, tmp_path):
     assert_no_orphans(tag)
 
 
+@pytest.mark.slow
 def test_kill_9_of_tokenizer_while_encoding_leaves_no_worker(sources, tmp_path):
     corpus, _ = sources
     args = tiny_args(**{"data.shard_docs": 100, "tokenizer.num_threads": 2})
@@ -102,6 +103,7 @@ def test_ctrl_c_is_one_line(sources, tmp_path):
     assert_no_orphans(tag)
 
 
+@pytest.mark.slow
 def test_under_torchrun_only_rank_0_runs_the_data_stages(sources, tmp_path):
     """`torchrun -m zero_chatgpt run`: data and tokenizer on rank 0 alone, pretraining and SFT on both, and
     no rank reads a stage's output before rank 0 has recorded it (SFT starts right after pretraining)."""

@@ -67,6 +67,7 @@ def check_page(html_path: Path) -> str:
     return page
 
 
+@pytest.mark.slow
 def test_run_records_timings_and_says_what_is_next(partial):
     rd, err = partial
     t = _timings(rd)
@@ -79,6 +80,7 @@ def test_run_records_timings_and_says_what_is_next(partial):
     assert "chat, serve: need an SFT model" in err
 
 
+@pytest.mark.slow
 def test_the_card_of_a_partial_run_says_what_is_not_run(partial, tmp_path):
     rd = tmp_path / "run"
     shutil.copytree(partial[0], rd)

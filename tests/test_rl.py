@@ -89,6 +89,7 @@ def _std_worker(rank: int, port: int, rewards: torch.Tensor, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_batch_std_is_over_every_rank():
     import socket
 

@@ -39,6 +39,7 @@ def run(tmp_path_factory):
     return root / "run", r.stderr
 
 
+@pytest.mark.slow
 def test_the_reward_model_stage(run):
     rd, err = run
     pairs = [json.loads(x) for x in (rd / "rm_data" / "train.jsonl").read_text().splitlines()]
@@ -60,6 +61,7 @@ def _kept(gold: list[dict]) -> dict:
     return max((g for g in gold if g["step"] == 0 or g["gold_gain_lo"] > 0), key=lambda g: g["gold_char_f1"])
 
 
+@pytest.mark.slow
 def test_dpo_keeps_its_best_gold_step_and_eval_compares_it_to_sft(run):
     rd, err = run
     train = json.loads((rd / "eval" / "dpo_train.json").read_text())
@@ -104,6 +106,7 @@ def _train_records(rd, stage):
             for r in map(json.loads, (rd / "logs" / f"{stage}.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
+@pytest.mark.slow
 def test_ppo_killed_mid_rollout_resumes_to_the_same_rewards_and_losses(run, tmp_path):
     rd, _ = run
     copy = tmp_path / "run"

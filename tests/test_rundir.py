@@ -82,6 +82,7 @@ def test_sources_are_remembered_and_keyed_by_content(tmp_path, capsys, monkeypat
     assert json.loads((d / "data" / "stats.json").read_text())["docs_in"] == 2401
 
 
+@pytest.mark.slow
 def test_operational_keys_never_make_a_stage_stale(run, capsys):
     before = {s: tree(run / s) for s in ("data", "tokenizer", "tokens", "pretrain", "sft")}
     code, err = cli(capsys, "run", "--run-dir", run, "--until", "sft", "--set", "pretrain.log_every=3",
@@ -96,6 +97,7 @@ def test_operational_keys_never_make_a_stage_stale(run, capsys):
     assert err.count("skipped (up to date)") == 4         # run's summary says what it did
 
 
+@pytest.mark.slow
 def test_changed_inputs_of_a_trained_stage_refuse_with_the_keys(run, capsys):
     saved = (run / "config.toml").read_text()
     ckpts = tree(run / "pretrain")
@@ -173,6 +175,7 @@ def test_an_edited_sft_source_is_noticed(run, capsys):
     assert code == 2 and "sft.sources" in err and "--force" in err
 
 
+@pytest.mark.slow
 def test_latest_model_is_the_newest_current_one(run, capsys):
     # a later stage trained on this SFT model (the registry's grpo reads sft)
     shutil.copytree(run / "sft" / "final", run / "grpo" / "final")
@@ -193,6 +196,7 @@ def test_latest_model_is_the_newest_current_one(run, capsys):
     assert pick_model(RunDir(run), None, chat=False)[0] == "sft"
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_while_readers_go_on(run):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom zero_chatgpt.core.rundir import RunLock\n"
@@ -212,6 +216,7 @@ def test_a_second_writer_is_refused_while_readers_go_on(run):
     assert r.returncode == 0 and "up to date" in r.stderr
 
 
+@pytest.mark.slow
 def test_reading_commands_write_nothing(run, tmp_path):
     before = tree(run)
     r = zc("chat", "--run-dir", run, "--set", "chat.temperature=0", input="/quit\n")
@@ -221,6 +226,7 @@ def test_reading_commands_write_nothing(run, tmp_path):
     assert tree(run) == before
 
 
+@pytest.mark.slow
 def test_default_run_dir_is_per_preset(tmp_path):
     r = zc("eval", "--preset", "seed-0.1b", cwd=tmp_path)
     assert r.returncode == 2 and "runs/seed-0.1b" in r.stderr
@@ -270,6 +276,7 @@ def test_every_key_has_a_rule_and_demo_uses_the_gpu_when_there_is_one():
 LEGACY = "979da15"     # the version before stage records
 
 
+@pytest.mark.slow
 def test_runs_of_the_previous_version_are_kept_not_replaced(tmp_path, capsys):
     """A run made by the previous version's real code: its records do not say what each stage was built
     from, so its trained models and the stages they were built from are refused, never replaced, and

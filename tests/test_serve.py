@@ -255,6 +255,7 @@ def test_engine_drain_waits_for_a_request_it_is_still_prefilling(endless):
 
 # ---------------------------------------------------------------- the HTTP API through the openai client
 
+@pytest.mark.slow
 def test_openai_client_plain_stream_n_stop_usage(toy_server):
     client = _client(toy_server)
     assert [m.id for m in client.models.list().data] == ["sft"]
@@ -294,6 +295,7 @@ def test_openai_client_plain_stream_n_stop_usage(toy_server):
     assert same[0] == same[1]
 
 
+@pytest.mark.slow
 def test_concurrent_http_requests_share_decode_steps(endless_server):
     """Two streams at once on a 2-slot server: both run together (their chunks interleave) rather than one after
     the other."""
@@ -373,6 +375,7 @@ def test_huge_body_unknown_route_and_method(toy_server):
     assert code == 200 and "<textarea" in html and "http://" not in html and "https://" not in html
 
 
+@pytest.mark.slow
 def test_api_key(toy):
     s = Server(toy[0], env={"ZC_API_KEY": "sekret"})
     try:
@@ -428,6 +431,7 @@ def test_disconnect_frees_the_slot_and_a_full_queue_gets_429(endless_server):
     waiting.join(10)
 
 
+@pytest.mark.slow
 def test_sigterm_drains_running_streams_and_refuses_new_ones(endless):
     s = Server(endless[0], "--slots", "2", "--max-tokens", "900")
     try:
@@ -449,6 +453,7 @@ def test_sigterm_drains_running_streams_and_refuses_new_ones(endless):
 
 # ---------------------------------------------------------------- fuzzing from the schema
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(toy_server, tmp_path):
     exe = Path(sys.executable).parent / "schemathesis"
     r = subprocess.run([str(exe), "run", f"{toy_server.base}/openapi.json", "--checks",
@@ -462,6 +467,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(toy_server, 
 
 # ---------------------------------------------------------------- the web page, in a real browser
 
+@pytest.mark.slow
 def test_web_page_streams_a_reply_in_chromium(toy_server, endless_server, tmp_path):
     if not Path("/usr/bin/chromium").exists():
         skip_unless_ci("the browser test needs Debian's chromium: apt-get install -y chromium")

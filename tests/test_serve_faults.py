@@ -48,6 +48,7 @@ def _last_line(err: str) -> str:
     return lines[-1] if lines else ""
 
 
+@pytest.mark.slow
 def test_unsafe_or_invalid_settings_are_refused_with_one_line(run):
     """An empty key (flag or environment) would serve /v1 open; a non-loopback host without a key would serve
     the model to the network; port 70000 made asyncio raise OverflowError. Each is one line, status 2."""
@@ -71,6 +72,7 @@ def test_unsafe_or_invalid_settings_are_refused_with_one_line(run):
     assert "argument --port" in line and "0..65535" in line and "70000" in line, line
 
 
+@pytest.mark.slow
 def test_a_kv_cache_too_large_for_memory_stops_before_listening(run):
     """`--slots` far beyond memory: the engine thread used to die at its first allocation behind a /health that
     said ok, and every chat request hung. Now the cache is allocated (or measured against free memory)
@@ -107,6 +109,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_a_dead_engine_makes_health_fail_and_requests_get_503_at_once(run):
     s = Server(run, "--slots", "2", python=("-c", DIE_AT_FIRST_REQUEST))
     try:
@@ -143,6 +146,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_drain_keeps_answering_503_and_cuts_what_outlasts_drain_timeout(run):
     """SIGTERM with a stream running past --drain-timeout: until that stream has ended, a new request gets
     the announced 503 (uvicorn used to close its socket as soon as the drain gave up, refusing connections
@@ -181,6 +185,7 @@ def test_drain_keeps_answering_503_and_cuts_what_outlasts_drain_timeout(run):
         s.stop()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_server_when_its_stderr_pipe_is_closed(run):
     """`serve 2>&1 | head -2`: once head has exited, writing "drained" raised BrokenPipeError in the drain
     thread before it told uvicorn to stop, and the server stayed up for ever."""
