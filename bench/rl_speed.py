@@ -90,11 +90,11 @@ def grpo(a, tok, hf_dir, idioms, tmp) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
+    from zero_chatgpt.core.train_settings import GRPOSection
     from zero_chatgpt.stages.grpo import GRPOScoring, grpo_loss
     from zero_chatgpt.train import loop
-    from zero_chatgpt.train.optim import build_optimizer
     from zero_chatgpt.train.onpolicy import RolloutBatches, RolloutSettings
-    from zero_chatgpt.core.settings import GRPOSection
+    from zero_chatgpt.train.optim import build_optimizer
     P, k, new, steps = a.prompts, a.k, a.new, a.steps
     questions = [f"「{d['word']}」是什么意思？" for d in idioms[:P * (steps + 1)]]
     pool = [tok.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0] for q in questions]

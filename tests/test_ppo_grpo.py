@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from test_sft import make_tokenizer
-from zero_chatgpt.core.settings import GRPOSection, PPOSection
+
+from zero_chatgpt.core.train_settings import GRPOSection, PPOSection
 from zero_chatgpt.model.transformer import ModelConfig, Transformer
-from zero_chatgpt.train import loop
 from zero_chatgpt.stages.grpo import GRPOScoring, grpo_loss
-from zero_chatgpt.train.onpolicy import RolloutBatches, RolloutSettings
 from zero_chatgpt.stages.ppo import PPOScoring, ppo_loss
+from zero_chatgpt.train import loop
+from zero_chatgpt.train.onpolicy import RolloutBatches, RolloutSettings
 from zero_chatgpt.train.rl_math import AdaptiveKL
 
 PPO_C = PPOSection(missing_eos_penalty=0.0, gamma=1.0, lam=0.95)

@@ -10,14 +10,15 @@ import pytest
 
 from runs import previous_version
 from zero_chatgpt.cli import main
-from zero_chatgpt.core import config, settings
+from zero_chatgpt.core import config, schema, settings
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.registry import PIPELINE, TOOLS
-from zero_chatgpt.core.settings import SECTIONS, ChatSection, DataSection, ModelSection, TrainingSection
+from zero_chatgpt.core.settings import SECTIONS, ChatSection, DataSection, ModelSection
+from zero_chatgpt.core.train_settings import TrainingSection
 
 
 def test_defaults_toml_is_written_from_the_schema():
-    text = (settings.PRESET_DIR / "defaults.toml").read_text(encoding="utf-8")
+    text = (schema.PRESET_DIR / "defaults.toml").read_text(encoding="utf-8")
     assert text == settings.render_defaults(), \
         "presets/defaults.toml is stale: python -m zero_chatgpt.core.settings > zero_chatgpt/presets/defaults.toml"
     # and it reads back as the schema's defaults, key for key, type for type
@@ -33,7 +34,7 @@ def test_every_key_says_what_it_does_and_allows_its_default():
         default = sec()
         for f in sec.keys():
             assert len(f.metadata["help"]) > 8, f"{sec.NAME}.{f.name} has no help text"
-            assert settings.rule_of(f).check(getattr(default, f.name)) is None, f"{sec.NAME}.{f.name}"
+            assert schema.rule_of(f).check(getattr(default, f.name)) is None, f"{sec.NAME}.{f.name}"
     assert [f.name for f in dataclasses.fields(settings.Config)] == [s.NAME for s in SECTIONS]
     assert all(isinstance(getattr(settings.Config(), s.NAME), s) for s in SECTIONS)
     # the six trained stages share one base: the same loop keys, each with its own defaults
@@ -53,7 +54,7 @@ def test_each_commands_help_lists_the_keys_it_reads_with_their_defaults(capsys):
             sec = settings.BY_NAME[name]
             assert f"[{name}]" in out, (st.name, name)
             for f in sec.keys():
-                assert f"  {f.name} = {settings.toml_value(getattr(sec(), f.name))}\n" in out, (st.name, name, f.name)
+                assert f"  {f.name} = {schema.toml_value(getattr(sec(), f.name))}\n" in out, (st.name, name, f.name)
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     out = " ".join(capsys.readouterr().out.split())

@@ -1,6 +1,6 @@
 """Configuration: TOML presets, `--set section.key=value` overrides, validation.
 
-The schema is `core/settings.py`: one typed section per [section], each key with its default,
+The schema is `core/settings.py` (with `core/train_settings.py`): one typed section per [section], each key with its default,
 what it does, what it allows and whether it is operational (`presets/defaults.toml` is written
 from it). A preset (`presets/demo.toml`, ...) overrides a subset; every command receives a
 validated `settings.Config`.
@@ -25,7 +25,8 @@ import tomllib
 
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_text
-from zero_chatgpt.core.settings import BY_NAME, PRESET_DIR, SECTIONS, Config, Rule, default_dict, preset_names, rule_of, toml_value
+from zero_chatgpt.core.schema import PRESET_DIR, Rule, preset_names, rule_of, toml_value
+from zero_chatgpt.core.settings import BY_NAME, SECTIONS, Config, default_dict
 
 CONFIG_FILE = "config.toml"
 DEFAULT_PRESET = "demo"

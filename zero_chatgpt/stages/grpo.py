@@ -31,7 +31,7 @@ import torch
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.console import info
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.core.settings import GRPOSection
+from zero_chatgpt.core.train_settings import GRPOSection
 from zero_chatgpt.data.builtin import load_idioms
 from zero_chatgpt.data.chat_data import SCORED_KINDS
 from zero_chatgpt.eval.metrics import chain_valid, char_f1

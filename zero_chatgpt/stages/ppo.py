@@ -27,12 +27,25 @@ import torch
 
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.console import info
-from zero_chatgpt.core.settings import PPOSection
+from zero_chatgpt.core.train_settings import PPOSection
 from zero_chatgpt.model.losses import IGNORE, ScalarValues, TokenLogProbs
 from zero_chatgpt.model.reward_model import RewardScorer, load_scorer
 from zero_chatgpt.train import alignment
-from zero_chatgpt.train.onpolicy import RolloutBatches, last_answer_index, policy_setup, rollout_settings, sequence_rewards
-from zero_chatgpt.train.rl_math import AdaptiveKL, clipped_policy_loss, clipped_value_loss, gae, masked_mean, masked_whiten
+from zero_chatgpt.train.onpolicy import (
+    RolloutBatches,
+    last_answer_index,
+    policy_setup,
+    rollout_settings,
+    sequence_rewards,
+)
+from zero_chatgpt.train.rl_math import (
+    AdaptiveKL,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    masked_mean,
+    masked_whiten,
+)
 
 
 class PPOScoring:

@@ -27,7 +27,7 @@ from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.fingerprints import folder_fingerprint
 from zero_chatgpt.core.io import atomic_write_json
 from zero_chatgpt.core.rundir import Context, inputs_or_recorded
-from zero_chatgpt.core.settings import PretrainSection
+from zero_chatgpt.core.train_settings import PretrainSection
 from zero_chatgpt.model import token_shards as tokens_mod
 from zero_chatgpt.model.generate import generate
 from zero_chatgpt.model.losses import LMLoss, lm_loss

@@ -20,7 +20,7 @@ import torch
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.console import table
 from zero_chatgpt.core.io import atomic_write_json
-from zero_chatgpt.core.settings import PolicySection
+from zero_chatgpt.core.train_settings import PolicySection
 from zero_chatgpt.data.chat_data import read_split
 from zero_chatgpt.eval.metrics import aggregate, paired_bootstrap, per_prompt_values
 from zero_chatgpt.eval.prompts import answer_prompts, gold_prompts

@@ -26,7 +26,7 @@ A stage is a thin recipe that builds its model(s) and hands the loop three seams
   result is logged (keys as given, e.g. ``val_loss``).
 
 and a ``LoopSettings`` read from the stage's config section. Every training section
-(``[pretrain]``, ``[sft]``, ...) carries the same keys, those of core/settings.TrainingSection
+(``[pretrain]``, ``[sft]``, ...) carries the same keys, those of core/train_settings.TrainingSection
 (``max_steps lr min_lr_ratio warmup_steps schedule ... init_from``, each with its default and help);
 the stage computes ``grad_accum`` (from its token batch size) and passes it in.
 
@@ -71,7 +71,8 @@ from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.console import info, progress
 from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.runtime import Dist, cpu_group, gather_to_all, peak_flops, resolve_precision, setup_distributed
-from zero_chatgpt.core.settings import RunSection, TrainingSection
+from zero_chatgpt.core.settings import RunSection
+from zero_chatgpt.core.train_settings import TrainingSection
 from zero_chatgpt.train.optim import WeightEMA, build_optimizer
 from zero_chatgpt.train.train_log import Logger, TrainResult
 
@@ -88,7 +89,7 @@ def grad_accum(batch: int, per_micro: int, world: int) -> int:
 
 @dataclass
 class LoopSettings(TrainingSection):
-    """The loop's settings: a training section's keys (core/settings.TrainingSection: their defaults, help and
+    """The loop's settings: a training section's keys (core/train_settings.TrainingSection: their defaults, help and
     checks live there, and config.validate checks them before a stage starts) and what the stage adds."""
     grad_accum: int = 1              # micro-batches per optimizer step (the stage computes it: grad_accum())
     seed: int = RunSection.seed

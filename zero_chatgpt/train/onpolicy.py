@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.core.settings import Config, PolicySection
+from zero_chatgpt.core.settings import Config
+from zero_chatgpt.core.train_settings import PolicySection
 from zero_chatgpt.eval.metrics import is_repetitive
 from zero_chatgpt.eval.prompts import encode_prompts
 from zero_chatgpt.model.generate import answer_ended

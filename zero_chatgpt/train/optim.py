@@ -8,7 +8,7 @@ import torch
 
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.core.errors import UserError
-from zero_chatgpt.core.settings import TrainingSection
+from zero_chatgpt.core.train_settings import TrainingSection
 
 
 def build_optimizer(model: torch.nn.Module, s: TrainingSection, device: torch.device):

@@ -25,7 +25,8 @@ import torch
 from zero_chatgpt.core.registry import STAGES
 from zero_chatgpt.core.rundir import Context, StageRun, begin
 from zero_chatgpt.core.runtime import Dist, setup_distributed
-from zero_chatgpt.core.settings import Config, TrainingSection
+from zero_chatgpt.core.settings import Config
+from zero_chatgpt.core.train_settings import TrainingSection
 from zero_chatgpt.model.tokenizer import load_tokenizer
 from zero_chatgpt.train import loop
 from zero_chatgpt.train.train_log import TrainResult
