@@ -14,7 +14,7 @@ from test_loop_resume import HERE, read_log, run_env
 from zero_chatgpt.core import checkpoint as ckpt
 from zero_chatgpt.model.losses import LMLoss, ScalarValues, TokenLogProbs, chunked_cross_entropy
 from zero_chatgpt.model.transformer import ModelConfig, Transformer
-from zero_chatgpt.train import loop
+from zero_chatgpt.train import loop, loop_state
 from zero_chatgpt.train.optim import build_optimizer
 
 CFG = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -120,11 +120,11 @@ def test_two_models_with_their_own_optimizers_resume_exactly(tmp_path):
 
 def test_trainer_state_holds_plain_values_only():
     import numpy as np
-    st = loop.plain({"data": {"pos": np.int64(3), "perm": np.arange(4)}, "x": [np.float32(0.5)]})
+    st = loop_state.plain({"data": {"pos": np.int64(3), "perm": np.arange(4)}, "x": [np.float32(0.5)]})
     assert st["data"]["pos"] == 3 and type(st["data"]["pos"]) is int and torch.equal(st["data"]["perm"],
                                                                                          torch.arange(4))
     with pytest.raises(TypeError, match="trainer state.data.bad: set"):
-        loop.plain({"data": {"bad": {1, 2}}})
+        loop_state.plain({"data": {"bad": {1, 2}}})
 
 
 @pytest.mark.slow

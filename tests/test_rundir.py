@@ -199,7 +199,7 @@ def test_latest_model_is_the_newest_current_one(run, capsys):
 @pytest.mark.slow
 def test_a_second_writer_is_refused_while_readers_go_on(run):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom zero_chatgpt.core.rundir import RunLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom zero_chatgpt.core.runlock import RunLock\n"
          "with RunLock(sys.argv[1], 'pretrain'):\n    print('locked', flush=True)\n    time.sleep(60)\n", str(run)],
         stdout=subprocess.PIPE, text=True)
     try:

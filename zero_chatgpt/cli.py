@@ -18,7 +18,8 @@ from zero_chatgpt.core import timings
 from zero_chatgpt.core.console import info, is_main_process, table
 from zero_chatgpt.core.errors import UserError, os_error_line
 from zero_chatgpt.core.registry import PIPELINE, READ_ONLY, STAGES, TOOLS, Stage, is_built, model_stages
-from zero_chatgpt.core.rundir import Context, RunDir, RunLock, pick_model
+from zero_chatgpt.core.rundir import Context, RunDir, pick_model
+from zero_chatgpt.core.runlock import RunLock
 from zero_chatgpt.core.settings import describe_keys
 
 EPILOG = """\

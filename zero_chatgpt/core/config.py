@@ -1,8 +1,8 @@
 """Configuration: TOML presets, `--set section.key=value` overrides, validation.
 
-The schema is `core/settings.py` (with `core/train_settings.py`): one typed section per [section], each key with its default,
-what it does, what it allows and whether it is operational (`presets/defaults.toml` is written
-from it). A preset (`presets/demo.toml`, ...) overrides a subset; every command receives a
+The schema is `core/settings.py` (with `core/train_settings.py`): one typed section per
+[section], each key with its default, what it does, what it allows and whether it is operational
+(`presets/defaults.toml` is written from it). A preset (`presets/demo.toml`, ...) overrides a subset; every command receives a
 validated `settings.Config`.
 
 A run directory keeps the resolved config of its run in RUN_DIR/config.toml (the preset,

@@ -1,4 +1,5 @@
-"""Content fingerprints of a stage's external inputs (corpora, instruction files, starting weights): names, sizes and content hashes, cached by file identity so an unchanged corpus is hashed once."""
+"""Content fingerprints of a stage's external inputs (corpora, instruction files, starting weights): names, sizes
+and content hashes, cached by file identity so an unchanged corpus is hashed once."""
 from __future__ import annotations
 
 import hashlib

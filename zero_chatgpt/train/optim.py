@@ -1,4 +1,5 @@
-"""The loop's optimizers: AdamW alone, or Muon for the blocks' matrices beside AdamW for the rest (one object with one state dict), and the exponential moving average of the weights (ema_decay)."""
+"""The loop's optimizers: AdamW alone, or Muon for the blocks' matrices beside AdamW for the rest (one object
+with one state dict), and the exponential moving average of the weights (ema_decay)."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
-"""What a training run reports: its log (console progress, logs/STAGE.jsonl, TensorBoard), the result the loop returns, and the summary table a stage prints from it."""
+"""What a training run reports: its log (console progress, logs/STAGE.jsonl, TensorBoard), the result the loop
+returns, and the summary table a stage prints from it."""
 from __future__ import annotations
 
 import json
