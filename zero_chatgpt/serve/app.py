@@ -106,19 +106,8 @@ def _param(loc) -> str | None:
     return ".".join(parts) or None
 
 
-def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults, limits: Limits = Limits(),
-               api_key: str | None = None) -> FastAPI:
-    if api_key is not None and not api_key:
-        raise ValueError("api_key '' would leave /v1 open: pass None for no key")
-    app = FastAPI(title="zero-chatgpt", version="1", summary=f"OpenAI-compatible chat API over {model_id}",
-                  docs_url=None, redoc_url=None)
-    app.state.draining = False
-    app.add_middleware(Gate, api_key=api_key, max_body=limits.max_body_bytes, body_timeout=limits.body_timeout,
-                       state=app.state)
-    created = int(time.time())
-    fingerprint = f"zc-{model_id}"
-    context = engine.max_len
-    outboxes: dict[asyncio.AbstractEventLoop, Outbox] = {}     # one per event loop (uvicorn runs one)
+def _error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: ours, a request that does not validate, an HTTP error, a bug."""
 
     @app.exception_handler(api.ApiError)
     async def _api_error(_, e: api.ApiError):
@@ -145,32 +134,18 @@ def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults, limits
     async def _bug(_, e: Exception):
         return error_response(api.ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
 
-    @app.get("/", include_in_schema=False)
-    async def page():
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
-    @app.get("/health", response_model=api.Health, response_model_exclude_none=True,
-             responses={503: {"model": api.Health, "description": "the engine has failed: restart the server"}})
-    async def health():
-        if engine.failed:     # non-200, so that a load balancer or supervisor takes this instance out
-            body = api.Health(status="failed", model=model_id, error=engine.failed, **engine.load())
-            return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
-        return api.Health(status="draining" if app.state.draining else "ok", model=model_id, **engine.load())
+class Completions:
+    """POST /v1/chat/completions: a request checked and turned into the engine's, then streamed or collected."""
 
-    card = api.ModelCard(id=model_id, created=created, owned_by="zero-chatgpt")
+    def __init__(self, engine: Engine, tok, model_id: str, defaults: Defaults, limits: Limits, state):
+        self.engine, self.tok, self.model_id, self.defaults, self.limits, self.state = \
+            engine, tok, model_id, defaults, limits, state
+        self.fingerprint = f"zc-{model_id}"
+        self.outboxes: dict[asyncio.AbstractEventLoop, Outbox] = {}     # one per event loop (uvicorn runs one)
 
-    @app.get("/v1/models", response_model=api.ModelList, responses=api.ERRORS_V1)
-    async def models():
-        return api.ModelList(data=[card])
-
-    @app.get("/v1/models/{model}", response_model=api.ModelCard, responses=api.ERRORS_V1)
-    async def model(model: str):
-        if model != model_id:
-            raise api.ApiError(404, f"model {model!r} is not served here; this server serves {model_id!r}",
-                               type="not_found_error", param="model", code="model_not_found")
-        return card
-
-    def engine_request(body: api.ChatCompletionRequest, emit) -> EngineRequest:
+    def engine_request(self, body: api.ChatCompletionRequest, emit) -> EngineRequest:
+        engine, limits, defaults, model_id = self.engine, self.limits, self.defaults, self.model_id
         if body.model != model_id:
             raise api.ApiError(404, f"model {body.model!r} is not served here; use {model_id!r} (GET /v1/models)",
                                type="not_found_error", param="model", code="model_not_found")
@@ -185,10 +160,10 @@ def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults, limits
                                param="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        prompt = tok.encode_chat(messages, add_generation_prompt=True)[0]
-        if len(prompt) >= context:
-            raise api.ApiError(400, f"the messages are {len(prompt)} tokens; this model's context is {context} "
-                               f"(and the answer needs room): shorten them", param="messages",
+        prompt = self.tok.encode_chat(messages, add_generation_prompt=True)[0]
+        if len(prompt) >= engine.max_len:
+            raise api.ApiError(400, f"the messages are {len(prompt)} tokens; this model's context is "
+                               f"{engine.max_len} (and the answer needs room): shorten them", param="messages",
                                code="context_length_exceeded")
         sampling = Sampling(
             max_tokens=asked or defaults.max_tokens,
@@ -197,12 +172,12 @@ def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults, limits
             top_k=defaults.top_k, repetition_penalty=defaults.repetition_penalty, stop=tuple(stop), seed=body.seed)
         return EngineRequest(prompt=prompt, sampling=sampling, n=body.n, emit=emit)
 
-    def submit(req: EngineRequest) -> None:
-        if app.state.draining:
+    def submit(self, req: EngineRequest) -> None:
+        if self.state.draining:
             raise api.ApiError(503, "the server is shutting down; retry on another instance", type="server_error",
                                code="shutting_down")
         try:
-            engine.submit(req)
+            self.engine.submit(req)
         except QueueFull as e:
             raise api.ApiError(429, f"too many requests waiting ({e}); retry shortly", type="rate_limit_error",
                                code="queue_full", headers={"Retry-After": "1"}) from None
@@ -213,23 +188,20 @@ def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults, limits
             raise api.ApiError(503, f"the model engine has stopped ({e}): this server cannot answer until it is "
                                "restarted", type="server_error", code="engine_failed") from None
 
-    @app.post("/v1/chat/completions", response_model=api.ChatCompletion,
-              responses={200: {"content": {"text/event-stream": {"schema": {
-                  "type": "string", "description": "`data: <ChatCompletionChunk JSON>` events, then `data: [DONE]`"}}}},
-                  **api.ERRORS_CHAT})
-    async def chat_completions(body: api.ChatCompletionRequest, request: Request):
+    async def __call__(self, body: api.ChatCompletionRequest, request: Request):
+        engine, model_id = self.engine, self.model_id
         loop = asyncio.get_running_loop()
-        outbox = outboxes.get(loop) or outboxes.setdefault(loop, Outbox(loop))
+        outbox = self.outboxes.get(loop) or self.outboxes.setdefault(loop, Outbox(loop))
         events: asyncio.Queue = asyncio.Queue()
         def emit(ev):   # called from the engine thread
             outbox.post(events, ev)
-        req = engine_request(body, emit)
-        submit(req)
+        req = self.engine_request(body, emit)
+        self.submit(req)
         cid = f"chatcmpl-{secrets.token_hex(12)}"
         now = int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(engine, req, events, cid, now, model_id, fingerprint, usage),
+            return StreamingResponse(_stream(engine, req, events, cid, now, model_id, self.fingerprint, usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         texts, reasons = [""] * body.n, ["length"] * body.n
@@ -250,11 +222,56 @@ def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults, limits
                     raise _engine_error(ev)
                 else:
                     return api.ChatCompletion(
-                        id=cid, created=now, model=model_id, system_fingerprint=fingerprint, usage=api.Usage(**ev[1]),
+                        id=cid, created=now, model=model_id, system_fingerprint=self.fingerprint,
+                        usage=api.Usage(**ev[1]),
                         choices=[api.Choice(index=i, message=api.AssistantMessage(content=texts[i]),
                                             finish_reason=reasons[i]) for i in range(body.n)])
         finally:
             engine.cancel(req)    # a no-op once it finished; frees its slots if the handler was cancelled
+
+
+def create_app(engine: Engine, tok, model_id: str, *, defaults: Defaults, limits: Limits = Limits(),
+               api_key: str | None = None) -> FastAPI:
+    if api_key is not None and not api_key:
+        raise ValueError("api_key '' would leave /v1 open: pass None for no key")
+    app = FastAPI(title="zero-chatgpt", version="1", summary=f"OpenAI-compatible chat API over {model_id}",
+                  docs_url=None, redoc_url=None)
+    app.state.draining = False
+    app.add_middleware(Gate, api_key=api_key, max_body=limits.max_body_bytes, body_timeout=limits.body_timeout,
+                       state=app.state)
+    _error_handlers(app)
+    completions = Completions(engine, tok, model_id, defaults, limits, app.state)
+    card = api.ModelCard(id=model_id, created=int(time.time()), owned_by="zero-chatgpt")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health", response_model=api.Health, response_model_exclude_none=True,
+             responses={503: {"model": api.Health, "description": "the engine has failed: restart the server"}})
+    async def health():
+        if engine.failed:     # non-200, so that a load balancer or supervisor takes this instance out
+            body = api.Health(status="failed", model=model_id, error=engine.failed, **engine.load())
+            return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
+        return api.Health(status="draining" if app.state.draining else "ok", model=model_id, **engine.load())
+
+    @app.get("/v1/models", response_model=api.ModelList, responses=api.ERRORS_V1)
+    async def models():
+        return api.ModelList(data=[card])
+
+    @app.get("/v1/models/{model}", response_model=api.ModelCard, responses=api.ERRORS_V1)
+    async def model(model: str):
+        if model != model_id:
+            raise api.ApiError(404, f"model {model!r} is not served here; this server serves {model_id!r}",
+                               type="not_found_error", param="model", code="model_not_found")
+        return card
+
+    @app.post("/v1/chat/completions", response_model=api.ChatCompletion,
+              responses={200: {"content": {"text/event-stream": {"schema": {
+                  "type": "string", "description": "`data: <ChatCompletionChunk JSON>` events, then `data: [DONE]`"}}}},
+                  **api.ERRORS_CHAT})
+    async def chat_completions(body: api.ChatCompletionRequest, request: Request):
+        return await completions(body, request)
 
     return app
 
