@@ -81,7 +81,7 @@ PROMPTS = [
 SERVERS = ("ours", "llama_cpp")
 
 
-# ---------------------------------------------------------------- pure helpers (tests/test_bench_serve.py)
+# ---------------------------------------------------------------- pure helpers (tests/bench/test_bench_serve.py)
 
 def percentile(values, q: float) -> float | None:
     """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's default);

@@ -10,7 +10,7 @@ Scoring is lm-evaluation-harness's, so a figure here means what the harness's `c
 mean: the prompt is the subject's description, k solved examples from the subject's dev split (the first k),
 then the question with its four options and "答案："; each option is the continuation " A" ... " D", scored
 by its log-likelihood (the whole string encoded once, the context's tokens cut off, the input cut from the
-left to the model's context); the prediction is the most likely letter. tests/test_benchmarks.py checks the
+left to the model's context); the prediction is the most likely letter. tests/eval/test_benchmarks.py checks the
 prompts, the log-likelihoods and the accuracy against the harness itself.
 """
 from __future__ import annotations

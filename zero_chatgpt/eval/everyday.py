@@ -5,7 +5,7 @@ The SFT data teaches these intents with a handful of fixed questions (chat_data.
 learned the intent answers a rewording in kind; one that learned the strings answers it like an idiom
 question, or with the one canned line it knows best ("我是Zero-ChatGPT，有什么可以帮你的吗？" to a thanks).
 EVERYDAY holds 45 user turns, 9 in each of 5 categories, none of them an SFT question nor a near copy
-of one (tests/test_eval_everyday.py checks character-bigram Jaccard < 0.6 against every SFT user turn).
+of one (tests/eval/test_eval_everyday.py checks character-bigram Jaccard < 0.6 against every SFT user turn).
 
 `answered_in_kind(category, answer)` is the judge: generous about wording, strict about intent —
   greeting  a greeting word (你好, 您好, 嗨, 哈喽, 早上好, hello, 很高兴见到你, ...)

@@ -5,7 +5,7 @@ Written with `gguf`, llama.cpp's own writer, the way llama.cpp's convert_hf_to_g
 Llama model: arch "llama", llama.cpp's tensor names, q/k rows permuted for its RoPE, the tokenizer as
 byte-level BPE ("gpt2") behind the built-in pre-tokenizer "llama-bpe" (Llama 3's regex, which is ours),
 every special token a control token, the ChatML template, and the [chat] sampling defaults as the
-`general.sampling.*` keys llama.cpp reads. tests/test_gguf.py reads the file back, runs it in a NumPy
+`general.sampling.*` keys llama.cpp reads. tests/export/test_gguf.py reads the file back, runs it in a NumPy
 forward of llama.cpp's layout (logits within 1e-4 of ours) and, where llama-cpp-python is installed,
 in llama.cpp itself.
 

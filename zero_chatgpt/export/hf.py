@@ -5,7 +5,7 @@ names + an HF config.json), so the export copies the weights, completes config.j
 the tokenizer's special ids, adds the tokenizer files (tokenizer.json,
 tokenizer_config.json with the ChatML template, special_tokens_map.json) and a
 generation_config.json whose eos ids stop at <|im_end|> and <|endoftext|>.
-tests/test_export.py loads the result with AutoModelForCausalLM / AutoTokenizer and
+tests/export/test_export.py loads the result with AutoModelForCausalLM / AutoTokenizer and
 checks logits (≤ 1e-4) and greedy generations against our model."""
 from __future__ import annotations
 

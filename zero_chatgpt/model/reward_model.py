@@ -5,7 +5,7 @@ A reward model is the SFT backbone with a scalar head (`ModelConfig.head = "scor
 transformers' LlamaForSequenceClassification layout). It reads each sequence at its last real token:
 the <|im_end|> that closes a finished answer, or the last answer token of one cut without it, so a
 truncated answer is judged as truncated. Sequences are right-padded here; with left padding the last
-real token is the last position. `last_index` handles both (tests/test_rewards.py).
+real token is the last position. `last_index` handles both (tests/model/test_rewards.py).
 
 Normalization (OpenAI's, Ziegler et al. 2019): a gain and bias so that the RM's scores of the SFT
 model's own samples are ~N(0, 1); RL rewards and the KL penalty then have a known scale.

@@ -5,7 +5,7 @@ Training uses `rustbpe` (a parallel Rust BPE trainer); encoding uses `tiktoken`
 exported to a Hugging Face `tokenizer.json` (ByteLevel BPE behind a Split
 pre-tokenizer with the same regex, merges derived from the ranks) so that
 `transformers.AutoTokenizer.from_pretrained(RUN_DIR/tokenizer)` gives the same ids;
-tests/test_tokenizer.py holds the identity test. `tokenizer.json` is the single
+tests/model/test_tokenizer.py holds the identity test. `tokenizer.json` is the single
 source of truth: `load_tokenizer` rebuilds the tiktoken encoder from it.
 
 Two bugs of the original project we do not repeat (seed/NOTES.md): role names

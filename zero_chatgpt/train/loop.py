@@ -38,7 +38,7 @@ checkpoints every ``checkpoint_every`` steps keeping the last K, and automatic r
 the newest intact checkpoint: batches are pure functions of the step, and the weights,
 optimizer moments, step and every rank's RNG state (and data position) are restored, so the
 resumed losses are bitwise those of an uninterrupted run (on CPU in fp32;
-tests/test_loop_resume.py kills a run with SIGKILL to check). A raised ``max_steps`` resumes
+tests/train/test_loop_resume.py kills a run with SIGKILL to check). A raised ``max_steps`` resumes
 a finished run from its last checkpoint the same way.
 
 The loop is four named parts around one ``TrainState``: ``_restore`` (weights, optimizers,

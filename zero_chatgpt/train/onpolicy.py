@@ -6,7 +6,7 @@ current policy (the very module the loop trains, so the weights are the latest),
 score them (`Scoring.score`: rewards, advantages, returns), keeps the buffer, and every step
 hands out one minibatch of it; epoch 0 takes the rows in order, later epochs in a seeded shuffle.
 
-What makes the first update's ratio exactly 1 (tests/test_ppo_grpo.py): the log-probabilities
+What makes the first update's ratio exactly 1 (tests/train/test_ppo_grpo.py): the log-probabilities
 the ratio divides by are not the generator's but a forward of the training code path
 (`TokenLogProbs` at the sampling temperature, under the loop's precision) over the same
 minibatch tensors epoch 0 trains on: the same rows, right-padded to the rollout's one width.

@@ -47,7 +47,7 @@ def activation_bytes(m: ModelConfig, rows: int, seq: int, bf16: bool = True) -> 
     attention keeps, the out-projection's input, the MLP's input, and gate, up, silu(gate) and their product
     (intermediate width). Outside the layers, per token: the embedding output, the final norm, the hidden states
     and gradient the fused loss keeps (fp32); and one chunk of fp32 logits (model/losses.py). Checked against
-    the peak memory of training steps on CPU in fp32 (tests/test_plan.py)."""
+    the peak memory of training steps on CPU in fp32 (tests/train/test_plan.py)."""
     e = 2 if bf16 else 4
     h, i, kv = m.hidden_size, m.intermediate_size, m.num_key_value_heads * m.head_dim
     layer = 4 * 4 * h + e * (2 * (h + 2 * kv) + 4 * h + h + 4 * i)

@@ -1,5 +1,5 @@
 """The pieces of PPO and GRPO that decide whether RL helps or hurts, each small and tested on its own
-(tests/test_rl.py; "The N+ Implementation Details of RLHF with PPO", Huang et al. 2024):
+(tests/train/test_rl.py; "The N+ Implementation Details of RLHF with PPO", Huang et al. 2024):
 
 * `masked_whiten`: advantages normalized over the real tokens of the batch only (padding excluded);
 * `gae`: generalized advantage estimation (Schulman et al. 2016, arXiv:1506.02438) over answer tokens;

@@ -154,7 +154,7 @@ _TOY_RUNS: dict = {}
 
 
 def toy_run_copy(root, tmp_path_factory):
-    """A copy of the toy run (trained once per test session) in `root`; for tests/test_chat.py, test_eval.py."""
+    """A copy of the toy run (trained once per test session) in `root`; for tests/serve/test_chat.py, test_eval.py."""
     import shutil
     if "dir" not in _TOY_RUNS:
         n = torch.get_num_threads()

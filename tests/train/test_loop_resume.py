@@ -101,7 +101,7 @@ def driver(run_dir: Path, *extra: str) -> list[str]:
 
 def run_env() -> dict:
     env = dict(os.environ, ZC_NO_PROGRESS="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(HERE.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(HERE.parents[2]) + os.pathsep + env.get("PYTHONPATH", "")   # the repository
     return env
 
 

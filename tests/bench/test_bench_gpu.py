@@ -11,7 +11,7 @@ from pathlib import Path
 
 from zero_chatgpt.core.runtime import gpu_peak_bf16
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow

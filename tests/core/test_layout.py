@@ -5,7 +5,7 @@ a function says why it is lazy (`# lazy: ...`), so a circle cannot hide there.""
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "zero_chatgpt"
+PKG = Path(__file__).resolve().parents[2] / "zero_chatgpt"
 
 
 def _modules() -> dict[str, ast.Module]:

@@ -10,7 +10,7 @@ from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.data.sources import FORMATS, iter_records, parse_source
 from zero_chatgpt.data.streams import BadRecords
 
-FIX = __import__("pathlib").Path(__file__).parent / "fixtures" / "data"
+FIX = __import__("pathlib").Path(__file__).parents[1] / "fixtures" / "data"
 
 
 def read(spec, **kw):

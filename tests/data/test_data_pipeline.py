@@ -16,7 +16,7 @@ from zero_chatgpt.core.rundir import Context, RunDir
 from zero_chatgpt.data.builtin import iter_reviews
 from zero_chatgpt.stages.data import run_stage
 
-FIX = Path(__file__).parent / "fixtures" / "data"
+FIX = Path(__file__).parents[1] / "fixtures" / "data"
 ENV = {**os.environ, "ZC_NO_PROGRESS": "1"}
 
 
