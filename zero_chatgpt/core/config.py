@@ -2,8 +2,8 @@
 
 The schema is `core/settings.py` (with `core/train_settings.py`): one typed section per
 [section], each key with its default, what it does, what it allows and whether it is operational
-(`presets/defaults.toml` is written from it). A preset (`presets/demo.toml`, ...) overrides a subset; every command receives a
-validated `settings.Config`.
+(`presets/defaults.toml` is written from it). A preset (`presets/demo.toml`, ...) overrides a
+subset; every command receives a validated `settings.Config`.
 
 A run directory keeps the resolved config of its run in RUN_DIR/config.toml (the preset,
 every `--set` given so far and the `--source`s), and later commands on it start from that
@@ -27,6 +27,7 @@ from zero_chatgpt.core.errors import UserError
 from zero_chatgpt.core.io import atomic_write_text
 from zero_chatgpt.core.schema import PRESET_DIR, Rule, preset_names, rule_of, toml_value
 from zero_chatgpt.core.settings import BY_NAME, SECTIONS, Config, default_dict
+from zero_chatgpt.core.train_settings import TrainingSection
 
 CONFIG_FILE = "config.toml"
 DEFAULT_PRESET = "demo"
@@ -95,7 +96,7 @@ def _relations(cfg: Config) -> list[tuple[str, str]]:
     for sec in (cfg.pretrain, cfg.sft):
         if sec.warmup_steps > sec.max_steps:
             out.append((f"{sec.NAME}.warmup_steps", f"{sec.warmup_steps} > {sec.NAME}.max_steps = {sec.max_steps}"))
-    for sec in (cfg.pretrain, cfg.sft, cfg.rm, cfg.dpo, cfg.ppo, cfg.grpo):
+    for sec in (cfg.section(s.NAME) for s in SECTIONS if issubclass(s, TrainingSection)):
         # Muon orthogonalizes whole matrices and an average of sharded weights would be sharded: DDP only
         if sec.fsdp and sec.optimizer == "muon":
             out.append((f"{sec.NAME}.fsdp", "with optimizer = muon: Muon orthogonalizes whole matrices, FSDP shards "

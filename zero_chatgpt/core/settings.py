@@ -34,7 +34,6 @@ from zero_chatgpt.core.schema import (
     help_text,
     key,
     preset_name,
-    rule_of,
     section,
     source_spec,
     toml_value,
@@ -255,10 +254,6 @@ class Config:
     def rl_seed(self) -> int:
         """The seed of the preference data, the reward model and the RL stages: rl.seed, or run.seed when 0."""
         return self.rl.seed or self.run.seed
-
-
-def rule(section_name: str, key_name: str) -> Rule:
-    return rule_of(BY_NAME[section_name].__dataclass_fields__[key_name])
 
 
 def default_dict() -> dict:

@@ -171,19 +171,20 @@ def prompt(bench: Benchmark, q: Question, shots: int) -> str:
     return desc + examples + q.text()
 
 
-def encode_pair(tok, context: str, continuation: str, max_len: int) -> tuple[list[int], int, bool]:
-    """(input ids, how many of the last positions are the continuation's, whether the start was cut off),
-    as the harness encodes a
-    log-likelihood request: the whole string encoded once and the context's own tokens cut off (BPE may
-    merge across the boundary), trailing spaces of the context moved to the continuation, and the sequence
-    cut from the left to the model's context + 1."""
+def encode_choices(tok, context: str, continuations, max_len: int) -> list[tuple[list[int], int, bool]]:
+    """Per continuation: (input ids, how many of the last positions are the continuation's, whether the start
+    was cut off), as the harness encodes a log-likelihood request: the whole string encoded and the context's
+    own tokens cut off (BPE may merge across the boundary), trailing spaces of the context moved to the
+    continuation, the sequence cut from the left to the model's context + 1. The context is encoded once."""
     n = len(context) - len(context.rstrip())
-    if n:
-        context, continuation = context[:-n], context[-n:] + continuation
-    whole = tok.encode(context + continuation)
-    n_cont = len(whole) - len(tok.encode(context))
-    ids = whole[-(max_len + 1):]
-    return ids, min(n_cont, len(ids) - 1), len(whole) > len(ids)
+    head, tail = (context[:-n], context[-n:]) if n else (context, "")
+    n_context = len(tok.encode(head))
+    out = []
+    for cont in continuations:
+        whole = tok.encode(head + tail + cont)
+        ids = whole[-(max_len + 1):]
+        out.append((ids, min(len(whole) - n_context, len(ids) - 1), len(whole) > len(ids)))
+    return out
 
 
 @torch.no_grad()
@@ -233,6 +234,15 @@ def picked_line(result: dict) -> str:
     return " / ".join(f"{picked.get(x, 0):,}" for x in LETTERS)
 
 
+TABLE_HEADER = ["stage", "accuracy [95 % CI]", "subject mean", "correct", "above chance", "answered A / B / C / D"]
+
+
+def table_row(stage: str, r: dict) -> list:
+    """A stage's result as the eval command's table and the report show it (TABLE_HEADER)."""
+    return [stage, f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", f"{r['subject_mean']:.3f}",
+            f"{r['correct']:,} / {r['n']:,}", "yes" if r["above_chance"] else "no", picked_line(r)]
+
+
 def score_benchmark(model, tok, bench: Benchmark, shots: int, batch_size: int = 16, desc: str = "") -> dict:
     """Accuracy per subject and overall (questions pooled, and the mean of the subjects' accuracies, as
     C-Eval's leaderboard averages), beside the chance level, with each question's four log-likelihoods."""
@@ -240,13 +250,9 @@ def score_benchmark(model, tok, bench: Benchmark, shots: int, batch_size: int = 
     questions = [q for s in bench.subjects.values() for q in s["eval"]]
     requests, truncated = [], 0
     for q in questions:
-        ctx = prompt(bench, q, shots)
-        cut = False
-        for letter in LETTERS:
-            ids, n, c = encode_pair(tok, ctx, " " + letter, max_len)
-            requests.append((ids, n))
-            cut |= c
-        truncated += cut
+        choices = encode_choices(tok, prompt(bench, q, shots), [" " + x for x in LETTERS], max_len)
+        requests += [(ids, n) for ids, n, _ in choices]
+        truncated += any(cut for _, _, cut in choices)
     lls = loglikelihoods(model, requests, tok.pad_id, batch_size, desc=desc or bench.layout.name)
     per_subject: dict[str, dict] = {}
     rows = []

@@ -368,11 +368,8 @@ def run_benchmarks(ctx, specs: list[str]) -> None:
             info(f"eval {name} {st}: accuracy {r['accuracy']:.3f} of {r['n']:,} questions ({time.time() - t0:.0f} s)")
         rd.eval.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, _compact_json(res) + "\n")
-        rows = [[st, f"{r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]", f"{r['subject_mean']:.3f}",
-                 f"{r['correct']:,} / {r['n']:,}", "yes" if r["above_chance"] else "no", benchmarks.picked_line(r),
-                 f"{r['truncated_prompts']:,}"] for st, r in res["stages"].items()]
-        table(["stage", "accuracy [95 % CI]", "subject mean", "correct", "above chance", "answered A / B / C / D",
-               "prompts cut"], rows,
+        rows = [benchmarks.table_row(st, r) + [f"{r['truncated_prompts']:,}"] for st, r in res["stages"].items()]
+        table([*benchmarks.TABLE_HEADER, "prompts cut"], rows,
               title=f"{name} ({bench.layout.scored}, {len(bench.subjects)} subjects, {shots}-shot; chance "
                     f"{benchmarks.CHANCE:.2f}) → {path}")
 

@@ -32,7 +32,7 @@ from zero_chatgpt.core.io import atomic_write_bytes, atomic_write_text
 from zero_chatgpt.core.registry import PIPELINE, model_stages
 from zero_chatgpt.core.rundir import MARKER, begin, read_marker, stale_reason, sub_key
 from zero_chatgpt.data.clean import funnel_rows
-from zero_chatgpt.eval.benchmarks import picked_line
+from zero_chatgpt.eval.benchmarks import TABLE_HEADER, table_row
 from zero_chatgpt.eval.everyday import table_rows
 from zero_chatgpt.eval.metrics import format_diff
 from zero_chatgpt.report import document as doc
@@ -388,12 +388,8 @@ def benchmarks_section(r: Run) -> list:
         return []
     out = [doc.h(2, "Standard benchmarks")]
     for name, res in found.items():
-        rows = [[st, f"{x['accuracy']:.3f} [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]", f"{x['subject_mean']:.3f}",
-                 f"{x['correct']:,} / {x['n']:,}", "yes" if x["above_chance"] else "no",
-                 picked_line(x)]
-                for st, x in res["stages"].items()]
-        out.append(doc.table(["stage", "accuracy [95 % CI]", "subject mean", "correct", "above chance",
-                              "answered A / B / C / D"], rows,
+        rows = [table_row(st, x) for st, x in res["stages"].items()]
+        out.append(doc.table(TABLE_HEADER, rows,
                              f"{name}: {res['questions']:,} questions in {res['subjects']} subjects ({res['split']} "
                              f"split), {res['shots']}-shot, scored as lm-evaluation-harness does; chance "
                              f"{res['chance']:.2f}"))
