@@ -75,7 +75,7 @@ def test_fused_inference_weights_give_the_same_logits_and_are_dropped_after(kw):
     with torch.no_grad():
         plain = m(x)
         with m.fused_for_inference():
-            assert m.head_w is not None and m.model.layers[0].self_attn.inference_w is not None
+            assert m.head_w is not None and m.model.layers[0].inference_w is not None
             with m.fused_for_inference():   # nested: still the same copies
                 fused = m(x)
             cache = KVCache(m.config, 2, 9)
@@ -83,8 +83,7 @@ def test_fused_inference_weights_give_the_same_logits_and_are_dropped_after(kw):
             stepped = torch.cat(steps, 1)
         assert (fused - plain).abs().max() < 1e-5 and (stepped - plain).abs().max() < 1e-5
         assert (fused - hf(x).logits).abs().max() < 1e-5
-    assert m.head_w is None and all(b.self_attn.inference_w is None and b.mlp.inference_w is None
-                                    for b in m.model.layers)
+    assert m.head_w is None and all(b.inference_w is None for b in m.model.layers)
     with torch.enable_grad(), m.fused_for_inference():   # training keeps the parameters' own path
         assert m.head_w is None
         m(x).sum().backward()

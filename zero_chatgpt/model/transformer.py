@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -120,6 +121,17 @@ def _is_sharded(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # The arithmetic below in one call: bit-identical in fp32, 4x fewer dispatches.
+        return F.rms_norm(x, weight.shape, weight, eps)
+    # fp32 statistics whatever the activation dtype (as transformers' LlamaRMSNorm).
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -127,14 +139,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # The arithmetic below in one call: bit-identical in fp32, 4x fewer dispatches.
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # fp32 statistics whatever the activation dtype (as transformers' LlamaRMSNorm).
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,30 +211,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * hd, h, bias=False)
 
-    # (wqkv, wo), transposed, set by Transformer.fused_for_inference; None while training
-    inference_w: tuple[torch.Tensor, torch.Tensor] | None = None
-
     def forward(self, x, cos, sin, mask, kv_cache: KVCache | None):
         B, T, _ = x.shape
         H, Hk, D = self.n_heads, self.n_kv, self.head_dim
-        w = self.inference_w
-        if w is not None:   # inference: one matmul, one RoPE call for q and k together
-            qkv = (x @ w[0]).view(B, T, H + 2 * Hk, D)
-            qk = apply_rope(qkv[:, :, :H + Hk], cos, sin)
-            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hk:]
-        else:
-            q = apply_rope(self.q_proj(x).view(B, T, H, D), cos, sin)
-            k = apply_rope(self.k_proj(x).view(B, T, Hk, D), cos, sin)
-            v = self.v_proj(x).view(B, T, Hk, D)
+        q = apply_rope(self.q_proj(x).view(B, T, H, D), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, Hk, D), cos, sin)
+        v = self.v_proj(x).view(B, T, Hk, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if q.dtype != v.dtype:   # fp32 RoPE tables promote bf16 activations
             q, k = q.to(v.dtype), k.to(v.dtype)
         if kv_cache is not None:
-            if k.dtype != kv_cache.k.dtype:
-                k, v = k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype)
-            k, v = kv_cache.update(self.layer, k, v)
-            if k.dtype != q.dtype:
-                k, v = k.to(q.dtype), v.to(q.dtype)
+            k, v = _cached(kv_cache, self.layer, k, v, q.dtype)
         if self.n_kv != self.n_heads:   # grouped-query: each kv head serves n_heads / n_kv query heads
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
@@ -237,8 +229,17 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.transpose(1, 2).reshape(B, T, -1)
-        return y @ w[1] if w is not None else self.o_proj(y)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _cached(kv_cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write this call's keys/values into the cache; all of the layer's keys/values so far, in `dtype`."""
+    if k.dtype != kv_cache.k.dtype:
+        k, v = k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype)
+    k, v = kv_cache.update(layer, k, v)
+    if k.dtype != dtype:
+        k, v = k.to(dtype), v.to(dtype)
+    return k, v
 
 
 class MLP(nn.Module):
@@ -248,34 +249,64 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    # (w_gate_up, w_down), transposed, set by Transformer.fused_for_inference; None while training
-    inference_w: tuple[torch.Tensor, torch.Tensor] | None = None
-
     def forward(self, x):
-        w = self.inference_w
-        if w is not None:
-            gate, up = (x @ w[0]).chunk(2, dim=-1)
-            return (F.silu(gate) * up) @ w[1]
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class InferenceWeights(NamedTuple):
+    """One block's inference copy of its weights (Transformer.fused_for_inference); matrices (in, out)."""
+    qkv: torch.Tensor          # [q; k; v] projections concatenated: one matmul instead of three
+    o: torch.Tensor
+    gate_up: torch.Tensor      # [gate; up]: one matmul instead of two
+    down: torch.Tensor
+    norm1: torch.Tensor        # the two RMSNorms' weights, held here so that a step reads no module attribute
+    norm2: torch.Tensor
+
+
 class Block(nn.Module):
+    inference_w: InferenceWeights | None = None    # set by Transformer.fused_for_inference; None while training
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.self_attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eps, self.layer = cfg.rms_norm_eps, layer
+        self.heads = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
 
     def forward(self, x, cos, sin, mask, kv_cache):
-        if self.self_attn.inference_w is not None:
-            # Inference (Transformer.fused_for_inference): the same computation, calling the
-            # submodules' forward directly. nn.Module.__call__ costs microseconds per call and
-            # a small model's decode step is dispatch-bound; no hooks are registered below a block.
-            x = x + self.self_attn.forward(self.input_layernorm.forward(x), cos, sin, mask, kv_cache)
-            return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
+        if self.inference_w is not None:
+            return self.infer(x, cos, sin, mask, kv_cache)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def infer(self, x, cos, sin, mask, kv_cache):
+        """forward's computation on the inference copy of the weights, as one flat run of tensor calls.
+
+        Decoding a small model is dispatch-bound: every Python call, module attribute read and aten
+        dispatch costs about a microsecond, as much as a decode step's arithmetic per op (bench/generate.py).
+        So: q, k and v in one matmul and one RoPE call; the residual added inside the output matmuls
+        (addmm); grouped-query attention by the kernel (enable_gqa) instead of copying keys; weights read
+        from a tuple, not from modules."""
+        w = self.inference_w
+        B, T, C = x.shape
+        H, Hk, D = self.heads
+        x = x.reshape(B * T, C)
+        qkv = (rms_norm(x, w.norm1, self.eps) @ w.qkv).view(B, T, H + 2 * Hk, D)
+        qk = apply_rope(qkv[:, :, :H + Hk], cos, sin)
+        if qk.dtype != qkv.dtype:   # fp32 RoPE tables promote bf16 activations
+            qk = qk.to(qkv.dtype)
+        q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hk:].transpose(1, 2)
+        if kv_cache is not None:
+            k, v = _cached(kv_cache, self.layer, k, v, q.dtype)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=Hk != H)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hk != H)
+        x = torch.addmm(x, y.transpose(1, 2).reshape(B * T, H * D), w.o)
+        gate, up = (rms_norm(x, w.norm2, self.eps) @ w.gate_up).chunk(2, dim=-1)
+        return torch.addmm(x, F.silu(gate).mul_(up), w.down).view(B, T, C)
 
 
 class Backbone(nn.Module):
@@ -328,8 +359,9 @@ class Transformer(nn.Module):
         """Within: every matmul runs on an inference copy of its weights, [q; k; v] and [gate; up]
         concatenated (one matmul where there were three and two) and, on CPU, transposed to
         (in, out) contiguous (measured 1.5-2x faster than nn.Linear's (out, in) layout for the
-        few-row matmuls of decoding). Decoding a small model is dispatch-bound: see
-        bench/generate.py. The copies are built at entry from the current weights and dropped at
+        few-row matmuls of decoding), and every block runs Block.infer, its flat inference path (a small
+        model's decoding is dispatch-bound: see bench/generate.py). A boolean attention mask is made
+        additive once per call rather than in every layer. The copies are built at entry from the current weights and dropped at
         exit, so they never go stale and cost memory only while generating. Only without
         autograd, and not for sharded (FSDP) parameters; nested use is a no-op."""
         if torch.is_grad_enabled() or self.head_w is not None or self.config.head != "lm" or \
@@ -342,14 +374,16 @@ class Transformer(nn.Module):
 
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
-            a.inference_w = (t(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])), t(a.o_proj.weight))
-            m.inference_w = (t(torch.cat([m.gate_proj.weight, m.up_proj.weight])), t(m.down_proj.weight))
+            layer.inference_w = InferenceWeights(
+                t(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])), t(a.o_proj.weight),
+                t(torch.cat([m.gate_proj.weight, m.up_proj.weight])), t(m.down_proj.weight),
+                layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
         self.head_w = t(self.lm_head.weight)
         try:
             yield self
         finally:
             for layer in self.model.layers:
-                layer.self_attn.inference_w = layer.mlp.inference_w = None
+                layer.inference_w = None
             self.head_w = None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -378,7 +412,8 @@ class Transformer(nn.Module):
         input_ids (B, T). position_ids (B, T): default kv_cache.pos + arange(T); pass them with
         left padding. attention_mask (B, S): 1 for real tokens, 0 for padding, covering every
         cached position plus these T (S = kv_cache.pos + T), or just the T without a cache; or a
-        ready (B, 1, T, S) boolean mask (True = may attend), used as is.
+        ready (B, 1, T, S) mask, used as is: boolean (True = may attend) or additive (0 / -inf, the
+        activations' dtype).
         """
         B, T = input_ids.shape
         start = kv_cache.pos if kv_cache is not None else 0
@@ -388,8 +423,9 @@ class Transformer(nn.Module):
         cos, sin = self._rope(position_ids, start, T, checked)
         mask = None   # None = plain causal (or, for one token against a cache, attend to all)
         if attention_mask is not None and attention_mask.dim() == 4:
-            # (B, 1, T, S) boolean, built by the caller (the generator)
-            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask.bool()
+            # (B, 1, T, S), built by the caller (the generator, the server)
+            mask = attention_mask if attention_mask.dtype == torch.bool or attention_mask.is_floating_point() \
+                else attention_mask.bool()
         elif attention_mask is not None or (start > 0 and T > 1):
             S = start + T
             q_pos = torch.arange(start, S, device=input_ids.device)[:, None]
@@ -400,9 +436,15 @@ class Transformer(nn.Module):
                 # A left-pad query row would have nothing to attend to (NaN); let it see
                 # itself. Its output is never used.
                 mask = mask | (k_pos == q_pos)[None, None]
-        fused = self.head_w is not None
-        for layer in self.model.layers:
-            x = layer.forward(x, cos, sin, mask, kv_cache) if fused else layer(x, cos, sin, mask, kv_cache)
+        if self.head_w is not None:   # fused_for_inference: the blocks' flat inference path, no module calls
+            if mask is not None and mask.dtype == torch.bool:
+                # additive, once: the attention kernel would otherwise convert a boolean mask in every layer
+                mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+            for layer in self.model.layers:
+                x = layer.infer(x, cos, sin, mask, kv_cache)
+        else:
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.model.norm(x)
