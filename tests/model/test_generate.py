@@ -46,6 +46,26 @@ def test_greedy_batched_left_padded_equals_naive_loop(model):
         assert [t for j, t in seen if j == i] == toks
 
 
+@pytest.mark.slow
+def test_compiled_decode_equals_the_naive_loop_and_the_cache_is_written(model):
+    """generate(compile=True): every decode step is one compiled graph over a static cache (grouped-query
+    heads here, left padding, a stop id ending one row early, a prompt near the context limit): the same
+    tokens and log-probs as the plain forward, and eager generate's own stop / length behaviour."""
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [8], [9, 10, 11]]
+    gens = generate(model, prompts, max_new_tokens=12, temperature=0, return_logprobs=True, compile=True)
+    for p, g in zip(prompts, gens):
+        toks, lps = naive(model, p, 12)
+        assert g.tokens == toks and g.finish_reason == "length"
+        assert max(abs(a - b) for a, b in zip(g.logprobs, lps)) < 1e-4
+    toks, _ = naive(model, [3, 4], 8)
+    stop = toks[4]
+    g = generate(model, [[3, 4], [5, 3, 4]], max_new_tokens=8, temperature=0, stop_ids=(stop,), compile=True)
+    eager = generate(model, [[3, 4], [5, 3, 4]], max_new_tokens=8, temperature=0, stop_ids=(stop,))
+    assert [x.tokens for x in g] == [x.tokens for x in eager] and g[0].tokens == toks[:toks.index(stop) + 1]
+    g = generate(model, [list(range(1, 61))], max_new_tokens=10, temperature=0, compile=True)
+    assert g[0].tokens == naive(model, list(range(1, 61)), 4)[0]
+
+
 def test_stop_ids_and_length_limit(model):
     toks, _ = naive(model, [3, 4], 8)
     stop = toks[4]

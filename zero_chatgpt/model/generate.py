@@ -7,6 +7,9 @@ preallocated for prompt + max_new_tokens (model.KVCache), so a decode step is on
 forward of B tokens with no reallocation, on the model's inference copy of its weights
 (Transformer.fused_for_inference: fewer, faster matmuls; built per call, so never stale).
 
+With compile=True each decode step is one torch.compile'd graph over a static cache instead
+(model/static_decode.py): faster per token once compiled, for long generations.
+
 Sampling (repetition penalty, temperature, top-k, top-p, greedy at temperature 0): model/sampling.py.
 
 A row stops at any of `stop_ids` (the stop token is kept as the row's last token: RL needs
@@ -21,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from zero_chatgpt.model.sampling import cut_at_stop, effective_temperature, last_logits, mark_seen, pick, process_logits
+from zero_chatgpt.model.static_decode import cache_length, decode_step, empty_slots
 from zero_chatgpt.model.transformer import KVCache
 
 
@@ -47,7 +51,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer=None,
              stream: Callable[[int, int], None] | None = None, return_logprobs: bool = False,
-             generator: torch.Generator | None = None) -> list[Generation]:
+             generator: torch.Generator | None = None, compile: bool = False) -> list[Generation]:
     """Continue each prompt (a list of token ids) with up to max_new_tokens tokens.
 
     return_logprobs: the log-probability of each sampled token under the model's
@@ -55,17 +59,22 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, max_ne
     probability RL needs); with temperature 0, under the plain softmax.
     stream(index, token_id) is called for every new token of every row, as it is produced.
     generator: a torch.Generator (on the model's device) for reproducible sampling.
+    compile: decode through one torch.compile'd graph per step (model/static_decode.py): faster per token
+    once compiled, but the first call for a new batch size or length bucket compiles for seconds, and
+    finished rows stay in the batch. Worth it for long generations; the same tokens as eager up to
+    floating-point rounding.
     """
     with torch.inference_mode(), model.fused_for_inference():
         return _generate(model, prompts, max_new_tokens=max_new_tokens,
                          temperature=effective_temperature(temperature), top_k=top_k,
                          top_p=top_p, repetition_penalty=repetition_penalty, stop_ids=stop_ids,
                          stop_strings=stop_strings, tokenizer=tokenizer, stream=stream,
-                         return_logprobs=return_logprobs, generator=generator)
+                         return_logprobs=return_logprobs, generator=generator,
+                         compiled=compile and model.head_w is not None)
 
 
 def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop_ids,
-              stop_strings, tokenizer, stream, return_logprobs, generator) -> list[Generation]:
+              stop_strings, tokenizer, stream, return_logprobs, generator, compiled) -> list[Generation]:
     if not prompts:
         return []
     if any(len(p) == 0 for p in prompts):
@@ -101,10 +110,12 @@ def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repe
         seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
         seen.scatter_(1, ids, mask[:, :L].bool())
 
-    cache = KVCache(cfg, B, total, device=device, dtype=dtype)
+    cache = KVCache(cfg, B, cache_length(total, cfg.max_position_embeddings) if compiled else total,
+                    device=device, dtype=dtype)
     hidden = model(ids, position_ids=positions if padded else None,
                    attention_mask=mask[:, :L] if padded else None, kv_cache=cache, return_hidden=True)
     logits = last_logits(model, hidden)
+    slots = empty_slots(cache, mask[:, :L]) if compiled else None
 
     out_tokens: list[list[int]] = [[] for _ in range(B)]
     out_logprobs: list[list[float]] | None = [[] for _ in range(B)] if return_logprobs else None
@@ -147,7 +158,7 @@ def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repe
             break
         if n_alive != sum(alive_list):   # rebuild the device-side flags only when a row finished
             n_alive = sum(alive_list)
-            if n_alive <= COMPACT_AT * len(live):
+            if n_alive <= COMPACT_AT * len(live) and not compiled:
                 # Finished rows leave the batch: answers end at very different lengths (the demo's eval
                 # answers: mean 16 tokens, a few run to the limit), and a decode step costs about its rows.
                 keep = [c for c, a in enumerate(alive_list) if a]
@@ -160,10 +171,13 @@ def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repe
         mark_seen(seen, nxt)
         # One new token per row: it may attend to every cached position that is not padding,
         # so the (B, 1, 1, S) mask is a view of the padding mask; no causal part is needed.
-        hidden = model(nxt[:, None], position_ids=next_pos if padded else None,
-                       attention_mask=mask4[..., :L + t + 1] if padded else None, kv_cache=cache,
-                       return_hidden=True)
-        logits = last_logits(model, hidden)
+        if compiled:
+            logits = decode_step(model, nxt[:, None], next_pos, slots, cache)
+        else:
+            hidden = model(nxt[:, None], position_ids=next_pos if padded else None,
+                           attention_mask=mask4[..., :L + t + 1] if padded else None, kv_cache=cache,
+                           return_hidden=True)
+            logits = last_logits(model, hidden)
         next_pos = next_pos + 1
 
     if tokenizer is not None:

@@ -282,7 +282,7 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def infer(self, x, cos, sin, mask, kv_cache):
-        """forward's computation on the inference copy of the weights, as one flat run of tensor calls.
+        """forward's computation on the inference copy of the weights (block_qkv, block_out).
 
         Decoding a small model is dispatch-bound: every Python call, module attribute read and aten
         dispatch costs about a microsecond, as much as a decode step's arithmetic per op (bench/generate.py).
@@ -291,22 +291,35 @@ class Block(nn.Module):
         from a tuple, not from modules."""
         w = self.inference_w
         B, T, C = x.shape
-        H, Hk, D = self.heads
+        H, Hk, _ = self.heads
         x = x.reshape(B * T, C)
-        qkv = (rms_norm(x, w.norm1, self.eps) @ w.qkv).view(B, T, H + 2 * Hk, D)
-        qk = apply_rope(qkv[:, :, :H + Hk], cos, sin)
-        if qk.dtype != qkv.dtype:   # fp32 RoPE tables promote bf16 activations
-            qk = qk.to(qkv.dtype)
-        q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hk:].transpose(1, 2)
+        q, k, v = block_qkv(x, w, cos, sin, T, self.heads, self.eps)
         if kv_cache is not None:
             k, v = _cached(kv_cache, self.layer, k, v, q.dtype)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=Hk != H)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hk != H)
-        x = torch.addmm(x, y.transpose(1, 2).reshape(B * T, H * D), w.o)
-        gate, up = (rms_norm(x, w.norm2, self.eps) @ w.gate_up).chunk(2, dim=-1)
-        return torch.addmm(x, F.silu(gate).mul_(up), w.down).view(B, T, C)
+        return block_out(x, y.transpose(1, 2).reshape(B * T, -1), w, self.eps).view(B, T, C)
+
+
+def block_qkv(x: torch.Tensor, w: InferenceWeights, cos, sin, T: int, heads: tuple[int, int, int], eps: float):
+    """A block's attention input on its inference weights: x (B*T, C) -> q (B, H, T, D), k and v (B, Hk, T, D),
+    RoPE applied (one matmul for q, k and v; one RoPE call for q and k)."""
+    H, Hk, D = heads
+    qkv = (rms_norm(x, w.norm1, eps) @ w.qkv).view(-1, T, H + 2 * Hk, D)
+    qk = apply_rope(qkv[:, :, :H + Hk], cos, sin)
+    if qk.dtype != qkv.dtype:   # fp32 RoPE tables promote bf16 activations
+        qk = qk.to(qkv.dtype)
+    return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hk:].transpose(1, 2)
+
+
+def block_out(x: torch.Tensor, y: torch.Tensor, w: InferenceWeights, eps: float) -> torch.Tensor:
+    """The rest of a block on its inference weights: the residual x (N, C) plus the attention output y (N, H*D)
+    projected, then plus the MLP of that; each residual is added inside its matmul (addmm)."""
+    x = torch.addmm(x, y, w.o)
+    gate, up = (rms_norm(x, w.norm2, eps) @ w.gate_up).chunk(2, dim=-1)
+    return torch.addmm(x, F.silu(gate).mul_(up), w.down)
 
 
 class Backbone(nn.Module):
