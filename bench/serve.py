@@ -273,6 +273,17 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError(f"{self.name} server not ready after {timeout:g} s: {self.tail()}")
 
+    def engine_s(self) -> dict | None:
+        """Our server's engine time so far, {"prefill": s, "decode": s} (its /health); None for llama.cpp's."""
+        if self.ready_path != "/health":
+            return None
+        try:
+            with urllib.request.urlopen(self.base + "/health", timeout=5) as r:
+                h = json.loads(r.read())
+            return {"prefill": h["prefill_s"], "decode": h["decode_s"]}
+        except (OSError, KeyError, ValueError):
+            return None
+
     def cpu_s(self) -> float:
         """CPU seconds (user + system, all threads) the server process has used so far."""
         try:
@@ -539,6 +550,7 @@ def main() -> None:
                 if recs and recs[0].error:
                     print(f"{k}: warm-up request failed: {recs[0].error}", file=sys.stderr, flush=True)
             out = {k: {c: [] for c in s["levels"]} for k in order}
+            engine = {c: {"prefill": 0.0, "decode": 0.0} for c in s["levels"]}   # our engine's time by level
             t_start, t_round, turn = time.monotonic(), 0.0, 0
             for rnd in range(s["rounds"]):
                 if rnd and time.monotonic() - t_start + t_round > s["budget"]:
@@ -546,10 +558,14 @@ def main() -> None:
                 t0 = time.monotonic()
                 for c in s["levels"]:
                     for k in (order if turn % 2 == 0 else order[::-1]):     # who goes first alternates
-                        cpu0, own0 = procs[k].cpu_s(), time.process_time()
+                        cpu0, own0, eng0 = procs[k].cpu_s(), time.process_time(), procs[k].engine_s()
                         recs, wall = await load_run(bases[k], model_id, c, s["requests"][c], s["max_tokens"],
                                                     s["time_limit"], extra[k])
                         run = (recs, wall, procs[k].cpu_s() - cpu0, time.process_time() - own0)
+                        eng1 = procs[k].engine_s()
+                        if eng0 and eng1:
+                            for part in engine[c]:
+                                engine[c][part] += eng1[part] - eng0[part]
                         if any(r.cut for r in recs):
                             # the cut requests may still hold the server (llama.cpp's queue): one more request
                             # returns once they are gone, so that the next run starts on an idle server
@@ -560,9 +576,9 @@ def main() -> None:
                                          ensure_ascii=False), file=sys.stderr, flush=True)
                     turn += 1
                 t_round = time.monotonic() - t0
-            return out
+            return out, engine
 
-        raw = asyncio.run(bench())
+        raw, engine = asyncio.run(bench())
     finally:
         for srv in servers:
             srv.stop()
@@ -590,6 +606,9 @@ def main() -> None:
         "llama_cpp": {"measured": llama is not None, "reason": why_not, "slots": 1 if llama is not None else None,
                       "version": llama_version, "gguf_type": a.gguf_type if llama is not None else None},
         "by_server": results,
+        # The share of our engine's busy time spent on prompt forwards, by concurrency: the most that sharing a
+        # common prompt prefix (a system prompt) across requests could save.
+        "prefill_share": {str(c): ratio(e["prefill"], e["prefill"] + e["decode"]) for c, e in engine.items()},
         "same_answers": same_answers({k: {c: [r for run in runs for r in run[0]] for c, runs in raw[k].items()}
                                       for k in raw}),
         "token_count": "max_tokens for an answer that ended by length, else its text re-encoded with the model's "

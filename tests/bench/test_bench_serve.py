@@ -158,7 +158,9 @@ def _run_together(model, tok, prompts, sampling, patch=None):
             assert d.wait(60)
     finally:
         engine.stop()
-    assert engine.load() == {"slots": len(prompts), "busy": 0, "queued": 0}
+    load = engine.load()
+    assert {k: load[k] for k in ("slots", "busy", "queued")} == {"slots": len(prompts), "busy": 0, "queued": 0}
+    assert load["prefill_s"] > 0 and load["decode_s"] > 0
     return [texts[i] for i in range(len(prompts))], groups
 
 

@@ -131,6 +131,8 @@ class Health(BaseModel):
     slots: int = Field(description="sequences decoded together")
     busy: int = Field(description="slots in use now")
     queued: int = Field(description="requests waiting for a slot")
+    prefill_s: float = Field(description="seconds the engine has spent on prompt forwards since it started")
+    decode_s: float = Field(description="seconds the engine has spent on decode steps since it started")
 
 
 class ErrorBody(BaseModel):

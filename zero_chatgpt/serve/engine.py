@@ -154,6 +154,7 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.steps = 0                             # decode forwards so far (one per step, any batch)
         self.max_batch = 0                         # the most sequences one decode step has carried
+        self.busy_s = {"prefill": 0.0, "decode": 0.0}   # engine time in prompt forwards and in decode steps
 
     # ------------------------------------------------------------------ callers' side (any thread)
 
@@ -220,7 +221,8 @@ class Engine:
 
     def load(self) -> dict:
         with self.cond:
-            return {"slots": self.slots, "busy": len(self.active), "queued": self._waiting()}
+            return {"slots": self.slots, "busy": len(self.active), "queued": self._waiting(),
+                    "prefill_s": round(self.busy_s["prefill"], 3), "decode_s": round(self.busy_s["decode"], 3)}
 
     def drain(self, timeout: float) -> bool:
         """Refuse new requests; wait up to `timeout` s for queued and running ones. True if all finished."""
@@ -288,10 +290,14 @@ class Engine:
                     while self.pending and len(self.free) >= self.pending[0].n:
                         req = self.pending.popleft()
                         admitted.append((req, [self.free.pop(0) for _ in range(req.n)]))
+                t0 = time.perf_counter()
                 for group in prefill_groups(admitted):
                     self._guard_prefill(group)
+                t1 = time.perf_counter()
                 if self.active:
                     self._guard(None, self._decode_step)
+                self.busy_s["prefill"] += t1 - t0
+                self.busy_s["decode"] += time.perf_counter() - t1
                 with self.cond:
                     self.cond.notify_all()      # drain() waits on the same condition
 
