@@ -609,6 +609,7 @@ def main() -> None:
         # The share of our engine's busy time spent on prompt forwards, by concurrency: the most that sharing a
         # common prompt prefix (a system prompt) across requests could save.
         "prefill_share": {str(c): ratio(e["prefill"], e["prefill"] + e["decode"]) for c, e in engine.items()},
+        "engine_s": {str(c): {k: round(v, 3) for k, v in e.items()} for c, e in engine.items()},   # all rounds
         "same_answers": same_answers({k: {c: [r for run in runs for r in run[0]] for c, runs in raw[k].items()}
                                       for k in raw}),
         "token_count": "max_tokens for an answer that ended by length, else its text re-encoded with the model's "
