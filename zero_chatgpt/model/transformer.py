@@ -286,9 +286,8 @@ class Block(nn.Module):
 
         Decoding a small model is dispatch-bound: every Python call, module attribute read and aten
         dispatch costs about a microsecond, as much as a decode step's arithmetic per op (bench/generate.py).
-        So: q, k and v in one matmul and one RoPE call; the residual added inside the output matmuls
-        (addmm); grouped-query attention by the kernel (enable_gqa) instead of copying keys; weights read
-        from a tuple, not from modules."""
+        So: q, k and v in one matmul and one RoPE call; grouped-query attention by the kernel (enable_gqa)
+        instead of copying keys; weights read from a tuple, not from modules."""
         w = self.inference_w
         B, T, C = x.shape
         H, Hk, _ = self.heads
@@ -316,10 +315,12 @@ def block_qkv(x: torch.Tensor, w: InferenceWeights, cos, sin, T: int, heads: tup
 
 def block_out(x: torch.Tensor, y: torch.Tensor, w: InferenceWeights, eps: float) -> torch.Tensor:
     """The rest of a block on its inference weights: the residual x (N, C) plus the attention output y (N, H*D)
-    projected, then plus the MLP of that; each residual is added inside its matmul (addmm)."""
-    x = torch.addmm(x, y, w.o)
+    projected, then plus the MLP of that. The residual is a separate add, not folded into the matmul (addmm):
+    addmm rounds differently, and sampled answers, hence the reward model and RL trained on them, would change
+    (docs/experiments.md, 2026-12-07)."""
+    x = x + y @ w.o
     gate, up = (rms_norm(x, w.norm2, eps) @ w.gate_up).chunk(2, dim=-1)
-    return torch.addmm(x, F.silu(gate).mul_(up), w.down)
+    return x + F.silu(gate).mul_(up) @ w.down
 
 
 class Backbone(nn.Module):
