@@ -46,6 +46,22 @@ RATES = (0.0, 0.02, 0.05, 0.1)
 NUM_PERM, BANDS, THRESHOLD, NGRAM = 120, 15, 0.7, 5
 
 
+def edit(rng: random.Random, s: str, rate: float, source: str) -> str:
+    """`s` with round(len(s) * rate) random character edits (a substitution, deletion or insertion each, new
+    characters drawn from `source`). tests/data/test_data_dedup.py plants its duplicates with it too."""
+    chars = list(s)
+    for _ in range(round(len(chars) * rate)):
+        i = rng.randrange(len(chars))
+        op = rng.random()
+        if op < 1 / 3:
+            chars[i] = source[rng.randrange(len(source))]
+        elif op < 2 / 3:
+            del chars[i]
+        else:
+            chars.insert(i, source[rng.randrange(len(source))])
+    return "".join(chars)
+
+
 def build_corpus(n_distinct: int, n_per_rate: int, seed: int = 0):
     text = "".join(normalize(d["text"]) for d in iter_peoples_daily())
     if len(text) < n_distinct * 1000:
@@ -54,24 +70,11 @@ def build_corpus(n_distinct: int, n_per_rate: int, seed: int = 0):
     base = [b for b in base if len(b) == 1000]
     rng = random.Random(seed)
 
-    def edit(s: str, rate: float) -> str:
-        chars = list(s)
-        for _ in range(round(len(chars) * rate)):
-            i = rng.randrange(len(chars))
-            op = rng.random()
-            if op < 1 / 3:
-                chars[i] = text[rng.randrange(len(text))]
-            elif op < 2 / 3:
-                del chars[i]
-            else:
-                chars.insert(i, text[rng.randrange(len(text))])
-        return "".join(chars)
-
     docs, family, rate_of = list(base), list(range(len(base))), [None] * len(base)
     for rate in RATES:
         for _ in range(n_per_rate):
             i = rng.randrange(len(base))
-            docs.append(edit(base[i], rate))
+            docs.append(edit(rng, base[i], rate, text))
             family.append(i)
             rate_of.append(rate)
     return docs, np.array(family), rate_of, len(base)

@@ -1,6 +1,8 @@
 """Exact and near-duplicate detection on real text with planted duplicates."""
 import itertools
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,25 +22,14 @@ from zero_chatgpt.data.dedup import (
     shingle_hashes,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from dedup import edit  # noqa: E402 - the benchmark's planted-duplicate edits, shared
+
 
 @pytest.fixture(scope="module")
 def corpus():
     text = "".join(normalize(d["text"]) for d in itertools.islice(iter_peoples_daily(), 700))
     return text, [text[i:i + 600] for i in range(0, 300 * 600, 600)]
-
-
-def edit(rng, s, rate, source):
-    chars = list(s)
-    for _ in range(round(len(chars) * rate)):
-        i = rng.randrange(len(chars))
-        op = rng.random()
-        if op < 1 / 3:
-            chars[i] = source[rng.randrange(len(source))]
-        elif op < 2 / 3:
-            del chars[i]
-        else:
-            chars.insert(i, source[rng.randrange(len(source))])
-    return "".join(chars)
 
 
 def test_planted_duplicates_removed_distinct_kept(corpus):

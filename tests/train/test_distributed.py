@@ -3,23 +3,27 @@ process with the same global batch (2 x accumulation), within 1e-5."""
 from __future__ import annotations
 
 import subprocess
-import pytest
 import sys
 from pathlib import Path
 
+import pytest
 from test_loop_resume import HERE, read_log, run_env
+
+
+def one_and_two_processes(one: Path, two: Path, one_args: list[str], two_args: list[str]):
+    """Train the same run in one process and under torchrun with two; both (train, eval) logs."""
+    subprocess.run([sys.executable, str(HERE), str(one), *one_args], check=True, env=run_env(), timeout=120)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(HERE), str(two), *two_args], env=run_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return read_log(one), read_log(two)
 
 
 @pytest.mark.slow
 def test_two_process_gloo_matches_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, str(HERE), str(one), "--steps", "6", "--accum", "2", "--ckpt-every", "0"],
-                   check=True, env=run_env(), timeout=120)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(HERE), str(two), "--steps", "6", "--accum", "1", "--ckpt-every", "0"],
-                       env=run_env(), capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
-    (t1, e1), (t2, e2) = read_log(one), read_log(two)
+    (t1, e1), (t2, e2) = one_and_two_processes(one, two, ["--steps", "6", "--accum", "2", "--ckpt-every", "0"],
+                                               ["--steps", "6", "--accum", "1", "--ckpt-every", "0"])
     assert [s for s, _ in t1] == [s for s, _ in t2] == list(range(1, 7))
     for (_, a), (_, b) in zip(t1 + e1, t2 + e2):
         assert abs(a - b) <= 1e-5, (a, b)
@@ -31,13 +35,8 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 @pytest.mark.slow
 def test_two_process_fsdp_matches_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "fsdp"
-    subprocess.run([sys.executable, str(HERE), str(one), "--steps", "4", "--accum", "2", "--ckpt-every", "2"],
-                   check=True, env=run_env(), timeout=120)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(HERE), str(two), "--steps", "4", "--ckpt-every", "2", "--fsdp"],
-                       env=run_env(), capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
-    (t1, e1), (t2, e2) = read_log(one), read_log(two)
+    (t1, e1), (t2, e2) = one_and_two_processes(one, two, ["--steps", "4", "--accum", "2", "--ckpt-every", "2"],
+                                               ["--steps", "4", "--ckpt-every", "2", "--fsdp"])
     assert len(t1) == len(t2) == 4
     for (_, a), (_, b) in zip(t1 + e1, t2 + e2):
         assert abs(a - b) <= 1e-5, (a, b)

@@ -126,7 +126,8 @@ def _generate(model, prompts, *, max_new_tokens, temperature, top_k, top_p, repe
     n_alive = B
     # Decode steps attend through an additive mask made once (0 / -inf: each step's is a view of it); the
     # attention kernel would otherwise convert a boolean one in every layer of every step.
-    mask4 = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask == 0, float("-inf"))[:, None, None]
+    mask4 = None if compiled else \
+        torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask == 0, float("-inf"))[:, None, None]
     texts: list[str | None] = [None] * B
     max_stop_len = max((len(s) for s in stop_strings), default=0)
 
